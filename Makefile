@@ -1,0 +1,56 @@
+# clip-triton: every target creates and uses its own virtualenv in $(VENV).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= build
+MODEL ?= ViT-B-32
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow test-gpu lint bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -e ".[dev]"
+	# Type stubs only (their tensorrt dependency is not installable here).
+	$(BIN)/pip install -q --no-deps "tensorrt-stubs>=10.12"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Export a random-weight ViT-B-32, build + serve its Triton repository, query it over gRPC, run parity.
+demo: install
+	$(BIN)/clip-triton demo --model $(MODEL) --out $(OUT)/demo
+
+TRT_STUBS := $(OUT)/trt-stubs
+lint: install
+	$(BIN)/ruff check exporter clients model_repository benchmarks tests
+	# engines.py is type-checked against tensorrt-stubs. The 10.13 stubs have two syntax errors (parameters
+	# named `in`, a required parameter after defaulted ones) and no py.typed, so mypy is pointed at a
+	# patched copy; without it mypy would silently treat tensorrt as untyped.
+	rm -rf $(TRT_STUBS) && mkdir -p $(TRT_STUBS)
+	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp -r $$site/tensorrt $$site/tensorrt_bindings $(TRT_STUBS)/
+	sed -i -E 's/, in: /, in_: /; s/channel_axis: int\)/channel_axis: int = ...)/' \
+	  $(TRT_STUBS)/tensorrt_bindings/tensorrt.pyi
+	MYPYPATH=$(TRT_STUBS) $(BIN)/mypy --follow-imports=silent exporter/engines.py
+
+## The README's test command: lint, then every tier but `slow` (gpu/tensorrt tests skip without hardware).
+test: lint
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/pytest -m "slow" $(PYTEST_ARGS)
+
+test-gpu: install
+	$(BIN)/pytest -m "gpu or tensorrt" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks.run --out benchmarks
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.run --quick --out $(OUT)/bench-quick
+
+clean:
+	rm -rf $(OUT)

@@ -1,0 +1,268 @@
+"""Export coverage across the open_clip families users pick (random weights, CPU, ONNX Runtime).
+
+Each model is exported with `export_model` (both towers, verified at batch 1 and 8 against
+PyTorch); its row records pass/fail per tower, the worst cosine, the exporter used and the
+seconds. Results merge into `coverage.json` (one entry per model, so models can be run one at a
+time) and the markdown table `COVERAGE.md` is regenerated from the JSON.
+
+    .venv/bin/python -m benchmarks.coverage                      # every non-slow model
+    .venv/bin/python -m benchmarks.coverage --models RN50 EVA02-B-16
+    .venv/bin/python -m benchmarks.coverage --slow               # the large ones too
+    .venv/bin/python -m benchmarks.coverage --render             # only rewrite COVERAGE.md
+
+JSON shape (a later stage adds e.g. `"fp16": {"image": {...}, "text": {...}}` to a row; the
+table shows `fp16.<tower>.min_cosine` in its FP16 column when present):
+    {"threshold": ..., "versions": {...}, "models": {NAME: {"family", "slow", "status",
+     "exporter", "export_seconds", "notes", "image": {"status", "min_cosine", "seconds"},
+     "text": {...}, "manifest": {"embed_dim", "image_size", "context_length", ...}}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of waiting on it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    family: str
+    slow: bool = False
+    exporter: str = "torchscript"
+    note: str = ""  # why a row is special (shown in the notes column)
+    test_tier: str = "slow"  # tests/test_coverage.py's tier for this model ("-": not in the tests)
+
+
+# The families users pick. `slow`: large, left out of a default run of this script (--slow adds them).
+MODELS: list[Entry] = [
+    Entry("ViT-B-32", "OpenAI CLIP / LAION ViT", note="OpenAI CLIP architecture", test_tier="default (test_export)"),
+    Entry("ViT-B-16-quickgelu", "OpenAI CLIP ViT (QuickGELU)"),
+    Entry("RN50", "OpenAI CLIP ResNet", note="attention pooling; OpenAI CLIP architecture", test_tier="default"),
+    Entry("convnext_base", "ConvNeXt (timm)"),
+    Entry("ViT-B-16-SigLIP", "SigLIP", note="text pools the last token", test_tier="default"),
+    Entry("EVA02-B-16", "EVA02 (timm)"),
+    Entry("MobileCLIP2-S0", "MobileCLIP2", note="re-parameterised before export", test_tier="default"),
+    Entry("ViT-S-16", "ViT-S", test_tier="default"),
+    Entry("ViT-B-16-SigLIP2", "SigLIP2", note="context length 64, last-token pooling"),
+    Entry("ViT-L-14-worldwide-quickgelu", "MetaCLIP2", slow=True,
+          note="smallest MetaCLIP2 architecture (mT5 vocab, eos pooling); "
+          "the released metaclip2_worldwide weights are ViT-H-14-worldwide-quickgelu"),
+    Entry("ViT-L-14", "OpenAI CLIP / LAION ViT-L", slow=True),
+    Entry("ViT-H-14-quickgelu", "DFN", slow=True, note="DFN5B / MetaCLIP fullcc architecture"),
+    Entry("ViT-bigG-14", "LAION bigG", slow=True, note="image tower > 2 GB: external data", test_tier="-"),
+]
+BY_NAME = {e.name: e for e in MODELS}
+
+
+def _towers_from_manifest(manifest: Any) -> dict[str, dict[str, Any]]:
+    parity = manifest.export_parity
+    return {
+        tower: {
+            "status": "ok" if parity[tower]["min_cosine"] >= parity["threshold"] else "fail",
+            "min_cosine": parity[tower]["min_cosine"],
+            "mean_cosine": parity[tower]["mean_cosine"],
+            "max_abs_diff": parity[tower]["max_abs_diff"],
+            "seconds": parity["seconds"][tower],
+        }
+        for tower in ("image", "text")
+    }
+
+
+def run_fp16(out: Path, progress: Any) -> dict[str, Any]:
+    """The fp16 stage on an export: its per-tower parity (ONNX Runtime CPU vs PyTorch FP32)."""
+    from exporter.common import ClipTritonError
+    from exporter.precision import make_fp16
+
+    start = time.perf_counter()
+    try:
+        section = make_fp16(out, progress=progress).fp16 or {}
+    except ClipTritonError as exc:
+        return {"status": "fail", "error": str(exc)[:500], "seconds": round(time.perf_counter() - start, 1)}
+    result: dict[str, Any] = {"status": "ok", "seconds": round(time.perf_counter() - start, 1)}
+    for tower in ("image", "text"):
+        result[tower] = {k: section[tower][k] for k in ("min_cosine", "mean_cosine") if k in section[tower]}
+    return result
+
+
+def run_one(entry: Entry, workdir: Path, exporter: str | None = None, fp16: bool = False) -> dict[str, Any]:
+    """Export one model; never raises for a model that fails (the row records why)."""
+    from exporter.common import ClipTritonError, Progress
+    from exporter.loading import load_model
+    from exporter.onnx_export import export_model
+
+    progress = Progress(f"coverage {entry.name}")
+    row: dict[str, Any] = {"family": entry.family, "slow": entry.slow, "test_tier": entry.test_tier,
+                           "notes": entry.note}
+    out = workdir / entry.name
+    start = time.perf_counter()
+    try:
+        loaded = load_model(entry.name, random_weights=True, progress=progress)
+        row["load_seconds"] = round(time.perf_counter() - start, 2)
+        if loaded.tokenizer is None:
+            extra = "synthetic token ids (HF tokenizer not available offline)"
+            row["notes"] = f"{row['notes']}; {extra}" if row["notes"] else extra
+        manifest = export_model(
+            loaded, out, exporter=exporter or entry.exporter, force=True, progress=progress
+        )
+    except ClipTritonError as exc:
+        row.update(status="fail", error=str(exc)[:500])
+        row["export_seconds"] = round(time.perf_counter() - start, 1)
+        return row
+    except Exception as exc:  # noqa: BLE001 - a coverage run reports, it does not stop
+        row.update(status="fail", error=f"{type(exc).__name__}: {str(exc).strip()[:400]}")
+        row["export_seconds"] = round(time.perf_counter() - start, 1)
+        return row
+    finally:
+        gc.collect()
+    row["export_seconds"] = round(time.perf_counter() - start, 1)
+    row["status"] = "ok"
+    if fp16:
+        row["fp16"] = run_fp16(out, progress)
+    row["exporter"] = manifest.exporter
+    row.update(_towers_from_manifest(manifest))
+    row["manifest"] = {
+        "embed_dim": manifest.embed_dim,
+        "image_size": manifest.image_size,
+        "context_length": manifest.tokenizer.context_length,
+        "tokenizer_kind": manifest.tokenizer.kind,
+        "resize_mode": manifest.preprocess.resize_mode,
+        "onnx_bytes": sum(rec["bytes"] for rec in manifest.files.values()),
+    }
+    return row
+
+
+def _fmt_cos(value: Any) -> str:
+    return f"{value:.10f}" if isinstance(value, float) else "-"
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    lines = [
+        "# Export coverage",
+        "",
+        "Random weights (seeded), CPU, ONNX Runtime vs PyTorch FP32 at batch 1 and batch 8; "
+        f"a tower passes at min cosine >= {data.get('threshold', 0.99999)}. "
+        "Export seconds cover loading, both exports and both parity checks on a 2-core machine shared with other jobs "
+        "(contention varied 1-3x between runs). Cosines are rounded; coverage.json has full precision. "
+        "FP16 column: image / text min cosine of the fp16 stage's graphs (ONNX Runtime CPU, optimiser off) vs "
+        "PyTorch FP32, threshold 0.999 (`--fp16`).",
+        "Generated by `python -m benchmarks.coverage` (see benchmarks/coverage.py); "
+        "versions: " + ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items()) + ".",
+        "",
+        "| model | family | image tower | text tower | min cosine image | min cosine text "
+        "| FP16 min cosine | export seconds | exporter | test tier | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = [e.name for e in MODELS] + sorted(set(data["models"]) - set(BY_NAME))
+    for name in order:
+        row = data["models"].get(name)
+        if row is None:
+            entry = BY_NAME[name]
+            row = {"family": entry.family, "status": "not run", "notes": entry.note}
+        image, text = row.get("image", {}), row.get("text", {})
+        fp16 = row.get("fp16") or {}
+        fp16_cell = "-"
+        if fp16.get("status") == "fail":
+            fp16_cell = f"fail: {fp16.get('error', '')[:120]}"
+        elif fp16:
+            fp16_cell = " / ".join(_fmt_cos(fp16.get(t, {}).get("min_cosine")) for t in ("image", "text"))
+        notes = [n for n in (row.get("notes"), row.get("error")) if n]
+        status = row.get("status", "not run")
+        lines.append(
+            "| {model} | {family} | {img} | {txt} | {ci} | {ct} | {fp16} | {secs} | {exp} | {tier} | {notes} |".format(
+                model=name,
+                family=row.get("family", ""),
+                img=image.get("status", status if status != "ok" else "-"),
+                txt=text.get("status", status if status != "ok" else "-"),
+                ci=_fmt_cos(image.get("min_cosine")),
+                ct=_fmt_cos(text.get("min_cosine")),
+                fp16=fp16_cell,
+                secs=row.get("export_seconds", "-"),
+                exp=row.get("exporter", "-"),
+                tier=BY_NAME[name].test_tier if name in BY_NAME else "-",
+                notes="; ".join(notes).replace("|", "\\|").replace("\n", " "),
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"models": {}}
+
+
+def _save(data: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("coverage.json", json.dumps(data, indent=2) + "\n"), ("COVERAGE.md", render_markdown(data))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)  # atomic: a reader never sees half a table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="names to run (default: every non-slow model)")
+    parser.add_argument("--slow", action="store_true", help="include the slow (large) models")
+    parser.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), help="override per-model exporter")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for coverage.json and COVERAGE.md")
+    parser.add_argument("--fp16", action="store_true", help="also run the fp16 stage and fill its column")
+    parser.add_argument("--render", action="store_true", help="only rewrite COVERAGE.md from coverage.json")
+    parser.add_argument("--not-run", metavar="REASON", help="record --models as not run, with REASON")
+    args = parser.parse_args(argv)
+
+    data = _load(args.out / "coverage.json")
+    if args.not_run:
+        # A model that cannot be exported here (e.g. killed for memory) keeps its row and the reason.
+        for name in args.models or []:
+            entry = BY_NAME.get(name, Entry(name, "other"))
+            old = data["models"].get(name, {})
+            data["models"][name] = {**{k: v for k, v in old.items() if k == "fp16"}, "family": entry.family,
+                                    "slow": entry.slow, "notes": entry.note, "status": "not run",
+                                    "error": args.not_run}
+    elif not args.render:
+        import exporter.onnx_export as onnx_export
+
+        names = args.models or [e.name for e in MODELS if args.slow or not e.slow]
+        entries = [BY_NAME.get(n, Entry(n, "other")) for n in names]
+        data["threshold"] = onnx_export.EXPORT_MIN_COSINE
+        data["versions"] = onnx_export.versions()
+        workdir = Path(tempfile.mkdtemp(prefix="clip-triton-coverage-"))
+        try:
+            for entry in entries:
+                print(f"== {entry.name}", file=sys.stderr, flush=True)
+                row = run_one(entry, workdir, args.exporter, fp16=args.fp16)
+                shutil.rmtree(workdir / entry.name, ignore_errors=True)
+                # A fresh row replaces the old one; sections other stages added (fp16) are kept.
+                old = data["models"].get(entry.name, {})
+                data["models"][entry.name] = {**{k: v for k, v in old.items() if k == "fp16"}, **row}
+                _save(data, args.out)  # after each model: a long run keeps what it measured
+                print(
+                    f"== {entry.name}: {row['status']} in {row['export_seconds']}s "
+                    f"image {_fmt_cos(row.get('image', {}).get('min_cosine'))} "
+                    f"text {_fmt_cos(row.get('text', {}).get('min_cosine'))} {row.get('error', '')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    _save(data, args.out)
+    print(render_markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

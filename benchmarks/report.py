@@ -1,0 +1,219 @@
+"""RESULTS.md from results.json: machine, versions, tables, the command, what was not measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+GPU_PLACEHOLDER = "No GPU run has been recorded yet."
+GPU_HEADING = "## GPU"
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _machine(results: dict[str, Any]) -> list[str]:
+    m = results["machine"]
+    lines = [
+        f"- date: {results['date']}; wall time of the run: {results['seconds']:.0f} s",
+        f"- command: `{results['command']}`",
+        f"- machine: {m['nproc']} CPUs (`nproc`), {m['cpu_model']}, {_f(m['memory_gib'])} GiB RAM, "
+        f"{m['platform']}; GPU: {m['gpu'] or 'none'}",
+        f"- load average (1/5/15 min) at start {m.get('load_average_start')}, at end {m.get('load_average_end')}",
+    ]
+    if results.get("note"):
+        lines.append(f"- note: **{results['note']}**")
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
+    enc = results.get("encoders")
+    if enc:
+        t = enc["threads"]
+        lines.append(
+            f"- threads: torch.set_num_threads({t['torch.set_num_threads']}), ONNX Runtime intra_op_num_threads "
+            f"{t['ort.intra_op_num_threads']}, inter_op_num_threads {t['ort.inter_op_num_threads']}"
+        )
+    s = results["settings"]
+    lines.append(
+        f"- settings: {'quick' if s['quick'] else 'full'}; encoder cells: warm-up 1-2 calls, then timed calls "
+        f"for {s['cell_budget_s']:g} s (at least {s['min_iters']}, or {s.get('min_iters_large', s['min_iters'])} "
+        f"when one call outlasts that budget; at most {s['max_iters']}), cells estimated "
+        f"over {s['max_cell_s']:g} s skipped; load: {s['duration_s']:g} s per level after a {s['warmup_s']:g} s "
+        f"warm-up, at most {s['max_requests']} requests per level"
+    )
+    lines.append("- weights: random (seeded); speed does not depend on the weights' values")
+    return lines
+
+
+def _encoders(enc: dict[str, Any]) -> list[str]:
+    lines = ["## Encoders", "",
+             "Throughput = batch / median latency. `vs PyTorch` = PyTorch eager FP32 median / this runtime's "
+             "median at the same batch, measured in this run. `min cos` = lowest per-row cosine of this "
+             "runtime's embeddings vs PyTorch FP32 on the same inputs.", "",
+             "FP16 on a CPU is expected to be slower than FP32: ONNX Runtime's CPU provider computes many FP16 ops "
+             "in FP32 internally (ENGINES.md) and its graph optimiser must be off for these FP16 graphs "
+             "(it crashes on them; ARCHITECTURE.md). The FP16 rows show that the graph `precision.py` writes "
+             "runs and stays accurate; its speed matters on a GPU (TensorRT builds that same graph).", ""]
+    for model, data in enc["models"].items():
+        prep = data["prepare"]
+        lines.append(f"### {model}")
+        lines.append("")
+        lines.append(f"Export {prep['export_seconds']} s, FP16 conversion {prep['fp16_seconds']} s ({prep['fp16']}); "
+                     f"TensorRT: {prep['tensorrt']}.")
+        lines.append("")
+        for tower, runtimes in data["towers"].items():
+            lines.append(f"**{tower} tower**")
+            lines.append("")
+            lines.append("| runtime | batch | median ms | p90 ms | items/s | vs PyTorch | min cos | n |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            skipped = []
+            for entry in runtimes.values():
+                if "skipped" in entry:
+                    skipped.append(f"{entry['label']}: {entry['skipped']}")
+                    continue
+                for batch, cell in entry["batches"].items():
+                    if "skipped" in cell:
+                        lines.append(f"| {entry['label']} | {batch} | skipped: {cell['skipped']} | | | | | |")
+                        continue
+                    lines.append(
+                        f"| {entry['label']} | {batch} | {_f(cell['median_ms'])} | {_f(cell['p90_ms'])} | "
+                        f"{_f(cell['throughput'])} | {_f(cell.get('speedup_vs_torch'), 2)}x | "
+                        f"{_f(cell.get('min_cosine_vs_torch'), 6)} | {cell['n']} |"
+                    )
+            lines.append("")
+            for reason in skipped:
+                lines.append(f"- not run: {reason}")
+            if skipped:
+                lines.append("")
+    return lines
+
+
+def _preprocess(pre: dict[str, Any]) -> list[str]:
+    lines = ["## Server preprocessing and tokenisation (per instance, in-process)", ""]
+    images = pre["images"]
+    cfg = images["config"]
+    lines += [
+        f"The python models' own code, called in-process on one thread (one python-backend instance), on "
+        f"{len(images['images'])} sample images of several sizes, modes and formats; {pre['model']}'s config: "
+        f"{cfg['size'][0]}x{cfg['size'][1]}, resize `{cfg['resize_mode']}`, `{cfg['interpolation']}`.",
+        "",
+        "- `exact`: `Preprocessor.from_bytes` (model_repository/common/clip_preprocess.py), **the served default**.",
+        "- `draft`: JPEG only, `img.draft(mode, (2*S, 2*S))` before decoding (libjpeg DCT-domain downscale to "
+        "1/2, 1/4 or 1/8 that keeps both edges >= 2x the target), then the exact resize + crop.",
+        "- `reduce`: any format, full decode, `Image.reduce(k)` (integer box filter) down to >= 2x the "
+        "target, then the exact resize + crop.",
+        "",
+        "Differences are against open_clip's own eval transform (torchvision on PIL), in the normalised "
+        "tensor and in 8-bit pixel levels (x std x 255). **`draft` and `reduce` are not bit-exact: "
+        "opt-in trade-offs, not the default.** The parity suite requires max abs diff < 1e-6 for the "
+        "served path.",
+        "",
+        "| path | items/s (whole set) | mean ms / item | max abs diff | max diff (levels) | mean diff (levels) "
+        "| bit-exact |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for path, s in images["summary"].items():
+        lines.append(
+            f"| {path} | {_f(s['items_per_s'])} | {_f(s['mean_ms_per_item'], 2)} | {s['max_abs_diff']:.3g} | "
+            f"{_f(s['max_abs_diff_levels'], 2)} | {_f(s['mean_abs_diff_levels'], 3)} | "
+            f"{'yes' if s['bit_exact'] else 'no'} |"
+        )
+    lines += ["", "Per image (median ms per call; speed-up vs exact; max diff in 8-bit levels):", "",
+              "| image | bytes | exact ms | draft ms | draft speed-up | draft max diff | reduce ms | reduce speed-up "
+              "| reduce max diff |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in images["images"]:
+        p = row["paths"]
+        lines.append(
+            f"| {row['name']} | {row['bytes']} | {_f(p['exact']['median_ms'], 2)} | {_f(p['draft']['median_ms'], 2)} "
+            f"| {_f(p['draft']['speedup_vs_exact'], 2)}x | {_f(p['draft']['max_abs_diff_levels'], 1)} | "
+            f"{_f(p['reduce']['median_ms'], 2)} | {_f(p['reduce']['speedup_vs_exact'], 2)}x | "
+            f"{_f(p['reduce']['max_abs_diff_levels'], 1)} |"
+        )
+    tok = pre["tokenize"]
+    lines += ["", "**Tokenisation** (model_repository/common/clip_tokenizer.py, the tokenize model's code):", ""]
+    if "skipped" in tok:
+        lines.append(f"- skipped: {tok['skipped']}")
+    else:
+        lines += [
+            f"- {tok['texts']} captions (empty, unicode, HTML-escaped, over-length, random word mixes), "
+            f"`{tok['kind']}` BPE, context length {tok['context_length']}; token ids identical to open_clip's "
+            f"tokenizer: {tok.get('identical_to_open_clip', 'not checked')}",
+            f"- tokenizer construction {_f(tok['init_ms'])} ms; cold (empty BPE cache, one text per call) "
+            f"{_f(tok['cold_items_per_s'], 0)} texts/s",
+            f"- warm, one text per call (what the model does per request): "
+            f"{_f(tok['batch_1']['items_per_s'], 0)} texts/s ({_f(tok['batch_1']['ms_per_item'], 3)} ms/text)",
+            f"- warm, 64 texts per call: {_f(tok['batch_64']['items_per_s'], 0)} texts/s",
+        ]
+    lines.append("")
+    return lines
+
+
+def _load(load: dict[str, Any]) -> list[str]:
+    lines = [
+        "## End to end through Triton (gRPC, loopback)",
+        "",
+        f"{load['model']}, runtime {load['runtime']}; one instance per step; dynamic batching queue delay "
+        f"{load['queue_delay_us']} µs when on. Load generator: tritonclient.grpc.aio, N coroutines each with "
+        f"one request (one item) in flight, {load['duration_s']:g} s per level. `no_batching` is the same "
+        "repository with the `dynamic_batching` block removed from every config.pbtxt (repository.py has no "
+        "switch for it; the benchmark edits its own copy). `encoder batch` = inferences / executions of the "
+        "encoder step, from Triton's statistics. The client shares the CPU cores with the server.",
+        "",
+    ]
+    for variant, data in load["variants"].items():
+        for model, entry in data.items():
+            if not isinstance(entry, dict):
+                continue
+            lines.append(f"**{model}, {variant}** (server start {data['server_start_s']} s)")
+            lines.append("")
+            lines.append("| concurrency | req/s | p50 ms | p95 ms | p99 ms | requests | errors | encoder batch |")
+            lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for lv in entry["levels"]:
+                lines.append(
+                    f"| {lv['concurrency']} | {_f(lv['throughput'])} | {_f(lv['median_ms'])} | {_f(lv['p95_ms'])} | "
+                    f"{_f(lv['p99_ms'])} | {lv['requests']} | {lv['errors']} | {_f(lv['encoder_avg_batch'], 2)} |"
+                )
+            errors = [e for lv in entry["levels"] for e in lv.get("first_errors", [])]
+            if errors:
+                lines.append("")
+                lines.append(f"- first errors: {errors[:3]}")
+            lines.append("")
+    return lines
+
+
+def _gpu_section(previous: Path) -> str:
+    """Keep a GPU section someone recorded by hand; otherwise the placeholder."""
+    if previous.is_file():
+        text = previous.read_text()
+        if GPU_HEADING + "\n" in text:
+            section = text[text.index(GPU_HEADING + "\n"):].rstrip() + "\n"
+            if GPU_PLACEHOLDER not in section:
+                return section
+    return f"{GPU_HEADING}\n\n{GPU_PLACEHOLDER} (The tables above are CPU-only.) On a GPU host run " \
+           "`make bench` there: TensorRT FP16 and PyTorch CUDA rows are added automatically when TensorRT " \
+           "and a CUDA GPU are present.\n"
+
+
+def render(results: dict[str, Any], previous: Path) -> str:
+    lines = ["# Benchmarks", "",
+             "Written by `benchmarks/run.py` (`make bench`; `make bench-quick` for a short smoke run into "
+             "`$(OUT)/bench-quick`). Raw numbers: `results.json`; plots: `encoders_<model>.png`, "
+             "`preprocess.png`, `load.png`.", "", "## Run", ""]
+    lines += _machine(results)
+    lines.append("")
+    if results.get("encoders"):
+        lines += _encoders(results["encoders"])
+    if results.get("preprocess"):
+        lines += _preprocess(results["preprocess"])
+    if results.get("load"):
+        lines += _load(results["load"])
+    lines += ["## Not measured here, and why", ""]
+    lines += [f"- {item}" for item in results.get("not_measured", [])]
+    lines.append("")
+    return "\n".join(lines) + "\n" + _gpu_section(previous)

@@ -1,0 +1,459 @@
+"""What the sync and asyncio clients share: options, model discovery, item encoding, error mapping, CLIP maths.
+
+Nothing here does I/O on the network; `sync.py` and `aio.py` only differ in how they wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clients.errors import (
+    ClientTimeoutError,
+    ClipClientError,
+    InvalidItemError,
+    ModelNotFoundError,
+    RequestError,
+    ServerResponseError,
+    ServerUnavailableError,
+)
+
+# A few of OpenAI's ImageNet prompt templates: enough for prompt ensembling to help, cheap to embed.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+    "a rendering of a {}.",
+)
+DEFAULT_LOGIT_SCALE = 100.0
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as `progress(done_items, total_items)` after each finished request."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """Connection and scheduling options shared by ClipClient and AsyncClipClient."""
+
+    url: str = "127.0.0.1:8001"
+    prefix: str = "clip"
+    model_version: str = ""  # "" = the server's latest/only version
+    batch_size: int = 16  # items per request; capped by the model's max_batch_size
+    concurrency: int = 4  # requests in flight at once
+    timeout: float | None = 60.0  # seconds per request (gRPC deadline)
+    retries: int = 3  # extra attempts on UNAVAILABLE
+    backoff: float = 0.25  # first retry delay in seconds, doubled each time (capped at 4 s)
+    headers: dict[str, str] = field(default_factory=dict)
+    ssl: bool = False
+    root_certificates: str | None = None  # PEM file paths, passed through to tritonclient
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url or "://" in self.url:
+            raise ClipClientError(f"url must be HOST:PORT (no scheme), got {self.url!r}")
+        if self.batch_size < 1:
+            raise ClipClientError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.concurrency < 1:
+            raise ClipClientError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.retries < 0:
+            raise ClipClientError(f"retries must be >= 0, got {self.retries}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ClipClientError(f"timeout must be > 0 seconds, got {self.timeout}")
+        for name in ("root_certificates", "private_key", "certificate_chain"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ClipClientError(f"{name} file not found: {value}")
+
+    def grpc_kwargs(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "ssl": self.ssl,
+            "root_certificates": self.root_certificates,
+            "private_key": self.private_key,
+            "certificate_chain": self.certificate_chain,
+        }
+
+    def retry_delay(self, attempt: int) -> float:
+        return min(self.backoff * (2**attempt), 4.0)
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """One served ensemble (`<prefix>_image` or `<prefix>_text`) as discovered from the server."""
+
+    model: str
+    version: str
+    input_name: str
+    output_name: str
+    output_datatype: str
+    dim: int  # -1 if the server reports a dynamic size (then learnt from the first answer)
+    max_batch_size: int  # 0: the model takes no batch dimension
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the client learnt about the served model: names, dims, logit scale/bias, and an identity hash."""
+
+    prefix: str
+    image: TowerInfo
+    text: TowerInfo
+    logit_scale: float
+    logit_bias: float | None
+    logit_scale_from_server: bool
+    parameters: dict[str, str]
+    identity: str  # sha256 of the metadata and configs: changes when the served model does
+
+    @property
+    def dim(self) -> int:
+        return self.image.dim
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    index: int  # position in the `images` passed to rank()
+    score: float  # cosine similarity to the query text
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def resolve_options(url: str, options: ClientOptions | None, kwargs: dict[str, Any]) -> ClientOptions:
+    """Both clients take either `options=` or keyword options (never both)."""
+    if options is None:
+        return ClientOptions(url=url, **kwargs)
+    if kwargs:
+        raise TypeError("pass either options= or keyword options, not both")
+    return options
+
+
+def _pick(tensors: Sequence[Any], preferred: str, what: str, model: str) -> Any:
+    if len(tensors) == 1:
+        return tensors[0]
+    for tensor in tensors:
+        if tensor.name == preferred:
+            return tensor
+    names = ", ".join(t.name for t in tensors) or "none"
+    raise ServerResponseError(f"model {model} has {what}s [{names}]; expected one named {preferred!r}")
+
+
+def tower_info(metadata: Any, config: Any, input_preferred: str, version: str) -> TowerInfo:
+    """Build a TowerInfo from a ModelMetadataResponse and a ModelConfig (protobufs)."""
+    model = metadata.name
+    inp = _pick(list(metadata.inputs), input_preferred, "input", model)
+    out = _pick(list(metadata.outputs), "embedding", "output", model)
+    if inp.datatype != "BYTES":
+        raise ServerResponseError(f"model {model} input {inp.name} is {inp.datatype}; expected BYTES (encoded items)")
+    if out.datatype not in ("FP32", "FP16", "FP64"):
+        raise ServerResponseError(f"model {model} output {out.name} is {out.datatype}; expected a float type")
+    shape = list(out.shape)
+    dim = int(shape[-1]) if shape else -1
+    return TowerInfo(
+        model=model,
+        version=version,
+        input_name=inp.name,
+        output_name=out.name,
+        output_datatype=out.datatype,
+        dim=dim,
+        max_batch_size=int(config.max_batch_size),
+    )
+
+
+def config_parameters(config: Any) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def _float_param(params: dict[str, str], key: str) -> float | None:
+    raw = params.get(key, "").strip()
+    if not raw or raw.lower() in ("none", "null"):
+        return None
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ServerResponseError(f"model parameter {key}={raw!r} is not a number") from exc
+
+
+def model_info(
+    prefix: str, image: TowerInfo, text: TowerInfo, param_sets: Sequence[dict[str, str]], identity_parts: Any
+) -> ModelInfo:
+    """Combine the towers and the config parameters (first set that has a key wins) into a ModelInfo."""
+    if image.dim > 0 and text.dim > 0 and image.dim != text.dim:
+        raise ServerResponseError(
+            f"{image.model} returns {image.dim}-d embeddings but {text.model} returns {text.dim}-d ones"
+        )
+    params: dict[str, str] = {}
+    for group in reversed(param_sets):  # earlier sets (the image ensemble) take precedence
+        params.update(group)
+    scale = _float_param(params, "logit_scale")
+    bias = _float_param(params, "logit_bias")
+    blob = json.dumps(
+        {"image": asdict(image), "text": asdict(text), "params": params, "extra": identity_parts},
+        sort_keys=True,
+        default=str,
+    )
+    return ModelInfo(
+        prefix=prefix,
+        image=image,
+        text=text,
+        logit_scale=scale if scale is not None else DEFAULT_LOGIT_SCALE,
+        logit_bias=bias,
+        logit_scale_from_server=scale is not None,
+        parameters=params,
+        identity=hashlib.sha256(blob.encode()).hexdigest(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+
+def item_label(item: Any) -> str:
+    """A short human name for an item, used in error messages."""
+    if isinstance(item, str | os.PathLike):
+        return str(item)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return f"<{len(item)} bytes>"
+    if isinstance(item, np.ndarray):
+        return f"<array {'x'.join(map(str, item.shape))} {item.dtype}>"
+    if hasattr(item, "size") and hasattr(item, "mode") and hasattr(item, "save"):
+        return f"<PIL image {item.size[0]}x{item.size[1]} {item.mode}>"
+    return f"<{type(item).__name__}>"
+
+
+def text_label(text: Any) -> str:
+    if not isinstance(text, str):
+        return f"<{type(text).__name__}>"
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _png(image: Any) -> bytes:
+    if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "1"):
+        image = image.convert("RGB")  # e.g. CMYK, which PNG cannot store
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # fast: the bytes only travel to the server
+    return buf.getvalue()
+
+
+def encode_image(index: int, item: Any) -> bytes:
+    """Item -> encoded image bytes. Paths are read, bytes pass through, PIL images and arrays become PNG."""
+    label = item_label(item)
+    if isinstance(item, str | os.PathLike):
+        try:
+            return Path(item).read_bytes()
+        except FileNotFoundError:
+            raise InvalidItemError(index, label, "file not found") from None
+        except IsADirectoryError:
+            raise InvalidItemError(index, label, "is a folder, not an image file") from None
+        except OSError as exc:
+            raise InvalidItemError(index, label, f"cannot read: {exc.strerror or exc}") from None
+    if isinstance(item, bytes | bytearray | memoryview):
+        data = bytes(item)
+        if not data:
+            raise InvalidItemError(index, label, "empty bytes")
+        return data
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise InvalidItemError(index, label, "arrays must be uint8 (HxWx3 RGB, HxWx4 RGBA or HxW grey)")
+        if not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))) or 0 in item.shape:
+            raise InvalidItemError(index, label, "arrays must be HxWx3 (RGB), HxWx4 (RGBA) or HxW (grey)")
+        from PIL import Image
+
+        array = item[:, :, 0] if item.ndim == 3 and item.shape[2] == 1 else item
+        return _png(Image.fromarray(np.ascontiguousarray(array)))
+    if hasattr(item, "save") and hasattr(item, "mode"):
+        try:
+            return _png(item)
+        except Exception as exc:  # noqa: BLE001 - any PIL failure is this item's problem
+            raise InvalidItemError(index, label, f"cannot encode as PNG: {exc}") from None
+    raise InvalidItemError(
+        index, label, "unsupported item type; pass a path, encoded bytes, a PIL image or a uint8 HxWx3 array"
+    )
+
+
+def encode_text(index: int, text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise InvalidItemError(index, text_label(text), "texts must be str")
+    return text.encode("utf-8")
+
+
+def collect_finished(
+    finished: Iterable[Any], pending: dict[Any, int], results: list[Any], parts: list[range]
+) -> int:
+    """Move finished requests (concurrent futures or asyncio tasks: the same interface) into
+    `results`; raise the earliest chunk's error so the report names the first bad item.
+    Returns how many items the finished requests covered."""
+    errors: list[tuple[int, BaseException]] = []
+    done = 0
+    for request in finished:
+        k = pending.pop(request)
+        exc = request.exception()
+        if exc is not None:
+            errors.append((k, exc))
+            continue
+        results[k] = request.result()
+        done += len(parts[k])
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
+    return done
+
+
+def chunks(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def effective_batch(options: ClientOptions, tower: TowerInfo) -> int:
+    if tower.max_batch_size <= 0:
+        return 1
+    return max(1, min(options.batch_size, tower.max_batch_size))
+
+
+def request_array(payloads: list[bytes], batched: bool) -> np.ndarray:
+    """The BYTES tensor for one request: [N, 1] for a batching model, [1] otherwise."""
+    array = np.empty(len(payloads), dtype=np.object_)
+    array[:] = payloads  # assigning avoids numpy guessing a fixed-width bytes dtype
+    return array.reshape(-1, 1) if batched else array
+
+
+def parse_embeddings(raw: np.ndarray | None, tower: TowerInfo, count: int) -> np.ndarray:
+    """Check and normalise one response's output to float32 [count, D], L2-normalised rows."""
+    if raw is None:
+        raise ServerResponseError(f"model {tower.model} returned no {tower.output_name!r} output")
+    array = np.asarray(raw, dtype=np.float32)
+    array = array.reshape(count, -1) if array.size and array.size % max(count, 1) == 0 else array
+    if array.ndim != 2 or array.shape[0] != count:
+        raise ServerResponseError(
+            f"model {tower.model} returned shape {list(np.shape(raw))} for {count} item(s); expected [{count}, D]"
+        )
+    if tower.dim > 0 and array.shape[1] != tower.dim:
+        raise ServerResponseError(
+            f"model {tower.model} returned {array.shape[1]}-d embeddings; its metadata says {tower.dim}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ServerResponseError(f"model {tower.model} returned non-finite values")
+    # The graph already normalises; doing it again here costs nothing and protects FP16 outputs.
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return (array / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def status_of(exc: Exception) -> str:
+    """'UNAVAILABLE', 'DEADLINE_EXCEEDED', ... from an InferenceServerException (or '' if it has none)."""
+    status = exc.status() if hasattr(exc, "status") else None
+    return str(status or "").rsplit(".", 1)[-1].upper()
+
+
+def message_of(exc: Exception) -> str:
+    msg = exc.message() if hasattr(exc, "message") else None
+    text = str(msg if msg is not None else exc)
+    return " ".join(text.split())  # one line
+
+
+def is_retryable(exc: Exception) -> bool:
+    return status_of(exc) == "UNAVAILABLE"
+
+
+def transport_error(
+    exc: Exception, options: ClientOptions, model: str, *, running: bool = True
+) -> ClipClientError | None:
+    """Map errors not caused by the items (server down, timeout, missing model); None for item-level ones.
+
+    `running`: the model was found at discovery, so its disappearing now means the server is going away
+    (Triton unloads every model before it closes its ports) rather than a wrong prefix.
+    """
+    status, msg = status_of(exc), message_of(exc)
+    if status == "UNAVAILABLE":
+        tries = options.retries + 1
+        return ServerUnavailableError(f"server {options.url} unavailable after {tries} attempt(s): {msg}")
+    if status == "DEADLINE_EXCEEDED":
+        return ClientTimeoutError(f"request to {model} at {options.url} timed out after {options.timeout}s")
+    if status in ("CANCELLED", "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED"):
+        return RequestError(f"{model} at {options.url}: {status.lower()}: {msg}")
+    lowered = msg.lower()
+    if status == "NOT_FOUND" or "unknown model" in lowered or "is not found" in lowered:
+        if running:
+            return ServerUnavailableError(f"server {options.url} stopped serving {model} (shutting down?): {msg}")
+        return ModelNotFoundError(f"server {options.url} does not serve {model}: {msg}")
+    if "not ready" in lowered or "server is stopping" in lowered or "shutting down" in lowered:
+        return ServerUnavailableError(f"server {options.url}: {msg}")
+    return None
+
+
+def discovery_error(exc: Exception, options: ClientOptions, model: str) -> ClipClientError:
+    mapped = transport_error(exc, options, model, running=False)
+    if mapped is not None:
+        return mapped
+    return ModelNotFoundError(f"cannot read {model}'s metadata from {options.url}: {message_of(exc)}")
+
+
+# ---------------------------------------------------------------------------------------------- CLIP maths
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    if not templates:
+        raise ClipClientError("templates must not be empty")
+    for template in templates:
+        if "{}" not in template:
+            raise ClipClientError(f"template {template!r} has no '{{}}' placeholder for the label")
+    return templates
+
+
+def check_labels(labels: Sequence[str]) -> list[str]:
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    if not labels:
+        raise ClipClientError("labels must not be empty")
+    if any(not isinstance(label, str) or not label.strip() for label in labels):
+        raise ClipClientError("labels must be non-empty strings")
+    return labels
+
+
+def prompts(labels: list[str], templates: list[str]) -> list[str]:
+    return [template.format(label) for label in labels for template in templates]
+
+
+def label_embeddings(text_embeddings: np.ndarray, n_labels: int, n_templates: int) -> np.ndarray:
+    """Prompt ensembling: mean of each label's normalised template embeddings, re-normalised."""
+    grouped = text_embeddings.reshape(n_labels, n_templates, -1).mean(axis=1)
+    return (grouped / np.maximum(np.linalg.norm(grouped, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def warn_default_scale(info: ModelInfo) -> None:
+    if not info.logit_scale_from_server:
+        warnings.warn(
+            f"the server's {info.image.model} config has no 'logit_scale' parameter; classify() uses "
+            f"{DEFAULT_LOGIT_SCALE} (CLIP's trained value) and no bias",
+            stacklevel=3,
+        )
+
+
+def probabilities(
+    image_embeddings: np.ndarray, label_emb: np.ndarray, logit_scale: float, logit_bias: float | None
+) -> np.ndarray:
+    """softmax(scale * cos) over labels (CLIP), or sigmoid(scale * cos + bias) per label (SigLIP)."""
+    logits = logit_scale * (image_embeddings.astype(np.float64) @ label_emb.astype(np.float64).T)
+    if logit_bias is not None:
+        return (1.0 / (1.0 + np.exp(-(logits + logit_bias)))).astype(np.float32)
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def ranking(query: np.ndarray, embeddings: np.ndarray, top: int | None = None) -> list[RankedItem]:
+    """Items by descending cosine similarity to one normalised query vector (ties keep input order)."""
+    scores = embeddings @ query.reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    if top is not None:
+        order = order[: max(top, 0)]
+    return [RankedItem(int(i), float(scores[i])) for i in order]

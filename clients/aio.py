@@ -1,0 +1,260 @@
+"""AsyncClipClient: the asyncio client, on `tritonclient.grpc.aio`; concurrency is a window of tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from clients import _core
+from clients._core import (
+    DEFAULT_TEMPLATES,
+    ClientOptions,
+    ModelInfo,
+    ProgressCallback,
+    RankedItem,
+    TowerInfo,
+    resolve_options,
+)
+from clients.errors import ClipClientError, ItemError, ServerUnavailableError
+from clients.sync import _check_paths
+
+
+class AsyncClipClient:
+    """The asyncio twin of ClipClient: same options, same results, awaitable methods.
+
+    >>> async with AsyncClipClient("127.0.0.1:8001", concurrency=8) as client:
+    ...     vectors = await client.embed_images(paths)       # float32 [N, D]
+    ...     best = await client.rank("a red car", paths, top=5)
+
+    Use one instance from one event loop (tritonclient's aio client is not thread-safe).
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", *, options: ClientOptions | None = None, **kwargs: Any) -> None:
+        self.options = options = resolve_options(url, options, kwargs)
+        import tritonclient.grpc.aio as aioclient
+        from tritonclient.utils import InferenceServerException
+
+        self._aio = aioclient
+        self._error_type = InferenceServerException
+        self._client: Any = None  # created inside the running loop (grpc.aio channels bind to it)
+        self._info: ModelInfo | None = None
+        self._info_lock: asyncio.Lock | None = None
+
+    # -- lifecycle
+
+    def _ensure(self) -> Any:
+        if self._client is None:
+            try:
+                self._client = self._aio.InferenceServerClient(**self.options.grpc_kwargs())
+            except Exception as exc:  # noqa: BLE001 - bad TLS files, malformed url
+                raise ClipClientError(f"cannot create a gRPC client for {self.options.url}: {exc}") from None
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> AsyncClipClient:
+        self._ensure()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- discovery
+
+    async def model_info(self) -> ModelInfo:
+        """Names, dims, logit scale/bias and identity of the served model (read once from the server)."""
+        if self._info is None:
+            if self._info_lock is None:
+                self._info_lock = asyncio.Lock()
+            async with self._info_lock:
+                if self._info is None:
+                    self._info = await self._discover()
+        return self._info
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        opts = self.options
+        fn = getattr(self._ensure(), name)
+        for attempt in range(opts.retries + 1):
+            try:
+                return await fn(*args, headers=opts.headers or None, client_timeout=opts.timeout, **kwargs)
+            except self._error_type as exc:
+                if _core.is_retryable(exc) and attempt < opts.retries:
+                    await asyncio.sleep(opts.retry_delay(attempt))
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def _config(self, model: str) -> Any:
+        return (await self._call("get_model_config", model, self.options.model_version)).config
+
+    async def _tower(self, model: str, preferred_input: str) -> tuple[TowerInfo, Any]:
+        version = self.options.model_version
+        try:
+            metadata = await self._call("get_model_metadata", model, version)
+            config = await self._config(model)
+        except self._error_type as exc:
+            raise _core.discovery_error(exc, self.options, model) from None
+        return _core.tower_info(metadata, config, preferred_input, version), config
+
+    async def _discover(self) -> ModelInfo:
+        prefix = self.options.prefix
+        (image, image_cfg), (text, text_cfg) = await asyncio.gather(
+            self._tower(f"{prefix}_image", "image"), self._tower(f"{prefix}_text", "text")
+        )
+        param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
+        steps: dict[str, dict[str, str]] = {}
+        for cfg in (image_cfg, text_cfg):
+            for step in cfg.ensemble_scheduling.step:
+                if step.model_name in steps:
+                    continue
+                try:
+                    steps[step.model_name] = _core.config_parameters(await self._config(step.model_name))
+                except self._error_type:
+                    steps[step.model_name] = {}
+        param_sets.extend(steps.values())
+        return _core.model_info(prefix, image, text, param_sets, {"steps": steps})
+
+    # -- embedding
+
+    async def _infer(self, tower: TowerInfo, payloads: list[bytes]) -> np.ndarray:
+        array = _core.request_array(payloads, tower.max_batch_size > 0)
+        inp = self._aio.InferInput(tower.input_name, list(array.shape), "BYTES")
+        inp.set_data_from_numpy(array)
+        out = self._aio.InferRequestedOutput(tower.output_name)
+        result = await self._call("infer", tower.model, [inp], model_version=tower.version, outputs=[out])
+        return _core.parse_embeddings(result.as_numpy(tower.output_name), tower, len(payloads))
+
+    async def _blame(self, tower: TowerInfo, index: int, label: str, exc: Exception) -> ClipClientError:
+        try:
+            ready = await self._ensure().is_model_ready(tower.model, tower.version, client_timeout=5.0)
+        except Exception:  # noqa: BLE001 - any failure here means the server is not answering
+            ready = False
+        if not ready:
+            return ServerUnavailableError(
+                f"server {self.options.url} stopped serving {tower.model} (at item {index}, {label}): "
+                f"{_core.message_of(exc)}"
+            )
+        return ItemError(index, label, f"rejected by {tower.model}: {_core.message_of(exc)}")
+
+    async def _run_chunk(
+        self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable, offload: bool
+    ) -> np.ndarray:
+        def encode_all() -> list[bytes]:
+            return [encode(i, items[i]) for i in part]
+
+        # File reads and PNG encoding block: keep them off the event loop.
+        payloads = await asyncio.to_thread(encode_all) if offload else encode_all()
+        try:
+            return await self._infer(tower, payloads)
+        except self._error_type as exc:
+            mapped = _core.transport_error(exc, self.options, tower.model)
+            if mapped is not None:
+                raise mapped from None
+            if len(payloads) == 1:
+                raise await self._blame(tower, part[0], label(items[part[0]]), exc) from None
+        rows = []
+        for i, payload in zip(part, payloads, strict=True):
+            try:
+                rows.append(await self._infer(tower, [payload]))
+            except self._error_type as exc:
+                mapped = _core.transport_error(exc, self.options, tower.model)
+                raise (mapped or await self._blame(tower, i, label(items[i]), exc)) from None
+        return np.concatenate(rows)
+
+    async def _embed(
+        self,
+        tower: TowerInfo,
+        items: Sequence[Any],
+        encode: Callable,
+        label: Callable,
+        progress: ProgressCallback | None,
+        offload: bool,
+    ) -> np.ndarray:
+        total = len(items)
+        if total == 0:
+            return np.zeros((0, max(tower.dim, 0)), dtype=np.float32)
+        parts = _core.chunks(total, _core.effective_batch(self.options, tower))
+        results: list[np.ndarray | None] = [None] * len(parts)
+        window = min(self.options.concurrency, len(parts))
+        pending: dict[asyncio.Task, int] = {}
+        done = 0
+        try:
+            next_part = 0
+            while next_part < len(parts) or pending:
+                while next_part < len(parts) and len(pending) < window:
+                    coro = self._run_chunk(tower, items, parts[next_part], encode, label, offload)
+                    pending[asyncio.ensure_future(coro)] = next_part
+                    next_part += 1
+                finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done += _core.collect_finished(finished, pending, results, parts)
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        return np.concatenate([r for r in results if r is not None]).astype(np.float32, copy=False)
+
+    async def embed_images(self, items: Iterable[Any], *, progress: ProgressCallback | None = None) -> np.ndarray:
+        """See ClipClient.embed_images."""
+        items = list(items)
+        _check_paths(items)
+        tower = (await self.model_info()).image
+        return await self._embed(tower, items, _core.encode_image, _core.item_label, progress, offload=True)
+
+    async def embed_texts(self, texts: Iterable[str], *, progress: ProgressCallback | None = None) -> np.ndarray:
+        """See ClipClient.embed_texts."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tower = (await self.model_info()).text
+        return await self._embed(tower, texts, _core.encode_text, _core.text_label, progress, offload=False)
+
+    async def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+        """See ClipClient.label_embeddings."""
+        labels, templates = _core.check_labels(labels), _core.check_templates(templates)
+        text = await self.embed_texts(_core.prompts(labels, templates))
+        return _core.label_embeddings(text, len(labels), len(templates))
+
+    async def classify(
+        self,
+        images: Iterable[Any],
+        labels: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> np.ndarray:
+        """See ClipClient.classify."""
+        label_emb, image_emb = await _both(
+            self.label_embeddings(labels, templates), self.embed_images(images, progress=progress)
+        )
+        info = await self.model_info()
+        _core.warn_default_scale(info)
+        return _core.probabilities(image_emb, label_emb, info.logit_scale, info.logit_bias)
+
+    async def rank(
+        self, text: str, images: Iterable[Any], *, top: int | None = None, progress: ProgressCallback | None = None
+    ) -> list[RankedItem]:
+        """See ClipClient.rank."""
+        if not isinstance(text, str):
+            raise ClipClientError("rank() takes one query text (str)")
+        query, image_emb = await _both(self.embed_texts([text]), self.embed_images(images, progress=progress))
+        return _core.ranking(query[0], image_emb, top)
+
+
+async def _both(first: Any, second: Any) -> tuple[Any, Any]:
+    """Run two coroutines concurrently; if one fails, cancel the other (gather would leave it running)."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        a, b = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return a, b

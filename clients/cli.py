@@ -1,0 +1,303 @@
+"""`clip-triton embed | classify | search`: client commands, registered into the main app by `register(app)`.
+
+Only typer and the standard library at import time: tritonclient and numpy load inside the commands,
+so `clip-triton --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from exporter.common import ClipTritonError
+
+if TYPE_CHECKING:
+    from clients.sync import ClipClient
+
+Url = Annotated[str, typer.Option("--url", envvar="CLIP_TRITON_URL", help="Triton gRPC endpoint HOST:PORT.")]
+Prefix = Annotated[str, typer.Option(help="Model name prefix: the server serves PREFIX_image and PREFIX_text.")]
+Timeout = Annotated[float, typer.Option(help="Seconds per request before giving up.")]
+BatchSize = Annotated[int, typer.Option(help="Items per request (capped by the model's max_batch_size).")]
+Concurrency = Annotated[int, typer.Option(help="Requests in flight at once.")]
+Retries = Annotated[int, typer.Option(help="Retries when the server is unavailable (exponential backoff).")]
+Ssl = Annotated[bool, typer.Option("--ssl", help="Use TLS.")]
+RootCerts = Annotated[Path | None, typer.Option(help="PEM root certificates (with --ssl).")]
+PrivateKey = Annotated[Path | None, typer.Option(help="PEM client private key (with --ssl).")]
+CertChain = Annotated[Path | None, typer.Option(help="PEM client certificate chain (with --ssl).")]
+Header = Annotated[list[str] | None, typer.Option("--header", help="KEY=VALUE gRPC metadata; repeatable.")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")]
+
+
+def _headers(pairs: list[str] | None) -> dict[str, str]:
+    headers = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ClipTritonError(f"--header expects KEY=VALUE, got {pair!r}")
+        headers[key.strip().lower()] = value  # gRPC metadata keys must be lowercase
+    return headers
+
+
+def _client(
+    url: str,
+    prefix: str,
+    timeout: float,
+    batch_size: int,
+    concurrency: int,
+    retries: int,
+    ssl: bool,
+    root_certs: Path | None,
+    private_key: Path | None,
+    cert_chain: Path | None,
+    header: list[str] | None,
+) -> ClipClient:
+    from clients.sync import ClipClient
+
+    return ClipClient(
+        url,
+        prefix=prefix,
+        timeout=timeout,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        retries=retries,
+        ssl=ssl or any(p is not None for p in (root_certs, private_key, cert_chain)),
+        root_certificates=str(root_certs) if root_certs else None,
+        private_key=str(private_key) if private_key else None,
+        certificate_chain=str(cert_chain) if cert_chain else None,
+        headers=_headers(header),
+    )
+
+
+class _StderrProgress:
+    """`[embed] 96/250 items` on stderr, at most once a second plus the last one; nothing for one request."""
+
+    def __init__(self, stage: str, quiet: bool, what: str = "items") -> None:
+        self.stage, self.quiet, self.what = stage, quiet, what
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.quiet or (done == total and self.last == 0.0):
+            return  # finished at once: a progress line would be noise
+        if done == total or now - self.last >= 1.0:
+            self.last = now
+            print(f"[{self.stage}] {done}/{total} {self.what}", file=sys.stderr, flush=True)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def embed(
+    images: Annotated[list[str] | None, typer.Argument(help="Image files to embed.", show_default=False)] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A text to embed; repeatable.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write embeddings to FILE.npy (float32 [N, D]) or FILE.jsonl.")
+    ] = None,
+    url: Url = "127.0.0.1:8001",
+    prefix: Prefix = "clip",
+    timeout: Timeout = 60.0,
+    batch_size: BatchSize = 16,
+    concurrency: Concurrency = 4,
+    retries: Retries = 3,
+    ssl: Ssl = False,
+    root_certs: RootCerts = None,
+    private_key: PrivateKey = None,
+    cert_chain: CertChain = None,
+    header: Header = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Embed images (paths) or texts (--text) through the server; print them, or save .npy / .jsonl."""
+    if bool(images) == bool(text):
+        raise ClipTritonError("give either image files or --text TEXT (one or more), not both and not neither")
+    if out is not None and out.suffix.lower() not in (".npy", ".jsonl"):
+        raise ClipTritonError(f"--out must end in .npy or .jsonl, got {out.name}")
+    if out is not None:
+        from exporter.common import check_writable_parent
+
+        check_writable_parent(out)
+    client = _client(
+        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
+    )
+    with client:
+        info = client.model_info
+        if images:
+            labels = list(images)
+            vectors = client.embed_images(labels, progress=_StderrProgress("embed", quiet, "images"))
+        else:
+            labels = list(text or [])
+            vectors = client.embed_texts(labels, progress=_StderrProgress("embed", quiet, "texts"))
+    kind = "image" if images else "text"
+    if out is not None:
+        _write_embeddings(out, labels, vectors, kind)
+        summary = {
+            "out": str(out),
+            "count": int(vectors.shape[0]),
+            "dim": int(vectors.shape[1]),
+            "kind": kind,
+            "model": info.image.model if images else info.text.model,
+        }
+        typer.echo(
+            json.dumps(summary)
+            if json_out
+            else f"wrote {vectors.shape[0]} x {vectors.shape[1]} {kind} embeddings to {out}"
+        )
+        return
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": info.image.model if images else info.text.model,
+                    "dim": int(vectors.shape[1]),
+                    "items": [
+                        {kind: label, "embedding": [float(v) for v in row]}
+                        for label, row in zip(labels, vectors, strict=True)
+                    ],
+                }
+            )
+        )
+        return
+    rows = [
+        [str(i), label, str(row.shape[0]), " ".join(f"{v:+.4f}" for v in row[:4]) + " ..."]
+        for i, (label, row) in enumerate(zip(labels, vectors, strict=True))
+    ]
+    typer.echo(_table(rows, ["#", kind, "dim", "embedding"]))
+
+
+def _write_embeddings(out: Path, labels: list[str], vectors: Any, kind: str) -> None:
+    import numpy as np
+
+    from exporter.common import staged_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(out) as tmp:
+        if out.suffix.lower() == ".npy":
+            with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to the temp name
+                np.save(handle, vectors.astype(np.float32))
+        else:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for label, row in zip(labels, vectors, strict=True):
+                    handle.write(json.dumps({kind: label, "embedding": [float(v) for v in row]}) + "\n")
+
+
+def classify(
+    images: Annotated[list[str], typer.Argument(help="Image files to classify.", show_default=False)],
+    labels: Annotated[str, typer.Option(help="Comma-separated class names, e.g. cat,dog,car.")],
+    top: Annotated[int, typer.Option(help="Labels shown per image.")] = 3,
+    template: Annotated[
+        list[str] | None, typer.Option("--template", help="Prompt template with {} for the label; repeatable.")
+    ] = None,
+    url: Url = "127.0.0.1:8001",
+    prefix: Prefix = "clip",
+    timeout: Timeout = 60.0,
+    batch_size: BatchSize = 16,
+    concurrency: Concurrency = 4,
+    retries: Retries = 3,
+    ssl: Ssl = False,
+    root_certs: RootCerts = None,
+    private_key: PrivateKey = None,
+    cert_chain: CertChain = None,
+    header: Header = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Zero-shot classification of images against --labels (prompt-ensembled, the model's logit scale)."""
+    from clients._core import DEFAULT_TEMPLATES
+
+    names = [name.strip() for name in labels.split(",") if name.strip()]
+    if not names:
+        raise ClipTritonError("--labels needs at least one name, e.g. --labels cat,dog")
+    if top < 1:
+        raise ClipTritonError(f"--top must be >= 1, got {top}")
+    client = _client(
+        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
+    )
+    with client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probs = client.classify(
+            images, names, template or DEFAULT_TEMPLATES, progress=_StderrProgress("classify", quiet, "images")
+        )
+    for warning in caught:  # the library's warnings, in our one-line format
+        print(f"[classify] WARNING: {warning.message}", file=sys.stderr, flush=True)
+    k = min(top, len(names))
+    results: list[dict[str, Any]] = []
+    for image, row in zip(images, probs, strict=True):
+        order = sorted(range(len(names)), key=lambda j: -float(row[j]))[:k]
+        results.append({"image": image, "top": [{"label": names[j], "prob": float(row[j])} for j in order]})
+    if json_out:
+        typer.echo(json.dumps(results))
+        return
+    rows = []
+    for result in results:
+        for rank, hit in enumerate(result["top"]):
+            rows.append([result["image"] if rank == 0 else "", hit["label"], f"{hit['prob']:.4f}"])
+    typer.echo(_table(rows, ["image", "label", "prob"]))
+
+
+def search(
+    images: Annotated[Path, typer.Option("--images", help="Folder of images (searched recursively).")],
+    query: Annotated[str, typer.Option(help="Text to search for.")],
+    top: Annotated[int, typer.Option(help="Results shown.")] = 5,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write FOLDER/.clip-triton-cache.npz.")
+    ] = False,
+    url: Url = "127.0.0.1:8001",
+    prefix: Prefix = "clip",
+    timeout: Timeout = 60.0,
+    batch_size: BatchSize = 16,
+    concurrency: Concurrency = 4,
+    retries: Retries = 3,
+    ssl: Ssl = False,
+    root_certs: RootCerts = None,
+    private_key: PrivateKey = None,
+    cert_chain: CertChain = None,
+    header: Header = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Rank a folder's images by similarity to --query; embeddings are cached next to the folder."""
+    from clients._core import ranking
+    from clients.search import image_files, index_folder
+
+    if top < 1:
+        raise ClipTritonError(f"--top must be >= 1, got {top}")
+    image_files(images)  # a missing folder fails before connecting
+    client = _client(
+        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
+    )
+    with client:
+        index = index_folder(
+            client, images, use_cache=not no_cache, progress=_StderrProgress("search", quiet, "images")
+        )
+        if not quiet:
+            print(
+                f"[search] {len(index.paths)} images: {index.reused} from the cache, {index.embedded} embedded",
+                file=sys.stderr,
+                flush=True,
+            )
+        query_vec = client.embed_texts([query])[0]
+    hits = ranking(query_vec, index.embeddings, top)
+    results: list[dict[str, Any]] = [
+        {"rank": r + 1, "score": hit.score, "path": str(index.paths[hit.index])} for r, hit in enumerate(hits)
+    ]
+    if json_out:
+        typer.echo(json.dumps({"query": query, "results": results, "cached": index.reused, "embedded": index.embedded}))
+        return
+    typer.echo(_table([[str(h["rank"]), f"{h['score']:.4f}", h["path"]] for h in results], ["rank", "score", "path"]))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the client commands to the main `clip-triton` app."""
+    app.command()(embed)
+    app.command()(classify)
+    app.command()(search)

@@ -1,0 +1,43 @@
+"""The client's exceptions. All derive from ClipTritonError, so the CLI prints them as one line, exit 2."""
+
+from __future__ import annotations
+
+from exporter.common import ClipTritonError
+
+
+class ClipClientError(ClipTritonError):
+    """Base of every error the clients raise."""
+
+
+class ServerUnavailableError(ClipClientError):
+    """The server cannot be reached (down, stopping, refused) after the configured retries."""
+
+
+class ClientTimeoutError(ClipClientError):
+    """A request took longer than the client's timeout."""
+
+
+class ModelNotFoundError(ClipClientError):
+    """The server is up but does not serve the expected `<prefix>_image` / `<prefix>_text` models."""
+
+
+class ServerResponseError(ClipClientError):
+    """The server answered with something the client cannot use (wrong shape, dtype, output name)."""
+
+
+class RequestError(ClipClientError):
+    """The server rejected a request for a reason not tied to one item."""
+
+
+class ItemError(ClipClientError):
+    """One input item failed. `index` is its position in the call's input, `label` its path or a short description."""
+
+    def __init__(self, index: int, label: str, reason: str) -> None:
+        self.index = index
+        self.label = label
+        self.reason = reason
+        super().__init__(f"item {index} ({label}): {reason}")
+
+
+class InvalidItemError(ItemError):
+    """The client could not read or encode the item (missing file, unsupported type or array shape)."""

@@ -1,0 +1,249 @@
+"""ClipClient: the blocking client, on `tritonclient.grpc`, with a thread pool for concurrent requests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import numpy as np
+
+from clients import _core
+from clients._core import (
+    DEFAULT_TEMPLATES,
+    ClientOptions,
+    ModelInfo,
+    ProgressCallback,
+    RankedItem,
+    TowerInfo,
+    resolve_options,
+)
+from clients.errors import ClipClientError, ItemError, ServerUnavailableError
+
+
+class ClipClient:
+    """Embed images and texts with a CLIP model served by Triton (the `<prefix>_image` / `<prefix>_text` ensembles).
+
+    >>> with ClipClient("127.0.0.1:8001") as client:
+    ...     images = client.embed_images(["cat.jpg", "dog.png"])   # float32 [2, D], L2-normalised
+    ...     probs = client.classify(["cat.jpg"], ["cat", "dog"])   # float32 [1, 2]
+
+    All options are keyword-only; see ClientOptions for their meaning and defaults.
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", *, options: ClientOptions | None = None, **kwargs: Any) -> None:
+        self.options = options = resolve_options(url, options, kwargs)
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        try:
+            self._client = grpcclient.InferenceServerClient(**options.grpc_kwargs())
+        except Exception as exc:  # noqa: BLE001 - bad TLS files, malformed url
+            raise ClipClientError(f"cannot create a gRPC client for {options.url}: {exc}") from None
+        self._info: ModelInfo | None = None
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ClipClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- discovery
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """Names, dims, logit scale/bias and identity of the served model (read once from the server)."""
+        if self._info is None:
+            self._info = self._discover()
+        return self._info
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One RPC with the client's timeout and headers; UNAVAILABLE is retried with exponential backoff."""
+        opts = self.options
+        for attempt in range(opts.retries + 1):
+            try:
+                return fn(*args, headers=opts.headers or None, client_timeout=opts.timeout, **kwargs)
+            except self._grpc.InferenceServerException as exc:
+                if _core.is_retryable(exc) and attempt < opts.retries:
+                    time.sleep(opts.retry_delay(attempt))
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _config(self, model: str) -> Any:
+        return self._call(self._client.get_model_config, model, self.options.model_version).config
+
+    def _tower(self, model: str, preferred_input: str) -> tuple[TowerInfo, Any]:
+        version = self.options.model_version
+        try:
+            metadata = self._call(self._client.get_model_metadata, model, version)
+            config = self._config(model)
+        except self._grpc.InferenceServerException as exc:
+            raise _core.discovery_error(exc, self.options, model) from None
+        return _core.tower_info(metadata, config, preferred_input, version), config
+
+    def _discover(self) -> ModelInfo:
+        prefix = self.options.prefix
+        image, image_cfg = self._tower(f"{prefix}_image", "image")
+        text, text_cfg = self._tower(f"{prefix}_text", "text")
+        param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
+        steps: dict[str, dict[str, str]] = {}
+        # The ensembles' steps (preprocess, encoder, ...) may carry the parameters instead; read them too.
+        for cfg in (image_cfg, text_cfg):
+            for step in cfg.ensemble_scheduling.step:
+                if step.model_name in steps:
+                    continue
+                try:
+                    steps[step.model_name] = _core.config_parameters(self._config(step.model_name))
+                except self._grpc.InferenceServerException:
+                    steps[step.model_name] = {}
+        param_sets.extend(steps.values())
+        return _core.model_info(prefix, image, text, param_sets, {"steps": steps})
+
+    # -- embedding
+
+    def _infer(self, tower: TowerInfo, payloads: list[bytes]) -> np.ndarray:
+        batched = tower.max_batch_size > 0
+        array = _core.request_array(payloads, batched)
+        inp = self._grpc.InferInput(tower.input_name, list(array.shape), "BYTES")
+        inp.set_data_from_numpy(array)
+        out = self._grpc.InferRequestedOutput(tower.output_name)
+        result = self._call(self._client.infer, tower.model, [inp], model_version=tower.version, outputs=[out])
+        return _core.parse_embeddings(result.as_numpy(tower.output_name), tower, len(payloads))
+
+    def _blame(self, tower: TowerInfo, index: int, label: str, exc: Exception) -> ClipClientError:
+        """An item-level error, unless the server itself is going away (then say so instead)."""
+        try:
+            ready = self._client.is_model_ready(tower.model, tower.version, client_timeout=5.0)
+        except Exception:  # noqa: BLE001 - any failure here means the server is not answering
+            ready = False
+        if not ready:
+            return ServerUnavailableError(
+                f"server {self.options.url} stopped serving {tower.model} (at item {index}, {label}): "
+                f"{_core.message_of(exc)}"
+            )
+        return ItemError(index, label, f"rejected by {tower.model}: {_core.message_of(exc)}")
+
+    def _run_chunk(
+        self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable
+    ) -> np.ndarray:
+        payloads = [encode(i, items[i]) for i in part]
+        try:
+            return self._infer(tower, payloads)
+        except self._grpc.InferenceServerException as exc:
+            mapped = _core.transport_error(exc, self.options, tower.model)
+            if mapped is not None:
+                raise mapped from None
+            if len(payloads) == 1:
+                raise self._blame(tower, part[0], label(items[part[0]]), exc) from None
+        # The batch was rejected: send its items one by one to find the culprit (or succeed item by item).
+        rows = []
+        for i, payload in zip(part, payloads, strict=True):
+            try:
+                rows.append(self._infer(tower, [payload]))
+            except self._grpc.InferenceServerException as exc:
+                mapped = _core.transport_error(exc, self.options, tower.model)
+                raise (mapped or self._blame(tower, i, label(items[i]), exc)) from None
+        return np.concatenate(rows)
+
+    def _embed(
+        self,
+        tower: TowerInfo,
+        items: Sequence[Any],
+        encode: Callable,
+        label: Callable,
+        progress: ProgressCallback | None,
+    ) -> np.ndarray:
+        total = len(items)
+        if total == 0:
+            return np.zeros((0, max(tower.dim, 0)), dtype=np.float32)
+        parts = _core.chunks(total, _core.effective_batch(self.options, tower))
+        results: list[np.ndarray | None] = [None] * len(parts)
+        done = 0
+        workers = min(self.options.concurrency, len(parts))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-client")
+        pending: dict[Future, int] = {}
+        try:
+            next_part = 0
+            while next_part < len(parts) or pending:
+                # A bounded window: at most `concurrency` requests (and their encoded payloads) at once.
+                while next_part < len(parts) and len(pending) < workers:
+                    future = pool.submit(self._run_chunk, tower, items, parts[next_part], encode, label)
+                    pending[future] = next_part
+                    next_part += 1
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done += _core.collect_finished(finished, pending, results, parts)
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            # On error: drop what has not started; running requests end within the timeout on their own.
+            pool.shutdown(wait=False, cancel_futures=True)
+        return np.concatenate([r for r in results if r is not None]).astype(np.float32, copy=False)
+
+    def embed_images(self, items: Iterable[Any], *, progress: ProgressCallback | None = None) -> np.ndarray:
+        """Embed images: file paths, encoded bytes, PIL images or uint8 HxWx3 arrays (sent as PNG).
+
+        Returns float32 [N, D], L2-normalised, in input order. Raises ItemError naming the failing item.
+        """
+        items = list(items)
+        _check_paths(items)
+        tower = self.model_info.image
+        return self._embed(tower, items, _core.encode_image, _core.item_label, progress)
+
+    def embed_texts(self, texts: Iterable[str], *, progress: ProgressCallback | None = None) -> np.ndarray:
+        """Embed texts (tokenised on the server). Returns float32 [N, D], L2-normalised, in input order."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tower = self.model_info.text
+        return self._embed(tower, texts, _core.encode_text, _core.text_label, progress)
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+        """One embedding per label: the re-normalised mean of its prompt embeddings (prompt ensembling)."""
+        labels, templates = _core.check_labels(labels), _core.check_templates(templates)
+        text = self.embed_texts(_core.prompts(labels, templates))
+        return _core.label_embeddings(text, len(labels), len(templates))
+
+    def classify(
+        self,
+        images: Iterable[Any],
+        labels: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> np.ndarray:
+        """Zero-shot classification: float32 [N_images, N_labels] probabilities.
+
+        softmax(logit_scale * cos) over the labels for CLIP; sigmoid(logit_scale * cos + logit_bias) per label
+        when the server declares a logit_bias (SigLIP).
+        """
+        label_emb = self.label_embeddings(labels, templates)
+        image_emb = self.embed_images(images, progress=progress)
+        info = self.model_info
+        _core.warn_default_scale(info)
+        return _core.probabilities(image_emb, label_emb, info.logit_scale, info.logit_bias)
+
+    def rank(
+        self, text: str, images: Iterable[Any], *, top: int | None = None, progress: ProgressCallback | None = None
+    ) -> list[RankedItem]:
+        """Images ordered by cosine similarity to `text`: [RankedItem(index, score), ...], best first."""
+        if not isinstance(text, str):
+            raise ClipClientError("rank() takes one query text (str)")
+        query = self.embed_texts([text])[0]
+        return _core.ranking(query, self.embed_images(images, progress=progress), top)
+
+
+def _check_paths(items: list[Any]) -> None:
+    """Fail before any request when a path is missing, instead of after minutes of embedding."""
+    import os
+
+    from clients.errors import InvalidItemError
+
+    for index, item in enumerate(items):
+        if isinstance(item, str | os.PathLike) and not os.path.isfile(item):
+            reason = "is a folder, not an image file" if os.path.isdir(item) else "file not found"
+            raise InvalidItemError(index, str(item), reason)

@@ -1,0 +1,272 @@
+"""`clip-triton build` and `clip-triton demo`: every stage in order, called directly.
+
+The CI entry point: export -> fp16 -> engines (when possible) -> repository -> parity; exit code 0 only
+when every stage passed, with the failing stage named otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.common import ClipTritonError, MissingDependencyError, Progress, check_writable_parent
+from exporter.manifest import MANIFEST_NAME, load_manifest
+from exporter.parity import (
+    DEFAULT_SAMPLES,
+    FAIL,
+    MIN_COSINE_FP16,
+    MIN_COSINE_FP32,
+    PASS,
+    SKIP,
+    TritonModels,
+    TritonRunner,
+    cosine_rows,
+    format_table,
+    run_parity,
+)
+
+# ---------------------------------------------------------------------------------------------
+# `clip-triton build`: every stage in order, called directly; the CI entry point
+# ---------------------------------------------------------------------------------------------
+
+BUILD_RUNTIMES = ("auto", "python", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    out: Path
+    pretrained: str | None = None
+    checkpoint: Path | None = None
+    random_weights: bool = False
+    seed: int = 0
+    runtime: str = "auto"  # auto: tensorrt when engines were built, else python
+    precision: str = "fp32"
+    skip_engines: bool = False
+    require_engines: bool = False
+    samples: int = DEFAULT_SAMPLES
+    min_cosine_fp32: float = MIN_COSINE_FP32
+    min_cosine_fp16: float = MIN_COSINE_FP16
+    images: Path | None = None
+    texts: Path | None = None
+    opset: int = 18
+    max_batch: int = 128
+    exporter: str = "torchscript"
+    preprocess: dict[str, Any] | None = None  # open_clip PreprocessCfg overrides
+    tokenizer_file: Path | None = None
+    force: bool = False
+
+
+def _stage_error(stage: str, exc: ClipTritonError) -> ClipTritonError:
+    """The same error class (same exit code) with the failing build stage named first."""
+    error = type(exc)(f"build failed at {stage}: {exc}")
+    return error
+
+
+def _check_build_options(opts: BuildOptions) -> None:
+    if opts.runtime not in BUILD_RUNTIMES:
+        raise ClipTritonError(f"--runtime must be one of {', '.join(BUILD_RUNTIMES)}, got {opts.runtime!r}")
+    if opts.precision not in ("fp32", "fp16"):
+        raise ClipTritonError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
+    if opts.skip_engines and opts.require_engines:
+        raise ClipTritonError("--skip-engines and --require-engines contradict each other")
+    if opts.skip_engines and opts.runtime == "tensorrt":
+        raise ClipTritonError("--runtime tensorrt needs engines: drop --skip-engines")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ClipTritonError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise ClipTritonError(f"{out} already exists and is not empty; pass --force to rebuild it")
+    check_writable_parent(out / "export")
+    if opts.require_engines or opts.runtime == "tensorrt":
+        # Fail before the slow stages when engines are required and cannot be built here.
+        from exporter.engines import require_runtime
+
+        why = "--require-engines" if opts.require_engines else "--runtime tensorrt"
+        try:
+            require_runtime()
+        except MissingDependencyError as exc:
+            raise MissingDependencyError(f"build needs engines ({why}): {exc}") from None
+
+
+def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict[str, Any]:
+    """export -> fp16 -> engines (when possible) -> repository -> parity, into opts.out.
+
+    Writes OUT/export, OUT/repository, OUT/parity.json, OUT/parity.md and OUT/build.json; raises
+    (ParityError exit 1, ClipTritonError exit 2, MissingDependencyError exit 3) naming the stage.
+    """
+    from exporter.loading import load_model
+    from exporter.onnx_export import export_model
+    from exporter.precision import make_fp16
+    from exporter.repository import RepositoryOptions, write_repository
+
+    _check_build_options(opts)
+    out = Path(opts.out)
+    export_dir, repo_dir = out / "export", out / "repository"
+    record: dict[str, Any] = {"model": opts.model, "stages": {}, "out": str(out.resolve())}
+    build = Progress("build", quiet)
+    total = time.perf_counter()
+
+    def timed(stage: str, func: Any) -> Any:
+        build.info(f"== {stage} ==")
+        start = time.perf_counter()
+        try:
+            result = func()
+        except ClipTritonError as exc:
+            record["stages"][stage] = {"status": FAIL, "reason": str(exc).splitlines()[0]}
+            _write_build_record(out, record)
+            raise _stage_error(stage, exc) from None
+        record["stages"].setdefault(stage, {"status": PASS})
+        record["stages"][stage]["seconds"] = round(time.perf_counter() - start, 1)
+        return result
+
+    def export() -> None:
+        progress = Progress("export", quiet)
+        with progress.step(f"loading {opts.model}"):
+            loaded = load_model(
+                opts.model,
+                pretrained=opts.pretrained,
+                checkpoint=opts.checkpoint,
+                random_weights=opts.random_weights,
+                seed=opts.seed,
+                preprocess=opts.preprocess,
+                tokenizer_file=opts.tokenizer_file,
+                progress=progress,
+            )
+        export_model(
+            loaded, export_dir, opset=opts.opset, max_batch=opts.max_batch, exporter=opts.exporter,
+            force=opts.force, progress=progress,
+        )
+
+    def engines() -> bool:
+        from exporter.engines import build_engines
+
+        if opts.skip_engines:
+            record["stages"]["engines"] = {"status": SKIP, "reason": "--skip-engines"}
+            build.info("engines skipped (--skip-engines)")
+            return False
+        try:
+            build_engines(export_dir, progress=Progress("engines", quiet))
+        except MissingDependencyError as exc:
+            if opts.require_engines or opts.runtime == "tensorrt":
+                raise
+            record["stages"]["engines"] = {"status": SKIP, "reason": str(exc)}
+            build.warn(
+                f"no TensorRT engines built: {exc}. The repository uses the python runtime; "
+                "pass --require-engines to make this an error"
+            )
+            return False
+        return True
+
+    timed("export", export)
+    timed("fp16", lambda: make_fp16(export_dir, progress=Progress("fp16", quiet)))
+    built_engines = timed("engines", engines)
+    runtime = opts.runtime if opts.runtime != "auto" else ("tensorrt" if built_engines else "python")
+    record["runtime"], record["precision"] = runtime, opts.precision
+    timed(
+        "repository",
+        lambda: write_repository(
+            export_dir, repo_dir, RepositoryOptions(runtime=runtime, precision=opts.precision),
+            force=opts.force, progress=Progress("repository", quiet),
+        ),
+    )
+    result = timed(
+        "parity",
+        lambda: run_parity(
+            export_dir,
+            repository=repo_dir,
+            samples=opts.samples,
+            min_cosine_fp32=opts.min_cosine_fp32,
+            min_cosine_fp16=opts.min_cosine_fp16,
+            images=opts.images,
+            texts=opts.texts,
+            report=out / "parity.json",
+            markdown=out / "parity.md",
+            progress=Progress("parity", quiet),
+            echo=echo,
+        ),
+    )
+    record["passed"] = True
+    record["seconds"] = round(time.perf_counter() - total, 1)
+    _write_build_record(out, record)
+    return result
+
+
+def _write_build_record(out: Path, record: dict[str, Any]) -> None:
+    record.setdefault("passed", False)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".build.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out / "build.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# `clip-triton demo`: build (or reuse) a random-weights repository, serve it, query it once
+# ---------------------------------------------------------------------------------------------
+
+
+def reusable_build(out: Path, model: str) -> bool:
+    """A previous passing demo build of the same model, with its repository, lies in `out`."""
+    try:
+        manifest = load_manifest(Path(out) / "export")
+        record = json.loads((Path(out) / "build.json").read_text())
+    except Exception:  # noqa: BLE001 - anything unreadable means: build again
+        return False
+    return (
+        manifest.model_name == model
+        and manifest.random_weights
+        and bool(record.get("passed"))
+        and record.get("runtime") == "python"
+        and (Path(out) / "repository" / MANIFEST_NAME).is_file()
+        and (Path(out) / "parity.json").is_file()
+    )
+
+
+def run_demo(model: str, out: Path, quiet: bool = False, rebuild: bool = False, echo: Any = print) -> float:
+    """Returns the cosine similarity of the demo image and caption, as served over gRPC."""
+    from exporter import samples as builtin
+    from exporter.server import TritonServer
+
+    out = Path(out)
+    progress = Progress("demo", quiet)
+    if rebuild or not reusable_build(out, model):
+        run_build(
+            BuildOptions(model=model, out=out, random_weights=True, runtime="python", skip_engines=True,
+                         force=True),
+            quiet=quiet,
+        )
+    else:
+        progress.info(f"reusing the build in {out} (pass --rebuild to build again)")
+    manifest = load_manifest(out / "export")
+    section = manifest.repository or {}
+    models = TritonModels.from_section(section)
+    image = builtin.builtin_images(2)[1]  # shapes on a soft background, 640x480 PNG
+    caption = "a red circle on a blue background"
+    with progress.step(f"starting tritonserver for {out / 'repository'}"):
+        server = TritonServer(out / "repository").start()
+    try:
+        runner = TritonRunner(server.grpc_url, models, "fp32", section.get("runtime"))
+        runner.open()
+        try:
+            with progress.step(f"gRPC {server.grpc_url}: {models.image} <- {image.name}"):
+                image_embedding = runner.infer_raw(models.image, [image.data])[0]
+            with progress.step(f"gRPC {server.grpc_url}: {models.text} <- {caption!r}"):
+                text_embedding = runner.infer_raw(models.text, [caption])[0]
+        finally:
+            runner.close()
+    finally:
+        with progress.step("stopping tritonserver"):
+            server.stop()
+    cosine = float(cosine_rows(image_embedding[None], text_embedding[None])[0])
+    echo(f"image {image.name} ({len(image.data)} bytes) -> embedding [{image_embedding.shape[0]}], "
+         f"norm {np.linalg.norm(image_embedding):.4f}")
+    echo(f"text {caption!r} -> embedding [{text_embedding.shape[0]}], norm {np.linalg.norm(text_embedding):.4f}")
+    echo(f"cosine similarity (image, text): {cosine:.4f}  (random weights: the value means nothing)")
+    echo("")
+    echo(format_table(json.loads((out / "parity.json").read_text())))
+    return cosine

@@ -1,0 +1,106 @@
+"""Small pieces every stage shares: user-facing errors, progress lines, atomic output folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class ClipTritonError(Exception):
+    """A problem the user can fix. The CLI prints it as one line and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class MissingDependencyError(ClipTritonError):
+    """A needed package or device is absent (TensorRT, a GPU): exit code 3."""
+
+    exit_code = 3
+
+
+class ParityError(ClipTritonError):
+    """A stage's outputs drifted from the PyTorch reference beyond its tolerance."""
+
+    exit_code = 1
+
+
+class Progress:
+    """Step lines on stderr (`[export] image tower -> ONNX ... done in 3.1s`); silent when quiet."""
+
+    def __init__(self, stage: str, quiet: bool = False) -> None:
+        self.stage = stage
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{self.stage}] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        # Warnings are shown even when quiet: they are about correctness, not progress.
+        print(f"[{self.stage}] WARNING: {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, message: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self.info(f"{message} ...")
+        yield
+        self.info(f"{message}: done in {time.perf_counter() - start:.1f}s")
+
+
+def check_writable_parent(dest: Path) -> None:
+    parent = dest.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ClipTritonError(f"cannot write to {dest}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ClipTritonError(f"cannot write to {dest}: {parent} is not writable")
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; move it into place only if the block succeeds.
+
+    A failure (or Ctrl-C) leaves `dest` exactly as it was: never a half-written output.
+    """
+    dest = Path(dest)
+    if dest.exists() and not force:
+        if not dest.is_dir() or any(dest.iterdir()):
+            raise ClipTritonError(f"{dest} already exists; pass --force to replace it")
+    check_writable_parent(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; it replaces `dest` only if the block succeeds."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)

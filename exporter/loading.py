@@ -1,0 +1,339 @@
+"""Load an open_clip model, its preprocessing config and its tokenizer.
+
+Three sources, exactly one per call: a pretrained tag (open_clip's own download), a local
+checkpoint file, or explicit random weights (seeded, so a later stage can rebuild the very
+same model from the manifest).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from exporter.common import ClipTritonError, Progress
+from exporter.manifest import Manifest, PreprocessConfig, TokenizerConfig, sha256_file
+
+DEFAULT_SEED = 0
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # open_clip CLIP / CustomTextCLIP, eval mode, FP32, CPU
+    name: str
+    pretrained: str | None
+    checkpoint: dict[str, Any] | None
+    seed: int | None
+    preprocess: PreprocessConfig
+    tokenizer_cfg: TokenizerConfig
+    tokenizer: Any | None  # an open_clip tokenizer callable, or None when it needs the network
+    embed_dim: int
+    logit_scale: float
+    logit_bias: float | None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.seed is not None
+
+
+def _import_open_clip() -> Any:
+    # Heavy (torch, timm): imported only when a stage needs a model.
+    import open_clip
+
+    return open_clip
+
+
+def check_model_name(name: str) -> None:
+    open_clip = _import_open_clip()
+    models = open_clip.list_models()
+    if name in models:
+        return
+    close = difflib.get_close_matches(name, models, n=5, cutoff=0.5)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ClipTritonError(f"unknown open_clip model {name!r}{hint} (see open_clip.list_models())")
+
+
+def parse_floats(text: str | None, what: str) -> list[float] | None:
+    """'0.5,0.5,0.5' or '0.5' -> three floats (per channel)."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ClipTritonError(f"{what} must be numbers separated by commas, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ClipTritonError(f"{what} needs 1 or 3 values, got {len(values)}")
+    if what.endswith("std") and any(v <= 0 for v in values):
+        raise ClipTritonError(f"{what} values must be positive, got {text!r}")
+    return values
+
+
+def preprocess_overrides(
+    mean: str | None = None,
+    std: str | None = None,
+    interpolation: str | None = None,
+    resize_mode: str | None = None,
+) -> dict[str, Any]:
+    """CLI options (mirroring open_clip's `--image-*` arguments) -> a PreprocessCfg overlay."""
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ClipTritonError(f"--image-interpolation must be one of {', '.join(INTERPOLATIONS)}")
+    if resize_mode is not None and resize_mode not in RESIZE_MODES:
+        raise ClipTritonError(f"--image-resize-mode must be one of {', '.join(RESIZE_MODES)}")
+    overlay = {
+        "mean": parse_floats(mean, "--image-mean"),
+        "std": parse_floats(std, "--image-std"),
+        "interpolation": interpolation,
+        "resize_mode": resize_mode,
+    }
+    return {k: v for k, v in overlay.items() if v is not None}
+
+
+PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+def tag_preprocess(name: str, tag: str) -> dict[str, Any]:
+    """The preprocessing a pretrained tag declares (open_clip's pretrained cfg), without its weights."""
+    check_model_name(name)
+    _check_tag(name, tag)
+    cfg = _import_open_clip().get_pretrained_cfg(name, tag)
+    return {k: cfg[k] for k in PREPROCESS_KEYS if cfg.get(k) is not None}
+
+
+def _tags_preprocess_hint(name: str, current: PreprocessConfig) -> str | None:
+    """A tag of this architecture whose preprocessing differs from what a tag-less model carries."""
+    for tag in _import_open_clip().list_pretrained_tags_by_model(name):
+        wanted = tag_preprocess(name, tag)
+        if any(_same_form(wanted[k]) != _same_form(getattr(current, k)) for k in wanted if k != "size"):
+            return tag
+    return None
+
+
+def _same_form(value: Any) -> Any:
+    return [round(float(v), 6) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _preprocess_config(model: Any, overrides: dict[str, Any]) -> PreprocessConfig:
+    open_clip = _import_open_clip()
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    cfg.update(overrides)
+    size = cfg["size"]
+    size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+    return PreprocessConfig(
+        size=size,
+        mode=str(cfg.get("mode", "RGB")),
+        mean=[float(v) for v in cfg["mean"]],
+        std=[float(v) for v in cfg["std"]],
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        resize_mode=str(cfg.get("resize_mode", "shortest")),
+        fill_color=int(cfg.get("fill_color", 0)),
+    )
+
+
+def _tokenizer(
+    name: str, model: Any, tokenizer_file: Path | None, progress: Progress
+) -> tuple[TokenizerConfig, Any | None]:
+    """The model's open_clip tokenizer and its description (kind, context length, specials)."""
+    open_clip = _import_open_clip()
+    text_cfg = open_clip.get_model_config(name).get("text_cfg", {})
+    context_length = int(getattr(model, "context_length", 0) or text_cfg.get("context_length", 77))
+    vocab_size = int(getattr(model, "vocab_size", 0) or text_cfg.get("vocab_size", 49408))
+    hf_name = text_cfg.get("hf_tokenizer_name") or None
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    if hf_name is None and "siglip" not in name.lower():
+        tok = open_clip.get_tokenizer(name)
+        cfg = TokenizerConfig(
+            kind="clip",
+            context_length=context_length,
+            vocab_size=vocab_size,
+            clean=kwargs.get("clean", "lower"),
+            pad_id=0,
+            sot_id=int(tok.sot_token_id),
+            eot_id=int(tok.eot_token_id),
+        )
+        return cfg, tok
+    cfg = TokenizerConfig(
+        kind="hf",
+        context_length=context_length,
+        vocab_size=vocab_size,
+        hf_name=hf_name,
+        clean=kwargs.get("clean", "whitespace"),
+        strip_sep_token=bool(kwargs.get("strip_sep_token", False)),
+        # The model's own ids (MetaCLIP2/mT5: pad 0, eos 1): an "eos"-pooled tower looks for eos_id,
+        # so synthetic ids without a tokenizer must contain it to exercise the real pooling path.
+        pad_id=int(text_cfg.get("pad_id", 0)),
+        eot_id=int(text_cfg["eos_id"]) if text_cfg.get("pool_type") == "eos" and "eos_id" in text_cfg else None,
+    )
+    if tokenizer_file is not None:
+        from exporter.tokenization import FileTokenizer
+
+        tok = FileTokenizer(Path(tokenizer_file), cfg)
+        cfg.hf_file = Path(tokenizer_file).name
+        return cfg, tok
+    try:
+        tok = open_clip.get_tokenizer(name)
+    except Exception as exc:  # noqa: BLE001 - any hub/network failure means: not available here
+        progress.warn(
+            f"the {hf_name or 'SigLIP'} tokenizer could not be loaded ({type(exc).__name__}); "
+            "export uses synthetic token ids; pass --tokenizer-file tokenizer.json to serve text"
+        )
+        return cfg, None
+    return cfg, tok
+
+
+def _check_tag(name: str, tag: str) -> None:
+    open_clip = _import_open_clip()
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        known = ", ".join(tags) if tags else "none"
+        raise ClipTritonError(f"{name} has no pretrained tag {tag!r} (known tags: {known})")
+
+
+def _load_checkpoint(model: Any, name: str, path: Path) -> None:
+    open_clip = _import_open_clip()
+    if not path.is_file():
+        raise ClipTritonError(f"checkpoint {path} does not exist")
+    try:
+        incompatible = open_clip.load_checkpoint(model, str(path), strict=False)
+    except Exception as exc:  # noqa: BLE001 - unpickling, shape mismatch, corrupt file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClipTritonError(f"checkpoint {path} does not fit {name}: {first}") from None
+    missing = list(getattr(incompatible, "missing_keys", []) or [])
+    unexpected = list(getattr(incompatible, "unexpected_keys", []) or [])
+    if missing or unexpected:
+
+        def _few(keys: list[str]) -> str:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
+            return ", ".join(keys[:5]) + more
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(unexpected)}")
+        raise ClipTritonError(f"checkpoint {path} does not match {name}: {'; '.join(parts)}")
+
+
+def load_model(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    checkpoint: Path | None = None,
+    random_weights: bool = False,
+    seed: int = DEFAULT_SEED,
+    preprocess: dict[str, Any] | None = None,
+    tokenizer_file: Path | None = None,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    progress = progress or Progress("load", quiet=True)
+    sources = [s for s in (pretrained, checkpoint, random_weights or None) if s is not None]
+    if len(sources) != 1:
+        raise ClipTritonError("give exactly one of --pretrained TAG, --checkpoint FILE, --random-weights")
+    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
+        raise ClipTritonError(f"tokenizer file {tokenizer_file} does not exist")
+    check_model_name(name)
+    open_clip = _import_open_clip()
+    import torch
+
+    # The legacy exporter cannot trace the fused MultiheadAttention fast path; the math is equal.
+    torch.backends.mha.set_fastpath_enabled(False)
+    checkpoint_record = None
+    used_seed: int | None = None
+    if pretrained is not None:
+        _check_tag(name, pretrained)
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
+        except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+            raise ClipTritonError(
+                f"could not fetch pretrained weights {name}/{pretrained} "
+                f"({type(exc).__name__}; offline?): download them where there is network and "
+                "pass --checkpoint FILE"
+            ) from None
+    else:
+        if random_weights:
+            progress.warn(
+                f"{name} uses RANDOM weights (seed {seed}): embeddings are meaningless; "
+                "use --pretrained or --checkpoint for a real model"
+            )
+            used_seed = seed
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None)
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint)
+            _load_checkpoint(model, name, checkpoint)
+            checkpoint_record = {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
+    model = model.float().eval()
+    if "mobileclip" in name.lower():
+        # MobileCLIP's reparameterisable blocks must be fused before export (timm's helper).
+        from timm.utils import reparameterize_model
+
+        model = reparameterize_model(model)
+    preprocess_cfg = _preprocess_config(model, preprocess or {})
+    if pretrained is None and not preprocess:
+        # A checkpoint or random model only carries open_clip's defaults; SigLIP was trained otherwise.
+        tag = _tags_preprocess_hint(name, preprocess_cfg)
+        if tag is not None:
+            progress.warn(
+                f"{name}'s pretrained tag {tag!r} preprocesses differently from the defaults used here; "
+                f"pass --preprocess-from {tag} (or --image-*) if your weights were trained that way"
+            )
+    tok_cfg, tokenizer = _tokenizer(name, model, tokenizer_file, progress)
+    logit_bias = getattr(model, "logit_bias", None)
+    with torch.no_grad():
+        embed_dim = _embed_dim(model, name)
+    return LoadedModel(
+        model=model,
+        name=name,
+        pretrained=pretrained,
+        checkpoint=checkpoint_record,
+        seed=used_seed,
+        preprocess=preprocess_cfg,
+        tokenizer_cfg=tok_cfg,
+        tokenizer=tokenizer,
+        embed_dim=embed_dim,
+        logit_scale=float(model.logit_scale.exp().item()),
+        logit_bias=float(logit_bias.item()) if logit_bias is not None else None,
+    )
+
+
+def _embed_dim(model: Any, name: str) -> int:
+    open_clip = _import_open_clip()
+    return int(open_clip.get_model_config(name)["embed_dim"])
+
+
+def load_reference(
+    manifest: Manifest, progress: Progress | None = None, export_dir: Path | None = None
+) -> LoadedModel:
+    """Rebuild the exact PyTorch model a manifest was exported from (tag, checkpoint or seed).
+
+    With `export_dir`, a Hugging Face tokenizer file the export copied there is loaded too.
+    """
+    checkpoint = None
+    if manifest.checkpoint is not None:
+        checkpoint = Path(manifest.checkpoint["path"])
+        if not checkpoint.is_file():
+            raise ClipTritonError(f"the manifest's checkpoint {checkpoint} is gone; parity needs it")
+        if sha256_file(checkpoint) != manifest.checkpoint["sha256"]:
+            raise ClipTritonError(f"checkpoint {checkpoint} changed since export (sha256 differs)")
+    loaded = load_model(
+        manifest.model_name,
+        pretrained=manifest.pretrained,
+        checkpoint=checkpoint,
+        random_weights=manifest.random_weights,
+        seed=manifest.seed if manifest.seed is not None else DEFAULT_SEED,
+        preprocess=asdict(manifest.preprocess),
+        tokenizer_file=_exported_tokenizer_file(manifest, export_dir),
+        progress=progress or Progress("reference", quiet=True),
+    )
+    return loaded
+
+
+def _exported_tokenizer_file(manifest: Manifest, export_dir: Path | None) -> Path | None:
+    name = manifest.tokenizer.hf_file
+    if export_dir is None or not name or not (Path(export_dir) / name).is_file():
+        return None
+    return Path(export_dir) / name

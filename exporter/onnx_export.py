@@ -1,0 +1,369 @@
+"""The export stage: image and text towers -> two ONNX graphs (dynamic batch) + manifest.json.
+
+Each graph ends in the L2 normalisation, so every runtime serves unit-length embeddings.
+Token ids are INT32: open_clip pools the text tower with `argmax` over the ids, ONNX Runtime
+has no int64 ArgMax kernel (onnxruntime#10068) and TensorRT before 10 had no int64 inputs;
+int32 holds every vocabulary we know (< 2**31).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.common import ClipTritonError, ParityError, Progress, staged_dir
+from exporter.loading import LoadedModel
+from exporter.manifest import (
+    IMAGE_ONNX,
+    TEXT_ONNX,
+    Manifest,
+    TensorSpec,
+    TowerSpec,
+    file_record,
+)
+from exporter.parity import compare_embeddings
+
+DEFAULT_OPSET = 18
+EXPORT_MIN_COSINE = 0.99999
+# Protobuf's hard limit is 2 GiB; stay under it with room for the graph itself.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixel_values", "input_ids", "embedding"
+TOKEN_DTYPE = "int32"
+
+# Captions of very different lengths in one batch: a dropped mask or wrong pooling shows here.
+SAMPLE_CAPTIONS = [
+    "a photo of a cat",
+    "",
+    "A very long caption " + "that keeps going and going " * 12 + "until it is truncated.",
+    "un chien qui court sur la plage à Zürich ☀️",
+    "a diagram",
+    "two dogs playing in the snow next to a red wooden house",
+    "!!!",
+    "x",
+]
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def tower_modules(loaded: LoadedModel) -> dict[str, Any]:
+    """The two exportable wrappers: inputs -> L2-normalised embeddings."""
+    torch = _torch()
+    functional = torch.nn.functional
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: Any) -> Any:
+            return functional.normalize(self.model.encode_image(pixel_values), dim=-1)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any) -> Any:
+            return functional.normalize(self.model.encode_text(input_ids), dim=-1)
+
+    return {"image": ImageEncoder(loaded.model).eval(), "text": TextEncoder(loaded.model).eval()}
+
+
+def sample_pixels(loaded: LoadedModel, batch: int, seed: int = 0) -> np.ndarray:
+    """Normalised pixel tensors in the range real images produce (not unit Gaussians)."""
+    h, w = loaded.preprocess.size
+    rng = np.random.default_rng(seed)
+    raw = rng.random((batch, 3, h, w), dtype=np.float32)
+    # Smooth a little, like natural images, then normalise exactly as preprocessing does.
+    raw = (raw + np.roll(raw, 1, axis=2) + np.roll(raw, 1, axis=3)) / 3.0
+    mean = np.asarray(loaded.preprocess.mean, np.float32)[None, :, None, None]
+    std = np.asarray(loaded.preprocess.std, np.float32)[None, :, None, None]
+    return ((raw - mean) / std).astype(np.float32)
+
+
+def sample_token_ids(loaded: LoadedModel, batch: int, seed: int = 0) -> np.ndarray:
+    """Real token ids of captions of different lengths, or synthetic ones without a tokenizer."""
+    captions = [SAMPLE_CAPTIONS[i % len(SAMPLE_CAPTIONS)] for i in range(batch)]
+    cfg = loaded.tokenizer_cfg
+    if loaded.tokenizer is not None:
+        ids = np.asarray(loaded.tokenizer(captions))
+    else:
+        rng = np.random.default_rng(seed)
+        ids = np.full((batch, cfg.context_length), cfg.pad_id, dtype=np.int64)
+        lengths = [max(1, min(cfg.context_length, 2 + len(c.split()))) for c in captions]
+        for row, length in enumerate(lengths):
+            ids[row, :length] = rng.integers(2, cfg.vocab_size - 2, size=length)
+            if cfg.eot_id is not None:  # eos-pooled towers pool where eos is (MetaCLIP2)
+                ids[row, length - 1] = cfg.eot_id
+    return ids.astype(TOKEN_DTYPE)
+
+
+def sample_inputs(loaded: LoadedModel, tower: str, batch: int) -> np.ndarray:
+    return sample_pixels(loaded, batch) if tower == "image" else sample_token_ids(loaded, batch)
+
+
+def torch_embed(module: Any, inputs: np.ndarray) -> np.ndarray:
+    torch = _torch()
+    with torch.no_grad():
+        return module(torch.from_numpy(inputs)).float().numpy()
+
+
+def ort_session(path: Path, providers: list[str] | None = None, optimize: bool = True) -> Any:
+    """An ONNX Runtime session; `optimize=False` for FP16 graphs (ORT 1.32's CPU optimiser crashes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # Pass providers explicitly: onnxruntime-gpu may have replaced the CPU package.
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def ort_embed(session: Any, inputs: np.ndarray) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return np.asarray(session.run(None, {name: inputs})[0], dtype=np.float32)
+
+
+def _export_graph(
+    module: Any,
+    example: np.ndarray,
+    path: Path,
+    input_name: str,
+    opset: int,
+    exporter: str,
+) -> str:
+    """torch.onnx.export one tower to `path`; returns the exporter that succeeded.
+
+    Each tower is exported into a scratch folder of its own: a large graph's exporter writes many
+    weight files, and they must never be confused with the other tower's.
+    """
+    torch = _torch()
+    example_t = torch.from_numpy(example)
+    dynamic_axes = {input_name: {0: "batch"}, OUTPUT: {0: "batch"}}
+    scratch = path.parent / f".{path.stem}-raw"
+    raw = scratch / path.name
+    tried = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    errors = []
+    for kind in tried:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            # Tracer/indexing warnings are expected for these graphs and drown the progress lines;
+            # correctness is checked afterwards by ONNX Runtime vs PyTorch, not by these warnings.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+                if kind == "dynamo":
+                    torch.onnx.export(
+                        module,
+                        (example_t,),
+                        str(raw),
+                        input_names=[input_name],
+                        output_names=[OUTPUT],
+                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                        opset_version=opset,
+                        dynamo=True,
+                        external_data=True,
+                    )
+                else:
+                    torch.onnx.export(
+                        module,
+                        (example_t,),
+                        str(raw),
+                        input_names=[input_name],
+                        output_names=[OUTPUT],
+                        dynamic_axes=dynamic_axes,
+                        opset_version=opset,
+                        do_constant_folding=True,
+                        dynamo=False,
+                    )
+            _place_graph(raw, path)
+            _check_graph(path, input_name)
+            return kind
+        except Exception as exc:  # noqa: BLE001 - fall through to the next exporter
+            errors.append(f"{kind}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+            for stale in path.parent.glob(path.name + "*"):
+                stale.unlink()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    raise ClipTritonError(f"could not export {path.name}: " + " | ".join(errors))
+
+
+def _check_graph(path: Path, input_name: str) -> None:
+    import onnx
+
+    # Full check (shape inference included); by path, so graphs with external data work.
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != [input_name] or outputs != [OUTPUT]:
+        raise ValueError(f"unexpected graph interface: inputs {inputs}, outputs {outputs}")
+    if len(set(n for node in model.graph.node for n in node.output if n)) != sum(
+        1 for node in model.graph.node for n in node.output if n
+    ):
+        raise ValueError("graph has duplicate output names")
+
+
+def _place_graph(raw: Path, path: Path) -> None:
+    """Move an exported graph into place: one file below 2 GB, else one `<name>.data` sidecar."""
+    import onnx
+
+    written = [f for f in raw.parent.iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in written)
+    if written == [raw] and size <= EXTERNAL_DATA_BYTES:
+        raw.replace(path)  # the common case: already a single self-contained file
+        return
+    model = onnx.load(str(raw), load_external_data=True)
+    save_onnx(model, path, external_data=size > EXTERNAL_DATA_BYTES)
+
+
+def save_onnx(model: Any, path: Path, external_data: bool) -> None:
+    """Save a graph; with external data, all weights go to one `<name>.data` sidecar beside it."""
+    import onnx
+
+    if not external_data:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def verify_tower(
+    module: Any,
+    path: Path,
+    loaded: LoadedModel,
+    tower: str,
+    batches: tuple[int, ...] = (1, 8),
+) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch at each batch size; the worst figures across them."""
+    session = ort_session(path)
+    results = {}
+    for batch in batches:
+        inputs = sample_inputs(loaded, tower, batch)
+        results[f"batch_{batch}"] = compare_embeddings(torch_embed(module, inputs), ort_embed(session, inputs))
+    worst = min(results.values(), key=lambda r: r["min_cosine"])
+    return {
+        "min_cosine": worst["min_cosine"],
+        "mean_cosine": min(r["mean_cosine"] for r in results.values()),
+        "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
+        "batches": results,
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import open_clip
+    import torch
+
+    import exporter
+
+    return {
+        "clip_triton": exporter.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def export_model(
+    loaded: LoadedModel,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    max_batch: int = 128,
+    exporter: str = "torchscript",
+    min_cosine: float = EXPORT_MIN_COSINE,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export both towers into `out` (atomically), verify them, and write the manifest."""
+    progress = progress or Progress("export", quiet=True)
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ClipTritonError("--exporter must be auto, dynamo or torchscript")
+    if max_batch < 1:
+        raise ClipTritonError("--max-batch must be at least 1")
+    modules = tower_modules(loaded)
+    files = {"image": IMAGE_ONNX, "text": TEXT_ONNX}
+    inputs = {"image": IMAGE_INPUT, "text": TEXT_INPUT}
+    h, w = loaded.preprocess.size
+    shapes = {"image": [-1, 3, h, w], "text": [-1, loaded.tokenizer_cfg.context_length]}
+    dtypes = {"image": "float32", "text": TOKEN_DTYPE}
+    used: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    parity: dict[str, Any] = {}
+    with staged_dir(out, force=force) as tmp:
+        for tower in ("image", "text"):
+            path = tmp / files[tower]
+            start = time.perf_counter()
+            with progress.step(f"{tower} tower -> {files[tower]}"):
+                # Batch 2: a batch of 1 lets the tracer specialise the batch axis.
+                example = sample_inputs(loaded, tower, 2)
+                used[tower] = _export_graph(modules[tower], example, path, inputs[tower], opset, exporter)
+            timings[tower] = round(time.perf_counter() - start, 2)
+            with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch 1 and 8)"):
+                parity[tower] = verify_tower(modules[tower], path, loaded, tower)
+            progress.info(f"{tower} tower: min cosine {parity[tower]['min_cosine']:.7f}")
+            if parity[tower]["min_cosine"] < min_cosine:
+                raise ParityError(
+                    f"export parity failed: {tower} tower min cosine "
+                    f"{parity[tower]['min_cosine']:.6f} < {min_cosine} (ONNX Runtime vs PyTorch)"
+                )
+        manifest = Manifest(
+            model_name=loaded.name,
+            pretrained=loaded.pretrained,
+            checkpoint=loaded.checkpoint,
+            random_weights=loaded.random_weights,
+            seed=loaded.seed,
+            embed_dim=loaded.embed_dim,
+            logit_scale=loaded.logit_scale,
+            logit_bias=loaded.logit_bias,
+            image_size=[h, w],
+            preprocess=loaded.preprocess,
+            tokenizer=loaded.tokenizer_cfg,
+            image=TowerSpec(
+                file=IMAGE_ONNX,
+                input=TensorSpec(IMAGE_INPUT, dtypes["image"], shapes["image"]),
+                output=TensorSpec(OUTPUT, "float32", [-1, loaded.embed_dim]),
+            ),
+            text=TowerSpec(
+                file=TEXT_ONNX,
+                input=TensorSpec(TEXT_INPUT, dtypes["text"], shapes["text"]),
+                output=TensorSpec(OUTPUT, "float32", [-1, loaded.embed_dim]),
+            ),
+            opset=opset,
+            max_batch=max_batch,
+            exporter=used["image"] if used["image"] == used["text"] else f"image:{used['image']},text:{used['text']}",
+            versions=versions(),
+            export_parity={"threshold": min_cosine, "seconds": timings, **parity},
+        )
+        manifest.files = {
+            p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.name.startswith(("image_", "text_"))
+        }
+        if loaded.tokenizer_cfg.hf_file and loaded.tokenizer is not None:
+            src = Path(getattr(loaded.tokenizer, "path", ""))
+            if src.is_file():
+                (tmp / loaded.tokenizer_cfg.hf_file).write_bytes(src.read_bytes())
+        manifest.save(tmp)
+    return manifest

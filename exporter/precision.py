@@ -1,0 +1,545 @@
+"""The fp16 stage: FP32 ONNX graphs -> FP16 graphs with an explicit keep-in-FP32 policy.
+
+Precision is decided here, in the graph, so it is testable on CPU with ONNX Runtime and
+TensorRT builds the same graph strongly typed (TensorRT 11 has no other FP16 path).
+
+The conversion itself is onnxruntime's maintained `convert_float_to_float16`; this module adds
+what it lacks for CLIP towers:
+- the policy as data (`Fp16Policy`): op types kept in FP32 (LayerNorm in both its fused and its
+  decomposed ReduceMean/Pow/Sqrt/Div form, Softmax, the final L2 normalisation), and a range
+  check: tensors whose calibrated magnitude would come near FP16's 65504 keep their producer
+  and consumers in FP32;
+- consecutive FP32 nodes stay FP32 (the converter casts every blocked node's output back to
+  FP16, so `Pow(x, 2) -> ReduceMean` would still overflow in between); the FP32 output keeps the
+  exact unit norm of the FP32 normalisation;
+- a topological sort (the converter appends its Casts at the end of the node list), an
+  `onnx.checker` full check, and parity against PyTorch FP32 before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.common import ClipTritonError, ParityError, Progress
+from exporter.manifest import (
+    IMAGE_FP16_ONNX,
+    TEXT_FP16_ONNX,
+    TOWERS,
+    Manifest,
+    file_record,
+    load_manifest,
+)
+from exporter.onnx_export import EXTERNAL_DATA_BYTES, save_onnx
+from exporter.parity import compare_embeddings
+
+FP16_MIN_COSINE = 0.999
+FP16_MAX = 65504.0
+FP16_FILES = {"image": IMAGE_FP16_ONNX, "text": TEXT_FP16_ONNX}
+PARITY_BATCHES = (1, 8)
+CALIBRATION_BATCH = 4
+RANGE_CHUNK = 256  # intermediate tensors fetched per calibration run (bounds its memory)
+CALIBRATION_SEED = 1  # not the parity samples' seed: the range check must not be tuned to them
+
+# Op types computed in FP32 by default, and why.
+DEFAULT_KEEP_FP32: dict[str, str] = {
+    "LayerNormalization": "LayerNorm (opset 17+): its variance squares pre-norm activations",
+    "ReduceMean": "decomposed LayerNorm: mean and variance",
+    "Pow": "decomposed LayerNorm variance (x^2); tanh-GELU's x^3 overflows past |x| ~ 40",
+    "Sqrt": "decomposed LayerNorm std; attention scale",
+    "Div": "decomposed LayerNorm normalisation; the final L2 normalisation",
+    "Reciprocal": "decomposed LayerNorm (some exporters use 1/std)",
+    "Softmax": "attention probabilities (sum of exponentials)",
+    "ReduceL2": "final L2 normalisation",
+    "ReduceSumSquare": "final L2 normalisation (other exporters)",
+    "Clip": "final L2 normalisation's epsilon (1e-12 is zero in FP16)",
+}
+
+
+@dataclass
+class Fp16Policy:
+    """Which parts of the graph stay FP32. Recorded verbatim in the manifest's `fp16` section."""
+
+    keep_fp32_ops: list[str] = field(default_factory=lambda: sorted(DEFAULT_KEEP_FP32))
+    # Nodes from the final ReduceL2/Div back to the projection output stay FP32: exact unit norm.
+    keep_final_normalisation: bool = True
+    # Calibrated |max| above this keeps a tensor's producer and consumers in FP32. A quarter of
+    # FP16's range: the calibration samples do not show every input's worst case.
+    overflow_threshold: float | None = FP16_MAX / 4
+    keep_io_types: bool = True  # FP32 inputs and outputs: clients and configs do not change
+
+    @classmethod
+    def default(cls, extra_ops: list[str] | None = None) -> Fp16Policy:
+        policy = cls()
+        policy.keep_fp32_ops = sorted(set(policy.keep_fp32_ops) | set(extra_ops or []))
+        return policy
+
+    @classmethod
+    def none(cls, extra_ops: list[str] | None = None) -> Fp16Policy:
+        """No protection at all (only the op types given): the demonstration of what breaks."""
+        return cls(
+            keep_fp32_ops=sorted(set(extra_ops or [])),
+            keep_final_normalisation=False,
+            overflow_threshold=None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reasons"] = {op: DEFAULT_KEEP_FP32.get(op, "added by the user") for op in self.keep_fp32_ops}
+        return data
+
+
+def parse_op_list(text: str | None) -> list[str]:
+    """'Erf,Gelu' -> ['Erf', 'Gelu'], checked against ONNX's operator names."""
+    if not text:
+        return []
+    import onnx.defs
+
+    ops = [op.strip() for op in text.split(",") if op.strip()]
+    known = {schema.name for schema in onnx.defs.get_all_schemas()}
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        import difflib
+
+        hints = [f"{op} (did you mean {', '.join(difflib.get_close_matches(op, known, n=2))}?)" for op in unknown]
+        raise ClipTritonError(f"--keep-fp32: not ONNX op types: {'; '.join(hints)}")
+    return ops
+
+
+# ---------------------------------------------------------------- graph helpers
+
+
+def _name_nodes(graph: Any) -> None:
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_clip_triton_{index}"
+        seen.add(node.name)
+
+
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                users[name].append(node)
+    return users
+
+
+def _producers(graph: Any) -> dict[str, Any]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def final_normalisation_nodes(graph: Any) -> set[str]:
+    """Names of the nodes on every path from the final division's numerator to its output.
+
+    `F.normalize(x)` exports as Div(x, Expand(Clip(ReduceL2(x)))): keeping these FP32 (with x
+    cast up once) gives an exactly unit-length FP32 output.
+    """
+    producers = _producers(graph)
+    names: set[str] = set()
+    for output in graph.output:
+        last = producers.get(output.name)
+        while last is not None and last.op_type in ("Identity", "Cast"):
+            last = producers.get(last.input[0])
+        if last is None or last.op_type not in ("Div", "Mul") or not last.input:
+            continue
+        source = last.input[0]
+        # Ancestors of the division that descend from its numerator.
+        stack, ancestors = [last], set()
+        while stack:
+            node = stack.pop()
+            if node.name in ancestors:
+                continue
+            ancestors.add(node.name)
+            stack.extend(producers[i] for i in node.input if i in producers and i != source)
+        users = _consumers(graph)
+        descend, queue = set(), deque(users.get(source, []))
+        while queue:
+            node = queue.popleft()
+            if node.name in descend:
+                continue
+            descend.add(node.name)
+            for out in node.output:
+                queue.extend(users.get(out, []))
+        names |= (ancestors & descend) | {last.name}
+    return names
+
+
+def _float_value_infos(model: Any) -> list[Any]:
+    from onnx import TensorProto
+
+    outputs = {o.name for o in model.graph.output}
+    return [
+        vi
+        for vi in model.graph.value_info
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in outputs
+    ]
+
+
+def tensor_ranges(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Max |value| of every float intermediate tensor of an FP32 graph on `feeds` (ONNX Runtime CPU)."""
+    import onnx
+
+    from exporter.onnx_export import ort_session
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = _float_value_infos(inferred)
+    inferred.graph.output.extend(infos)
+    # Beside the source graph, so a large graph's relative external-data paths still resolve.
+    fd, tmp_name = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=model_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        onnx.save_model(inferred, str(tmp))
+        del inferred, model
+        session = ort_session(tmp, optimize=False)
+        names = [o.name for o in session.get_outputs()]
+        ranges: dict[str, float] = {}
+        # A few hundred tensors per run: fetching every intermediate of a ViT-H at once needed more
+        # than 24 GiB (OOM-killed); each run recomputes the graph but holds only its own chunk.
+        for start in range(0, len(names), RANGE_CHUNK):
+            chunk = names[start : start + RANGE_CHUNK]
+            for name, value in zip(chunk, session.run(chunk, feeds), strict=True):
+                value = np.asarray(value)
+                if value.dtype.kind == "f" and value.size:
+                    finite = value[np.isfinite(value)]
+                    ranges[name] = float(np.abs(finite).max()) if finite.size else 0.0
+        return ranges
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def overflow_nodes(graph: Any, ranges: dict[str, float], threshold: float) -> tuple[set[str], list[str]]:
+    """Nodes that produce or read a tensor (or an initializer) beyond `threshold`."""
+    from onnx import numpy_helper
+
+    producers, users = _producers(graph), _consumers(graph)
+    big = {name for name, peak in ranges.items() if peak > threshold}
+    for init in graph.initializer:
+        if init.data_type == 1 and init.name in users:  # FLOAT
+            values = numpy_helper.to_array(init)
+            if values.size and float(np.abs(values).max()) > FP16_MAX:
+                big.add(init.name)
+    nodes: set[str] = set()
+    for name in big:
+        if name in producers:
+            nodes.add(producers[name].name)
+        nodes.update(node.name for node in users.get(name, []))
+    return nodes, sorted(big)
+
+
+def _fold_cast_pairs(graph: Any, fp32_tensors: set[str]) -> int:
+    """Cast(fp32->fp16) then Cast(fp16->fp32): read the FP32 tensor directly (lossless, no overflow)."""
+    from onnx import TensorProto, helper
+
+    producers = _producers(graph)
+    outputs = {o.name for o in graph.output}
+    replace: dict[str, str] = {}
+    identities = []
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != TensorProto.FLOAT:
+            continue
+        first = producers.get(node.input[0])
+        if first is None or first.op_type != "Cast" or _cast_to(first) != TensorProto.FLOAT16:
+            continue
+        if first.input[0] not in fp32_tensors:
+            continue
+        if node.output[0] in outputs:
+            identities.append((node, first.input[0]))
+        else:
+            replace[node.output[0]] = first.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    for node, source in identities:
+        node.CopyFrom(helper.make_node("Identity", [source], [node.output[0]], name=node.name))
+    _remove_dead_nodes(graph)
+    return len(replace) + len(identities)
+
+
+def _cast_to(node: Any) -> int:
+    return next((attr.i for attr in node.attribute if attr.name == "to"), -1)
+
+
+def _remove_dead_nodes(graph: Any) -> None:
+    """Drop nodes no graph output depends on (walks producers, so node order does not matter)."""
+    nodes = list(graph.node)
+    producer_index = {out: index for index, node in enumerate(nodes) for out in node.output if out}
+    live: set[int] = set()
+    stack = [producer_index[o.name] for o in graph.output if o.name in producer_index]
+    while stack:
+        index = stack.pop()
+        if index in live:
+            continue
+        live.add(index)
+        stack.extend(producer_index[i] for i in nodes[index].input if i in producer_index)
+    keep = [node for index, node in enumerate(nodes) if index in live]
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for node in graph.node for i in node.input}
+    inits = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _topological_sort(graph: Any) -> None:
+    """The converter appends its Casts last; ONNX requires producers before consumers."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    waiting: dict[str, list[int]] = defaultdict(list)
+    missing = []
+    for index, node in enumerate(pending):
+        need = {i for i in node.input if i not in available}
+        missing.append(need)
+        for name in need:
+            waiting[name].append(index)
+    ready = deque(i for i, need in enumerate(missing) if not need)
+    while ready:
+        index = ready.popleft()
+        node = pending[index]
+        ordered.append(node)
+        for out in node.output:
+            for other in waiting.pop(out, []):
+                missing[other].discard(out)
+                if not missing[other]:
+                    ready.append(other)
+    if len(ordered) != len(pending):
+        raise ClipTritonError("FP16 conversion produced a graph with a cycle or a dangling input")
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _weight_bytes(model: Any) -> int:
+    return sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
+
+
+def convert_graph(
+    src: Path,
+    dest: Path,
+    policy: Fp16Policy,
+    feeds: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """FP32 graph at `src` -> FP16 graph at `dest` under `policy`; returns what was kept in FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))  # relative external data resolves against src's folder
+    if _weight_bytes(model) < EXTERNAL_DATA_BYTES:
+        model = onnx.shape_inference.infer_shapes(model)
+    else:
+        # infer_shapes serialises the model (2 GiB limit); large graphs go through a file.
+        fd, inferred_name = tempfile.mkstemp(prefix=".infer-", suffix=".onnx", dir=src.parent)
+        os.close(fd)
+        try:
+            onnx.shape_inference.infer_shapes_path(str(src), inferred_name)
+            model = onnx.load(inferred_name)
+        finally:
+            Path(inferred_name).unlink(missing_ok=True)
+    _name_nodes(model.graph)
+    keep_nodes: set[str] = set()
+    if policy.keep_final_normalisation:
+        keep_nodes |= final_normalisation_nodes(model.graph)
+    overflow: list[str] = []
+    overflow_kept: set[str] = set()
+    ranges: dict[str, float] = {}
+    if feeds is not None:
+        ranges = tensor_ranges(src, feeds)
+    if policy.overflow_threshold is not None and ranges:
+        overflow_kept, overflow = overflow_nodes(model.graph, ranges, policy.overflow_threshold)
+        keep_nodes |= overflow_kept
+    blocked_ops = set(policy.keep_fp32_ops)
+    # Tensors the FP16 graph computes in FP16 although their FP32 values exceed FP16's range: they
+    # become inf on a GPU (TensorRT). ONNX Runtime's CPU provider hides this (it runs ops without
+    # FP16 kernels in FP32), so the range check, not CPU parity alone, decides.
+    in_fp16 = [
+        node
+        for node in model.graph.node
+        if node.op_type not in blocked_ops and node.name not in keep_nodes and node.op_type != "Cast"
+    ]
+    range_violations = sorted(out for node in in_fp16 for out in node.output if ranges.get(out, 0.0) > FP16_MAX)
+    # A fused LayerNormalization left in FP16 squares its input inside the kernel (the variance):
+    # no graph tensor shows it, so judge the square. We cannot see the kernel's accumulator type,
+    # and TensorRT's own overflow warnings for FP16 LayerNorm say to assume the worst.
+    range_violations += sorted(
+        f"{node.input[0]}^2 (inside {node.name})"
+        for node in in_fp16
+        if node.op_type == "LayerNormalization" and ranges.get(node.input[0], 0.0) ** 2 > FP16_MAX
+    )
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=policy.keep_io_types,
+        disable_shape_infer=True,
+        op_block_list=sorted(blocked_ops),
+        node_block_list=sorted(keep_nodes),
+    )
+    graph = converted.graph
+    fp32_nodes = [n for n in graph.node if n.op_type in blocked_ops or n.name in keep_nodes]
+    fp32_tensors = {out for n in fp32_nodes for out in n.output}
+    fp32_tensors |= {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    folded = _fold_cast_pairs(graph, fp32_tensors)
+    _topological_sort(graph)
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise ClipTritonError(f"FP16 graph {dest.name} uses non-standard ops TensorRT lacks: {foreign}")
+
+    large = _weight_bytes(converted) >= EXTERNAL_DATA_BYTES
+    save_onnx(converted, dest, external_data=large)
+    # By path: works with external data; full_check runs strict shape/type inference.
+    onnx.checker.check_model(str(dest), full_check=True)
+    ops = [n.op_type for n in graph.node]
+    return {
+        "nodes": len(ops),
+        "nodes_fp32_by_policy": len(fp32_nodes),
+        "kept_fp32_ops": sorted({n.op_type for n in fp32_nodes}),
+        "overflow_tensors": overflow[:50],
+        "overflow_tensor_count": len(overflow),
+        "overflow_nodes": len(overflow_kept),
+        "fp16_range_violations": range_violations[:50],
+        "fp16_range_violation_count": len(range_violations),
+        "peak_abs_activation": max(ranges.values(), default=0.0),
+        "casts": ops.count("Cast"),
+        "folded_cast_pairs": folded,
+        "external_data": large,
+    }
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _zero_shot_agreement(ref: dict[str, np.ndarray], fp16: dict[str, np.ndarray]) -> float:
+    """Share of images whose best-matching caption (top-1) is the same in FP16 as in FP32."""
+    top_ref = np.argmax(ref["image"] @ ref["text"].T, axis=1)
+    top_fp16 = np.argmax(fp16["image"] @ fp16["text"].T, axis=1)
+    return float(np.mean(top_ref == top_fp16))
+
+
+def make_fp16(
+    export_dir: Path,
+    *,
+    policy: Fp16Policy | None = None,
+    min_cosine: float = FP16_MIN_COSINE,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Convert both towers, check parity vs PyTorch FP32, then (only then) write files + manifest."""
+    from exporter.loading import load_reference
+    from exporter.onnx_export import ort_embed, ort_session, sample_inputs, torch_embed, tower_modules
+
+    progress = progress or Progress("fp16", quiet=True)
+    policy = policy or Fp16Policy.default()
+    check_range = True  # always: the range check is the one CPU-side signal of GPU FP16 overflow
+    export_dir = Path(export_dir)
+    if not 0.0 < min_cosine <= 1.0:
+        raise ClipTritonError(f"--min-cosine must be in (0, 1], got {min_cosine}")
+    manifest = load_manifest(export_dir)
+    for tower in TOWERS:
+        if not (export_dir / manifest.tower(tower).file).exists():
+            raise ClipTritonError(f"{export_dir / manifest.tower(tower).file} is missing; re-run export")
+    if not os.access(export_dir, os.W_OK):
+        raise ClipTritonError(f"cannot write to {export_dir}: not writable")
+
+    with progress.step(f"rebuilding the PyTorch reference {manifest.model_name}"):
+        loaded = load_reference(manifest, export_dir=export_dir)
+        modules = tower_modules(loaded)
+    stage = Path(tempfile.mkdtemp(prefix=".fp16.tmp-", dir=export_dir))
+    try:
+        towers: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        ref_out: dict[str, np.ndarray] = {}
+        fp16_out: dict[str, np.ndarray] = {}
+        for tower in TOWERS:
+            spec = manifest.tower(tower)
+            src = export_dir / spec.file
+            dest = stage / FP16_FILES[tower]
+            start = time.perf_counter()
+            with progress.step(f"{tower} tower: {spec.file} -> {dest.name}"):
+                feeds = None
+                if check_range:
+                    calib = sample_inputs(loaded, tower, CALIBRATION_BATCH)
+                    if tower == "image":
+                        calib = calib * np.float32(1.5)  # a little beyond the samples' range
+                    feeds = {spec.input.name: calib.astype(spec.input.dtype)}
+                info = convert_graph(src, dest, policy, feeds)
+            seconds[f"{tower}_convert"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
+            with progress.step(f"{tower} tower: ONNX Runtime FP16 (CPU, optimiser off) vs PyTorch FP32"):
+                session = ort_session(dest, optimize=False)
+                results = {}
+                for batch in PARITY_BATCHES:
+                    inputs = sample_inputs(loaded, tower, batch)
+                    ref, out = torch_embed(modules[tower], inputs), ort_embed(session, inputs)
+                    results[f"batch_{batch}"] = compare_embeddings(ref, out)
+                    results[f"batch_{batch}"]["finite"] = bool(np.isfinite(out).all())
+                    ref_out[tower], fp16_out[tower] = ref, out
+                del session
+            seconds[f"{tower}_parity"] = round(time.perf_counter() - start, 2)
+            worst = min(results.values(), key=lambda r: r["min_cosine"])
+            towers[tower] = {
+                "min_cosine": worst["min_cosine"],
+                "mean_cosine": min(r["mean_cosine"] for r in results.values()),
+                "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
+                "finite": all(r["finite"] for r in results.values()),
+                "batches": results,
+                "graph": info,
+            }
+            progress.info(
+                f"{tower} tower: min cosine {worst['min_cosine']:.7f} "
+                f"({info['nodes_fp32_by_policy']} of {info['nodes']} nodes FP32 by policy, "
+                f"{info['overflow_tensor_count']} tensors beyond the FP16 range threshold, "
+                f"{info['fp16_range_violation_count']} FP16 tensors overflowing)"
+            )
+        bad = [t for t in TOWERS if towers[t]["min_cosine"] < min_cosine]
+        if bad:
+            detail = ", ".join(f"{t} tower min cosine {towers[t]['min_cosine']:.6f}" for t in bad)
+            raise ParityError(
+                f"FP16 parity failed: {detail} < {min_cosine} (ONNX Runtime FP16 vs PyTorch FP32); "
+                "no FP16 files written; keep more ops in FP32 with --keep-fp32 OP,..."
+            )
+        over = {t: towers[t]["graph"]["fp16_range_violations"] for t in TOWERS}
+        if any(over.values()):
+            detail = ", ".join(
+                f"{t} tower {towers[t]['graph']['fp16_range_violation_count']} (e.g. {names[0]})"
+                for t, names in over.items()
+                if names
+            )
+            raise ParityError(
+                f"FP16 range check failed: tensors computed in FP16 exceed {FP16_MAX:.0f} on the calibration "
+                f"inputs: {detail}; they become inf on a GPU (ONNX Runtime CPU hides it); no FP16 files "
+                "written; keep their ops in FP32 with --keep-fp32 OP,..."
+            )
+        agreement = _zero_shot_agreement(ref_out, fp16_out)
+        import onnxruntime
+
+        # All checks passed: move the files in (data sidecars first, each an atomic rename).
+        files = sorted(stage.iterdir(), key=lambda p: p.suffix == ".onnx")
+        for item in files:
+            os.replace(item, export_dir / item.name)
+        for tower in TOWERS:  # a sidecar from an earlier (larger) conversion would be stale
+            stale = export_dir / (FP16_FILES[tower] + ".data")
+            if stale.exists() and stale.name not in {f.name for f in files}:
+                stale.unlink()
+        manifest.fp16 = {
+            "converter": f"onnxruntime.transformers.float16 (onnxruntime {onnxruntime.__version__})",
+            "policy": policy.to_dict(),
+            "threshold": min_cosine,
+            "compared_with": "PyTorch FP32; ONNX Runtime CPU, graph optimisation disabled",
+            "zero_shot_top1_agreement": agreement,
+            "seconds": seconds,
+            "files": {item.name: file_record(export_dir / item.name) for item in files},
+            **towers,
+        }
+        manifest.save(export_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest

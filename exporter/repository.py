@@ -1,0 +1,502 @@
+"""The repository stage: an export folder -> a complete, deployable Triton model repository.
+
+Every config.pbtxt is built as Triton's own `ModelConfig` protobuf and written with
+text_format, so a misspelt field cannot be written. Python-backend sources live once in
+`model_repository/` and are copied in. The repository is written to a temporary folder and
+moved into place (staged_dir): never half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from exporter.common import ClipTritonError, Progress, staged_dir
+from exporter.manifest import (
+    IMAGE_FP16_ONNX,
+    IMAGE_PLAN,
+    MANIFEST_NAME,
+    TEXT_FP16_ONNX,
+    TEXT_PLAN,
+    Manifest,
+    load_manifest,
+)
+
+SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+RUNTIMES = ("tensorrt", "onnxruntime", "python")
+PRECISIONS = ("fp32", "fp16")
+DEVICES = ("gpu", "cpu")
+DEFAULT_QUEUE_DELAY_US = 2000
+DEFAULT_MAX_PIXELS = 64_000_000
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+# NVIDIA's Triton container releases and the TensorRT each ships (NVIDIA's support matrix).
+TRITON_RELEASE_FOR_TRT = {
+    "10.3": "24.08",
+    "10.4": "24.09",
+    "10.5": "24.10",
+    "10.6": "24.11",
+    "10.7": "24.12",
+    "10.8": "25.02",
+    "10.9": "25.03",
+}
+
+NP_TO_TRITON = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "bool": "TYPE_BOOL",
+    "object": "TYPE_STRING",
+}
+
+
+def _pb() -> Any:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+@dataclass
+class RepositoryOptions:
+    runtime: str = "tensorrt"
+    precision: str = "fp32"
+    prefix: str = "clip"
+    max_batch: int | None = None  # default: the manifest's max_batch (capped by the engine profile)
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    instances: int = 1
+    device: str | None = None  # default: gpu for tensorrt/onnxruntime, cpu for python
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def model_names(prefix: str) -> dict[str, str]:
+    return {
+        "image_preprocess": f"{prefix}_image_preprocess",
+        "image_encoder": f"{prefix}_image_encoder",
+        "image": f"{prefix}_image",
+        "text_tokenize": f"{prefix}_text_tokenize",
+        "text_encoder": f"{prefix}_text_encoder",
+        "text": f"{prefix}_text",
+    }
+
+
+def _triton_type(dtype: str) -> str:
+    if dtype not in NP_TO_TRITON:
+        raise ClipTritonError(f"the manifest records dtype {dtype!r}, which this stage cannot map to Triton")
+    return NP_TO_TRITON[dtype]
+
+
+def engine_max_batch(manifest: Manifest) -> int | None:
+    """The largest batch the engines' optimisation profile accepts (manifest.engines.profile.max)."""
+    profile = (manifest.engines or {}).get("profile") or {}
+    top = profile.get("max")
+    return int(top) if isinstance(top, int) else None
+
+
+def _check_options(opts: RepositoryOptions) -> str:
+    if opts.runtime not in RUNTIMES:
+        raise ClipTritonError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {opts.runtime!r}")
+    if opts.precision not in PRECISIONS:
+        raise ClipTritonError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
+    device = opts.device or ("cpu" if opts.runtime == "python" else "gpu")
+    if device not in DEVICES:
+        raise ClipTritonError(f"--device must be gpu or cpu, got {device!r}")
+    if opts.runtime == "tensorrt" and device == "cpu":
+        raise ClipTritonError("--runtime tensorrt needs --device gpu (TensorRT engines run only on a GPU)")
+    if opts.runtime == "python" and device == "gpu":
+        raise ClipTritonError("--runtime python runs ONNX Runtime on CPU: use --device cpu (or --runtime onnxruntime)")
+    if not opts.prefix or not all(c.isalnum() or c in "_-" for c in opts.prefix):
+        raise ClipTritonError(f"--prefix must be letters, digits, '_' or '-', got {opts.prefix!r}")
+    if opts.max_batch is not None and opts.max_batch < 1:
+        raise ClipTritonError("--max-batch must be at least 1")
+    if opts.queue_delay_us < 0:
+        raise ClipTritonError("--queue-delay-us must be >= 0")
+    if opts.instances < 1:
+        raise ClipTritonError("--instances must be at least 1")
+    return device
+
+
+def _max_batch(manifest: Manifest, opts: RepositoryOptions) -> int:
+    wanted = opts.max_batch if opts.max_batch is not None else manifest.max_batch
+    if opts.runtime != "tensorrt":
+        return int(wanted)
+    limit = engine_max_batch(manifest)
+    if limit is None:
+        raise ClipTritonError(
+            "the manifest records no engine profile max batch (manifest.engines); rebuild the engines "
+            "with `clip-triton engines`"
+        )
+    if opts.max_batch is not None and opts.max_batch > limit:
+        raise ClipTritonError(
+            f"--max-batch {opts.max_batch} exceeds the engines' profile max batch {limit}; "
+            "Triton would refuse to load the model (rebuild the engines with a larger --max-batch)"
+        )
+    return min(int(wanted), limit)
+
+
+def _encoder_files(export_dir: Path, manifest: Manifest, opts: RepositoryOptions) -> dict[str, Path]:
+    if opts.runtime == "tensorrt":
+        files = {"image": export_dir / IMAGE_PLAN, "text": export_dir / TEXT_PLAN}
+        missing = [p.name for p in files.values() if not p.is_file()]
+        if missing:
+            raise ClipTritonError(
+                f"{export_dir} has no {', '.join(missing)}: run `clip-triton engines` on the target GPU "
+                "first, or pick --runtime onnxruntime or --runtime python"
+            )
+        return files
+    if opts.precision == "fp16":
+        files = {"image": export_dir / IMAGE_FP16_ONNX, "text": export_dir / TEXT_FP16_ONNX}
+        hint = "run `clip-triton fp16` first, or use --precision fp32"
+    else:
+        files = {"image": export_dir / manifest.image.file, "text": export_dir / manifest.text.file}
+        hint = "the export folder is incomplete; re-run `clip-triton export`"
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        raise ClipTritonError(f"{export_dir} has no {', '.join(missing)}: {hint}")
+    return files
+
+
+def _external_data(path: Path) -> list[Path]:
+    """Sidecar files an ONNX graph refers to (external weights), read without loading them."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return [path.parent / loc for loc in sorted(locations)]
+
+
+def _place_onnx(src: Path, version_dir: Path) -> None:
+    """1/model.onnx: the graph itself, or a folder holding the graph and its external data."""
+    sidecars = _external_data(src)
+    if not sidecars:
+        shutil.copy2(src, version_dir / "model.onnx")
+        return
+    folder = version_dir / "model.onnx"
+    folder.mkdir()
+    shutil.copy2(src, folder / "model.onnx")
+    for sidecar in sidecars:
+        if not sidecar.is_file():
+            raise ClipTritonError(f"{src.name} refers to external data {sidecar.name}, which is missing")
+        shutil.copy2(sidecar, folder / sidecar.name)
+
+
+def _tensor(pb: Any, name: str, dtype: str, dims: list[int]) -> dict[str, Any]:
+    return {"name": name, "data_type": pb.DataType.Value(dtype), "dims": dims}
+
+
+def _base_config(pb: Any, name: str, max_batch: int, opts: RepositoryOptions, kind: str | None) -> Any:
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch)
+    config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
+    if kind is not None:
+        config.instance_group.add(count=opts.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    return config
+
+
+def _set_params(config: Any, params: dict[str, str]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+
+
+def _model_parameters(manifest: Manifest) -> dict[str, str]:
+    params = {
+        "model_name": manifest.model_name,
+        "embed_dim": str(manifest.embed_dim),
+        "logit_scale": repr(manifest.logit_scale),
+        "image_encoder_sha256": manifest.files.get(manifest.image.file, {}).get("sha256", ""),
+        "text_encoder_sha256": manifest.files.get(manifest.text.file, {}).get("sha256", ""),
+    }
+    if manifest.logit_bias is not None:
+        params["logit_bias"] = repr(manifest.logit_bias)
+    return params
+
+
+def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str) -> dict[str, Any]:
+    """The six ModelConfig protobufs, keyed by role (see model_names)."""
+    pb = _pb()
+    names = model_names(opts.prefix)
+    encoder_kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
+    h, w = manifest.preprocess.size
+    dim = manifest.embed_dim
+    img_in, txt_in = manifest.image.input, manifest.text.input
+    img_out, txt_out = manifest.image.output, manifest.text.output
+    img_dims = list(img_in.shape[1:])
+    txt_dims = list(txt_in.shape[1:])
+    configs: dict[str, Any] = {}
+
+    # Python steps: CPU work (PIL, BPE) whatever --device says; scale them with --instances.
+    pre = _base_config(pb, names["image_preprocess"], max_batch, opts, "KIND_CPU")
+    pre.backend = "python"
+    pre.input.add(**_tensor(pb, "image", "TYPE_STRING", [1]))
+    pre.output.add(**_tensor(pb, img_in.name, _triton_type(img_in.dtype), img_dims))
+    _set_params(
+        pre,
+        {
+            "preprocess": json.dumps(asdict(manifest.preprocess)),
+            "output_name": img_in.name,
+            "max_pixels": str(opts.max_pixels),
+        },
+    )
+    configs["image_preprocess"] = pre
+
+    tok = _base_config(pb, names["text_tokenize"], max_batch, opts, "KIND_CPU")
+    tok.backend = "python"
+    tok.input.add(**_tensor(pb, "text", "TYPE_STRING", [1]))
+    tok.output.add(**_tensor(pb, txt_in.name, _triton_type(txt_in.dtype), txt_dims))
+    _set_params(
+        tok,
+        {
+            "tokenizer": json.dumps(asdict(manifest.tokenizer)),
+            "output_name": txt_in.name,
+            "output_dtype": txt_in.dtype,
+        },
+    )
+    configs["text_tokenize"] = tok
+
+    for tower, spec_in, spec_out, dims in (
+        ("image", img_in, img_out, img_dims),
+        ("text", txt_in, txt_out, txt_dims),
+    ):
+        enc = _base_config(pb, names[f"{tower}_encoder"], max_batch, opts, encoder_kind)
+        if opts.runtime == "tensorrt":
+            enc.platform = "tensorrt_plan"
+            enc.default_model_filename = "model.plan"
+        elif opts.runtime == "onnxruntime":
+            enc.backend = "onnxruntime"
+            enc.platform = "onnxruntime_onnx"
+            enc.default_model_filename = "model.onnx"
+        else:
+            enc.backend = "python"
+            _set_params(enc, {"optimize": "false" if opts.precision == "fp16" else "true"})
+        enc.input.add(**_tensor(pb, spec_in.name, _triton_type(spec_in.dtype), dims))
+        enc.output.add(**_tensor(pb, spec_out.name, _triton_type(spec_out.dtype), [dim]))
+        configs[f"{tower}_encoder"] = enc
+
+    for tower, first, public_in, mid in (
+        ("image", "image_preprocess", "image", img_in),
+        ("text", "text_tokenize", "text", txt_in),
+    ):
+        # Ensembles carry no instance_group (Triton rejects one; server#4341) and no batching of
+        # their own: the steps batch.
+        ens = pb.ModelConfig(name=names[tower], platform="ensemble", max_batch_size=max_batch)
+        ens.input.add(**_tensor(pb, public_in, "TYPE_STRING", [1]))
+        ens.output.add(**_tensor(pb, "embedding", "TYPE_FP32", [dim]))
+        step1 = ens.ensemble_scheduling.step.add(model_name=names[first], model_version=-1)
+        step1.input_map[public_in] = public_in
+        step1.output_map[mid.name] = mid.name
+        spec_out = manifest.tower(tower).output
+        step2 = ens.ensemble_scheduling.step.add(model_name=names[f"{tower}_encoder"], model_version=-1)
+        step2.input_map[mid.name] = mid.name
+        step2.output_map[spec_out.name] = "embedding"
+        # What clients need for zero-shot scores, readable from the server alone (no manifest).
+        _set_params(ens, _model_parameters(manifest))
+        configs[tower] = ens
+    return configs
+
+
+def config_text(config: Any) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> Any:
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _pb().ModelConfig())
+
+
+def _copy_sources(dest: Path, model_file: str, commons: list[str]) -> None:
+    if not (SOURCES / model_file).is_file():
+        raise ClipTritonError(f"python model source {SOURCES / model_file} is missing (broken install?)")
+    shutil.copy2(SOURCES / model_file, dest / "model.py")
+    for name in commons:
+        shutil.copy2(SOURCES / "common" / name, dest / name)
+
+
+def _triton_release(manifest: Manifest) -> tuple[str | None, str]:
+    engines = manifest.engines or {}
+    trt = engines.get("tensorrt") or manifest.versions.get("tensorrt")
+    if not isinstance(trt, str):
+        return None, "<YY.MM>"
+    major_minor = ".".join(trt.split(".")[:2])
+    return trt, TRITON_RELEASE_FOR_TRT.get(major_minor, "<YY.MM>")
+
+
+def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str, dest: Path) -> str:
+    names = model_names(opts.prefix)
+    trt, release = _triton_release(manifest)
+    weights = (
+        f"pretrained tag `{manifest.pretrained}`"
+        if manifest.pretrained
+        else f"checkpoint sha256 `{manifest.checkpoint['sha256'][:16]}…`"
+        if manifest.checkpoint
+        else f"RANDOM weights (seed {manifest.seed}): embeddings are meaningless"
+    )
+    parity_lines = []
+    for tower in ("image", "text"):
+        rec = manifest.export_parity.get(tower) or {}
+        if "min_cosine" in rec:
+            parity_lines.append(
+                f"- export, {tower} tower, ONNX Runtime FP32 vs PyTorch: min cosine {rec['min_cosine']:.7f}"
+            )
+    for section in ("fp16", "engines", "parity"):
+        data = getattr(manifest, section) or {}
+        for tower in ("image", "text"):
+            rec = data.get(tower) if isinstance(data.get(tower), dict) else None
+            if rec and "min_cosine" in rec:
+                parity_lines.append(f"- {section}, {tower}: min cosine {rec['min_cosine']:.7f}")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest.versions.items()))
+    release_note = (
+        f"TensorRT {trt} was recorded for the engines; run the Triton release that ships it "
+        f"(`{release}`; see NVIDIA's frameworks support matrix), or the plans will not deserialize."
+        if trt
+        else "Pick the Triton release whose TensorRT / ONNX Runtime matches your build (NVIDIA's support matrix)."
+    )
+    emb = f"`embedding` FP32 [{manifest.embed_dim}], L2-normalised"
+    ids = f"{manifest.text.input.dtype.upper()} [{manifest.tokenizer.context_length}]"
+    rows = [
+        "| model | input | output |",
+        "|---|---|---|",
+        f"| `{names['image']}` (ensemble) | `image` TYPE_STRING [1]: encoded JPEG/PNG/WebP/BMP/GIF bytes | {emb} |",
+        f"| `{names['text']}` (ensemble) | `text` TYPE_STRING [1]: UTF-8 | {emb} |",
+        f"| `{names['image_preprocess']}` (python) | `image` | `{manifest.image.input.name}` FP32 [3,H,W] |",
+        f"| `{names['text_tokenize']}` (python) | `text` | `{manifest.text.input.name}` {ids} |",
+        f"| `{names['image_encoder']}`, `{names['text_encoder']}` ({opts.runtime}) | ids / pixels | `embedding` |",
+    ]
+    table = "\n".join(rows)
+    pip = "ftfy regex tokenizers pillow" + (" onnxruntime" if opts.runtime == "python" else "")
+    return f"""# Triton model repository: {manifest.model_name}
+
+Written by `clip-triton repository` on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.
+
+- model: `{manifest.model_name}`, {weights}
+- runtime: `{opts.runtime}`, precision: `{opts.precision}`, device: `{device}`, max batch size: {max_batch},
+  dynamic batching queue delay: {opts.queue_delay_us} µs, instances per step: {opts.instances}
+- image: {manifest.preprocess.size[0]}x{manifest.preprocess.size[1]}, resize `{manifest.preprocess.resize_mode}`,
+  `{manifest.preprocess.interpolation}`, mean {manifest.preprocess.mean}, std {manifest.preprocess.std}
+- tokenizer: `{manifest.tokenizer.kind}`, context length {manifest.tokenizer.context_length}
+- versions: {versions}
+- `manifest.json` (copied here) is the full record.
+
+## Models (the public API is the two ensembles)
+{table}
+
+Token ids are **INT32**, not INT64: open_clip pools the text tower with ArgMax over the ids, ONNX
+Runtime has no int64 ArgMax kernel and TensorRT before 10 took no int64 inputs. Images larger than
+{opts.max_pixels / 1e6:g} megapixels are refused (parameter `max_pixels` of the preprocess model).
+The python steps (preprocess, tokenize) run on CPU instances whatever the device.
+
+## Parity (from the manifest)
+{chr(10).join(parity_lines) or '- none recorded yet: run `clip-triton parity`'}
+
+## Serve it
+Locally, no Docker, no GPU (the tritonserver shipped in nvidia-pytriton; python runtime or
+onnxruntime runtime on CPU):
+
+    clip-triton serve --repository {dest}
+
+On a GPU host, NVIDIA's Triton container. {release_note}
+
+    docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
+      -v "$PWD/{dest.name}":/models nvcr.io/nvidia/tritonserver:{release}-py3 \\
+      bash -c "pip install {pip} && tritonserver --model-repository=/models"
+
+The python models need `{pip}` in the container (numpy < 2 for the python backend's BYTES tensors).
+"""
+
+
+def write_repository(
+    export_dir: Path,
+    out: Path,
+    opts: RepositoryOptions | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write the repository for `export_dir` into `out` (atomically); returns `out`."""
+    opts = opts or RepositoryOptions()
+    progress = progress or Progress("repository", quiet=True)
+    export_dir = Path(export_dir)
+    out = Path(out)
+    manifest = load_manifest(export_dir)
+    device = _check_options(opts)
+    if manifest.tokenizer.kind not in ("clip", "hf"):
+        raise ClipTritonError(f"tokenizer kind {manifest.tokenizer.kind!r} cannot be served by the tokenize model")
+    if manifest.tokenizer.kind == "hf" and not (
+        manifest.tokenizer.hf_file and (export_dir / manifest.tokenizer.hf_file).is_file()
+    ):
+        raise ClipTritonError(
+            "this model's Hugging Face tokenizer file is not in the export folder; re-export with "
+            "--tokenizer-file tokenizer.json"
+        )
+    if export_dir.resolve() == out.resolve() or export_dir.resolve() in out.resolve().parents:
+        raise ClipTritonError("--out must not be the export folder or inside it")
+    files = _encoder_files(export_dir, manifest, opts)
+    max_batch = _max_batch(manifest, opts)
+    configs = build_configs(manifest, opts, max_batch, device)
+    names = model_names(opts.prefix)
+    with staged_dir(out, force=force) as tmp:
+        with progress.step(f"writing {len(configs)} models ({opts.runtime}, {opts.precision}) to {out}"):
+            for role, config in configs.items():
+                model_dir = tmp / names[role]
+                version = model_dir / "1"
+                version.mkdir(parents=True)
+                text = config_text(config)
+                parse_config(text)  # round trip: what we write is what Triton will read
+                (model_dir / "config.pbtxt").write_text(text)
+                if role == "image_preprocess":
+                    _copy_sources(version, "image_preprocess/model.py", ["clip_preprocess.py"])
+                elif role == "text_tokenize":
+                    _copy_sources(version, "text_tokenize/model.py", ["clip_tokenizer.py", BPE_FILE])
+                    if manifest.tokenizer.kind == "hf":
+                        hf = manifest.tokenizer.hf_file or ""
+                        shutil.copy2(export_dir / hf, version / hf)
+                elif role.endswith("_encoder"):
+                    src = files[role.split("_")[0]]
+                    if opts.runtime == "tensorrt":
+                        shutil.copy2(src, version / "model.plan")
+                    else:
+                        _place_onnx(src, version)
+                        if opts.runtime == "python":
+                            _copy_sources(version, "onnx_encoder/model.py", [])
+        record = {
+            "runtime": opts.runtime,
+            "precision": opts.precision,
+            "prefix": opts.prefix,
+            "path": str(out.resolve()),
+            "device": device,
+            "max_batch_size": max_batch,
+            "queue_delay_us": opts.queue_delay_us,
+            "instances": opts.instances,
+            "max_pixels": opts.max_pixels,
+            "models": names,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest.repository = record
+        manifest.save(tmp)
+        (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out))
+    # Record in the export's manifest only once the repository is in place.
+    exported = load_manifest(export_dir)
+    exported.repository = record
+    exported.save(export_dir)
+    progress.info(f"repository {out}: {', '.join(sorted(names.values()))}")
+    return out
+
+
+def repository_models(repo: Path) -> list[str]:
+    """Model folders of a repository (those with a config.pbtxt)."""
+    return sorted(p.name for p in Path(repo).iterdir() if (p / "config.pbtxt").is_file())
+
+
+def repository_manifest(repo: Path) -> Manifest | None:
+    path = Path(repo) / MANIFEST_NAME
+    return Manifest.from_json(path.read_text()) if path.is_file() else None

@@ -1,0 +1,226 @@
+"""Built-in, license-clean parity samples: images drawn with PIL/numpy, captions, zero-shot labels.
+
+Everything is generated deterministically (fixed seeds), so two runs compare the same bytes.
+The images cover what breaks preprocessing in practice: 1x1 and very wide/tall sizes, odd
+dimensions, every common mode (RGB, L, RGBA, P, CMYK) and format (JPEG, PNG, WebP, BMP, GIF).
+The captions cover empty, unicode, HTML-escaped and over-length text.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporter.common import ClipTritonError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    name: str
+    data: bytes  # encoded file bytes: what a client sends to Triton
+
+
+# (pattern, width, height, mode, format): the curated set, in the order --samples takes them.
+_IMAGE_SPECS: list[tuple[str, int, int, str, str]] = [
+    ("gradient", 224, 224, "RGB", "JPEG"),
+    ("shapes", 640, 480, "RGB", "PNG"),
+    ("pixel", 1, 1, "RGB", "PNG"),
+    ("stripes", 1500, 300, "RGB", "JPEG"),
+    ("text", 300, 900, "L", "PNG"),
+    ("checker", 320, 240, "RGBA", "PNG"),
+    ("noise", 256, 256, "P", "GIF"),
+    ("shapes", 400, 300, "CMYK", "JPEG"),
+    ("gradient", 97, 311, "RGBA", "WEBP"),
+    ("text", 123, 77, "RGB", "BMP"),
+    ("noise", 500, 500, "L", "JPEG"),
+    ("shapes", 2, 3, "P", "BMP"),
+    ("checker", 64, 640, "L", "GIF"),
+    ("stripes", 333, 333, "RGB", "WEBP"),
+    ("text", 800, 200, "P", "PNG"),
+    ("gradient", 1024, 768, "RGB", "JPEG"),
+]
+_PATTERNS = ("gradient", "shapes", "stripes", "checker", "noise", "text")
+_MODES_FOR_FORMAT = {
+    "JPEG": ("RGB", "L", "CMYK"),
+    "PNG": ("RGB", "L", "RGBA", "P"),
+    "WEBP": ("RGB", "RGBA"),
+    "BMP": ("RGB", "L", "P"),
+    "GIF": ("P", "L"),
+}
+
+SAMPLE_TEXTS = [
+    "a photo of a cat",
+    "",
+    "a red circle on a blue background",
+    "A very long caption " + "that keeps going and going " * 14 + "until the tokenizer truncates it.",
+    "un chien qui court sur la plage à Zürich ☀️",
+    "東京の夜景、ネオンが光る街",
+    "صورة لقطة على الأريكة",
+    "black and white stripes",
+    "   leading and trailing spaces   ",
+    "fish &amp; chips &lt;b&gt;bold&lt;/b&gt;",
+    "x",
+    "!!! ??? ...",
+    "a diagram with lines of small text",
+    "TWO DOGS PLAYING IN THE SNOW next to a red wooden house",
+    "emoji only 🐱🐶🦊",
+    "a checkerboard pattern, noisy, low resolution",
+]
+
+# A small zero-shot label set that matches what the built-in images show.
+LABELS = [
+    "gradient", "circle", "square", "triangle", "stripes", "checkerboard", "noise", "text",
+    "cat", "dog", "car", "tree",
+]
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a blurry image of the {}."]
+
+
+def _rgb_canvas(pattern: str, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    fx = x / max(width - 1, 1)
+    fy = y / max(height - 1, 1)
+    if pattern == "gradient":
+        img = np.stack([fx, fy, 1.0 - (fx + fy) / 2], axis=-1)
+    elif pattern == "stripes":
+        period = max(2.0, width / 23.0)
+        band = (np.floor(x / period) % 2).astype(np.float32)
+        img = np.stack([band, band * 0.5 + fy * 0.5, 1.0 - band], axis=-1)
+    elif pattern == "checker":
+        cell = max(1, min(width, height) // 8)
+        board = ((x // cell + y // cell) % 2).astype(np.float32)
+        img = np.stack([board, board * fx, 1.0 - board * fy], axis=-1)
+    elif pattern == "noise":
+        img = rng.random((height, width, 3), dtype=np.float32)
+    else:  # shapes and text start from a soft background; PIL draws on top
+        base = rng.random(3).astype(np.float32)
+        img = np.broadcast_to(base, (height, width, 3)) * (0.6 + 0.4 * fy[..., None])
+    return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _draw(pattern: str, image, rng: np.random.Generator):  # noqa: ANN001, ANN202 - PIL types
+    from PIL import ImageDraw
+
+    width, height = image.size
+    draw = ImageDraw.Draw(image)
+    if pattern == "shapes":
+        for _ in range(6):
+            x0, y0 = rng.integers(0, max(width, 1)), rng.integers(0, max(height, 1))
+            w, h = rng.integers(1, max(width // 2, 2)), rng.integers(1, max(height // 2, 2))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                draw.ellipse(box, fill=colour)
+            elif kind == 1:
+                draw.rectangle(box, fill=colour)
+            else:
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour)
+    elif pattern == "text":
+        # Text-like rows of "glyphs" (small dark boxes) instead of a font: no font licence, no
+        # dependency on which fonts a machine has.
+        line = max(4, height // 12)
+        for row in range(line, height - line, int(line * 1.6)):
+            x = line
+            while x < width - line:
+                word = int(rng.integers(2, 9))
+                for _ in range(word):
+                    gw = max(1, int(line * rng.uniform(0.4, 0.8)))
+                    draw.rectangle([x, row, x + gw, row + line], fill=(20, 20, 30))
+                    x += gw + max(1, line // 4)
+                x += line
+    return image
+
+
+def render_image(pattern: str, width: int, height: int, mode: str, fmt: str, seed: int) -> bytes:
+    """One synthetic image, encoded in `fmt` with colour mode `mode`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(_rgb_canvas(pattern, width, height, rng), "RGB")
+    image = _draw(pattern, image, rng)
+    if mode == "RGBA":
+        alpha = (np.linspace(40, 255, width, dtype=np.float32)[None, :].repeat(height, 0)).astype(np.uint8)
+        image = image.convert("RGBA")
+        image.putalpha(Image.fromarray(alpha, "L"))
+    elif mode == "P":
+        image = image.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    options = {"quality": 90} if fmt in ("JPEG", "WEBP") else {}
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def builtin_images(count: int) -> list[ImageSample]:
+    """The first `count` built-in images; beyond the curated set, seeded random specs."""
+    samples = []
+    for index in range(count):
+        if index < len(_IMAGE_SPECS):
+            pattern, width, height, mode, fmt = _IMAGE_SPECS[index]
+        else:
+            rng = np.random.default_rng(1000 + index)
+            pattern = _PATTERNS[int(rng.integers(len(_PATTERNS)))]
+            fmt = sorted(_MODES_FOR_FORMAT)[int(rng.integers(len(_MODES_FOR_FORMAT)))]
+            modes = _MODES_FOR_FORMAT[fmt]
+            mode = modes[int(rng.integers(len(modes)))]
+            width, height = (int(v) for v in rng.integers(8, 900, 2))
+        data = render_image(pattern, width, height, mode, fmt, seed=index)
+        samples.append(ImageSample(f"builtin-{index:02d}-{pattern}-{width}x{height}-{mode}.{fmt.lower()}", data))
+    return samples
+
+
+def builtin_texts(count: int) -> list[str]:
+    texts = list(SAMPLE_TEXTS[:count])
+    rng = np.random.default_rng(7)
+    words = " ".join(SAMPLE_TEXTS).split()
+    while len(texts) < count:
+        texts.append(" ".join(words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(1, 30)))))
+    return texts
+
+
+def zero_shot_prompts() -> list[str]:
+    """Prompts in label-major order: LABELS[i] owns prompts [i*T, (i+1)*T)."""
+    return [template.format(label) for label in LABELS for template in TEMPLATES]
+
+
+def user_images(folder: Path) -> list[ImageSample]:
+    """Every readable image in `folder` (sorted by name); an unreadable one is an error."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClipTritonError(f"--images {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ClipTritonError(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    samples = []
+    for path in files:
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ClipTritonError(f"--images: {path} is not a readable image ({exc})") from None
+        samples.append(ImageSample(path.name, data))
+    return samples
+
+
+def user_texts(path: Path) -> list[str]:
+    """One caption per line (blank lines kept out; use the built-in set for the empty caption)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipTritonError(f"--texts {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ClipTritonError(f"--texts {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise ClipTritonError(f"--texts {path} has no captions (one per line)")
+    return texts

@@ -1,0 +1,434 @@
+"""Start and stop a local `tritonserver` (the binary shipped in nvidia-pytriton) for a repository.
+
+The recipe (ARCHITECTURE.md, "Local Triton server"): copy the server folder into a work dir,
+put the python backend stub built for this interpreter's X.Y into backends/python/, run with
+LD_LIBRARY_PATH = nvidia_pytriton.libs + this interpreter's LIBDIR and PATH = this venv's bin
+first (the stub's embedded Python finds its packages through the first python3 on PATH), a
+unique shared-memory prefix, free ports, and a readiness wait on HTTP /v2/health/ready.
+
+The server has only the python backend. A python-based backend `backends/onnxruntime/model.py`
+(ONNX Runtime on CPU, the same source as the `python` runtime's encoder) is installed too, so an
+`onnxruntime` repository written for NVIDIA's container loads unchanged; its KIND_GPU instance
+groups are overridden to KIND_CPU at load (explicit model control, load with a config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from exporter.common import ClipTritonError, MissingDependencyError
+
+SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+LOG_TAIL_LINES = 40
+
+
+def _pytriton_server_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise MissingDependencyError(
+            "the embedded server needs nvidia-pytriton (pip install nvidia-pytriton)"
+        ) from None
+    path = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    if not (path / "bin" / "tritonserver").is_file():
+        raise MissingDependencyError(f"nvidia-pytriton has no tritonserver binary at {path}")
+    return path
+
+
+def _libs_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clip-triton"
+
+
+def prepare_server_dir(root: Path | None = None) -> Path:
+    """A private copy of the server folder with this interpreter's stub and our onnxruntime backend.
+
+    Built once per (pytriton version, python X.Y) under the cache, atomically (a rename).
+    """
+    src = _pytriton_server_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise MissingDependencyError(f"nvidia-pytriton ships no python backend stub for Python {version}")
+    runner = SOURCES / "onnx_encoder" / "model.py"
+    try:
+        import importlib.metadata as md
+
+        tag = md.version("nvidia-pytriton")
+    except Exception:  # noqa: BLE001
+        tag = "unknown"
+    runner_tag = str(int(runner.stat().st_mtime)) if runner.is_file() else "none"
+    root = Path(root) if root is not None else cache_root()
+    dest = root / f"tritonserver-{tag}-py{version}-{runner_tag}"
+    if (dest / "bin" / "tritonserver").is_file():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tritonserver-", dir=root))
+    try:
+        work = tmp / "tritonserver"
+        shutil.copytree(src, work, ignore=shutil.ignore_patterns("python_backend_stubs"), symlinks=True)
+        shutil.copy2(stub, work / "backends" / "python" / "triton_python_backend_stub")
+        if runner.is_file():
+            (work / "backends" / "onnxruntime").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(runner, work / "backends" / "onnxruntime" / "model.py")
+        (work / "caches").mkdir(exist_ok=True)
+        try:
+            work.rename(dest)
+        except OSError:
+            if not (dest / "bin" / "tritonserver").is_file():  # not a concurrent winner: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    libs = [str(_libs_dir()), libdir, env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _gpu_kinds_to_cpu(config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Replace KIND_GPU instance groups (no GPU here) by KIND_CPU; drop GPU-only settings."""
+    changed = False
+    for group in config.get("instance_group", []) or []:
+        if group.get("kind") in ("KIND_GPU", "KIND_AUTO") or group.get("gpus"):
+            group["kind"] = "KIND_CPU"
+            group.pop("gpus", None)
+            changed = True
+    if config.get("optimization", {}).get("execution_accelerators", {}).get("gpu_execution_accelerator"):
+        config["optimization"]["execution_accelerators"].pop("gpu_execution_accelerator")
+        changed = True
+    return config, changed
+
+
+class TritonServer:
+    """A tritonserver child process serving one repository; a context manager.
+
+    Ports left as None are picked free (and re-picked if the server loses a race for them).
+    `models`: load only these (explicit model control; ensembles need their steps listed too),
+    or None for every model of the repository.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: Path | None = None,
+        models: list[str] | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self._requested = (grpc_port, http_port, metrics_port)
+        self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.models = list(models) if models is not None else None
+        self.process: subprocess.Popen | None = None
+        self._log_handle: Any = None
+        self._own_log: Path | None = None
+
+    # -- endpoints ---------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _command(self, server_dir: Path) -> list[str]:
+        shm_prefix = f"cliptriton{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+        cmd = [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={server_dir / 'backends'}",
+            f"--cache-directory={server_dir / 'caches'}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=false",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            "--log-verbose=0",
+        ]
+        if self._needs_explicit_control():
+            # Nothing loads at start; _load_selected loads the selection (GPU groups made CPU).
+            cmd.append("--model-control-mode=explicit")
+        return cmd
+
+    def _repo_models(self) -> list[str]:
+        return sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").is_file())
+
+    def _gpu_models(self) -> list[str]:
+        """Models of the selection whose config asks for a GPU (KIND_GPU or a GPU-only backend)."""
+        out = []
+        for name in self.models if self.models is not None else self._repo_models():
+            path = self.repository / name / "config.pbtxt"
+            text = path.read_text() if path.is_file() else ""
+            if "KIND_GPU" in text or "gpu_execution_accelerator" in text:
+                out.append(name)
+        return out
+
+    def _needs_explicit_control(self) -> bool:
+        return self.models is not None or bool(self._gpu_models())
+
+    def start(self, timeout: float = 120.0, attempts: int = 3) -> TritonServer:
+        if self.process is not None:
+            raise ClipTritonError("this server is already started")
+        if not self.repository.is_dir():
+            raise ClipTritonError(f"model repository {self.repository} does not exist")
+        server_dir = prepare_server_dir()
+        last_error = ""
+        for _attempt in range(attempts):
+            self.grpc_port, self.http_port, self.metrics_port = (
+                p if p is not None else free_port() for p in self._requested
+            )
+            self._open_log()
+            self.process = subprocess.Popen(
+                self._command(server_dir),
+                stdout=self._log_handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=_server_env(),
+                cwd=str(server_dir),
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+            try:
+                self._wait_live(timeout)
+                self._load_selected()
+                self._wait_ready(timeout)
+                return self
+            except _PortClash as exc:
+                last_error = str(exc)
+                self._terminate()
+                if all(p is not None for p in self._requested):
+                    break  # the user's own ports: retrying cannot help
+            except BaseException:
+                self._terminate()
+                raise
+        raise ClipTritonError(f"tritonserver could not bind its ports: {last_error} (log {self.log_file})")
+
+    def _open_log(self) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self._own_log = Path(name)
+            path = self._own_log
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            path = self.log_path
+        self._log_handle = open(path, "wb")  # noqa: SIM115 - closed in stop()
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.log_path or self._own_log
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        path = self.log_file
+        if path is None or not path.is_file():
+            return "(no log)"
+        text = path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def _http(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, str]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def _check_alive(self) -> None:
+        assert self.process is not None
+        code = self.process.poll()
+        if code is None:
+            return
+        tail = self.log_tail()
+        if "already in use" in tail:
+            clash = [line.strip() for line in tail.splitlines() if "already in use" in line]
+            raise _PortClash(clash[-1] if clash else f"exit {code}")
+        raise ClipTritonError(
+            f"tritonserver exited with code {code} before it was ready; log {self.log_file}:\n{tail}"
+        )
+
+    def _wait_live(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(OSError):
+                status, _ = self._http("GET", "/v2/health/live", timeout=2.0)
+                if status == 200:
+                    return
+            time.sleep(0.1)
+        raise ClipTritonError(
+            f"tritonserver was not live after {timeout:.0f}s; log {self.log_file}:\n{self.log_tail()}"
+        )
+
+    def _load_selected(self) -> None:
+        """Explicit model control: load the selection, GPU instance groups turned into CPU ones."""
+        if not self._needs_explicit_control():
+            return
+        names = self.models if self.models is not None else self._repo_models()
+        gpu = set(self._gpu_models())
+        # Steps before ensembles: an ensemble loads only once its steps are there.
+        ordered = sorted(names, key=lambda n: "platform: \"ensemble\"" in self._config_text(n))
+        for name in ordered:
+            body: dict[str, Any] = {}
+            if name in gpu:
+                config, _ = _gpu_kinds_to_cpu(self._config_json(name))
+                body = {"parameters": {"config": json.dumps(config)}}
+            status, text = self._http("POST", f"/v2/repository/models/{name}/load", body or None, timeout=300.0)
+            if status != 200:
+                self._check_alive()
+                raise ClipTritonError(f"tritonserver could not load model {name}: {text}\n{self.log_tail()}")
+
+    def _config_text(self, name: str) -> str:
+        path = self.repository / name / "config.pbtxt"
+        return path.read_text() if path.is_file() else ""
+
+    def _config_json(self, name: str) -> dict[str, Any]:
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+
+        config = text_format.Parse(self._config_text(name), model_config_pb2.ModelConfig())
+        return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(OSError):
+                status, _ = self._http("GET", "/v2/health/ready", timeout=2.0)
+                if status == 200:
+                    return
+            time.sleep(0.2)
+        raise ClipTritonError(
+            f"tritonserver models were not READY after {timeout:.0f}s; log {self.log_file}:\n{self.log_tail()}"
+        )
+
+    def model_states(self) -> dict[str, str]:
+        status, text = self._http("POST", "/v2/repository/index", {})
+        if status != 200:
+            return {}
+        return {m["name"]: m.get("state", "") for m in json.loads(text)}
+
+    def _terminate(self, grace: float = 15.0, clean: bool = False) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # our own child only: Triton unloads and exits
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if clean and process.returncode == 0 and self._own_log is not None:
+            # A temporary log is kept only when something went wrong.
+            self._own_log.unlink(missing_ok=True)
+            self._own_log = None
+
+    def stop(self) -> None:
+        self._terminate(clean=True)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class _PortClash(Exception):
+    pass
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM the server if its parent dies (no orphaned servers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, not on every platform
+        pass
+
+
+def serve_forever(
+    repository: Path, grpc_port: int, http_port: int, metrics_port: int, echo: Any = print
+) -> None:
+    """`clip-triton serve`: run until Ctrl-C, print the endpoints once every model is READY."""
+    repository = Path(repository)
+    if not repository.is_dir() or not any((p / "config.pbtxt").is_file() for p in repository.iterdir()):
+        raise ClipTritonError(f"{repository} is not a Triton model repository (no model with a config.pbtxt)")
+    # Ctrl-C and SIGTERM both end in a clean stop (even where the shell started us with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    server = TritonServer(repository, grpc_port, http_port, metrics_port)
+    server.start(timeout=600)
+    try:
+        states = server.model_states()
+        echo(f"serving {repository} ({len(states)} models READY: {', '.join(sorted(states))})")
+        echo(f"  gRPC    {server.grpc_url}")
+        echo(f"  HTTP    http://{server.http_url}")
+        echo(f"  metrics {server.metrics_url}")
+        echo(f"  log     {server.log_file}")
+        echo("Ctrl-C to stop")
+        while server.running():
+            time.sleep(0.5)
+        raise ClipTritonError(f"tritonserver stopped unexpectedly; log {server.log_file}:\n{server.log_tail()}")
+    finally:
+        server.stop()

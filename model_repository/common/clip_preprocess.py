@@ -1,0 +1,174 @@
+"""Torch-free image preprocessing, pixel-identical to open_clip's eval transform.
+
+Mirrors open_clip/transform.py `image_transform(..., is_train=False)` on PIL images, step by step:
+torchvision's Resize/CenterCrop/pad on PIL are PIL calls (PIL resampling, which antialiases),
+so the same PIL calls in the same order give the same pixels. Order matters: open_clip resizes
+and crops in the image's own mode and converts to RGB only afterwards.
+
+  shortest, square target:  Resize(int size, interpolation) -> CenterCrop (pads with 0)
+  shortest, non-square:     ResizeKeepRatio(size) (always bicubic: open_clip passes no interpolation)
+                            -> CenterCrop
+  longest:                  ResizeKeepRatio(size, longest=1, interpolation) -> CenterCropOrPad(fill_color)
+  squash:                   Resize((h, w), interpolation)
+then convert(mode) -> float32 / 255 -> (x - mean) / std, CHW.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class ImageInputError(ValueError):
+    """A request's image is unusable; the message names the problem for the client."""
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded bytes -> a loaded PIL image; size checked from the header before decoding."""
+    if not data:
+        raise ImageInputError("empty image: 0 bytes received")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's bomb warning: our max_pixels check follows
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(f"image too large: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for unknown data
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f": {exc}"
+        raise ImageInputError(
+            f"cannot decode image ({len(data)} bytes): not an image in a supported format "
+            f"(JPEG, PNG, WebP, BMP, GIF, ...){detail}"
+        ) from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageInputError(f"image has no pixels ({width}x{height})")
+    if max_pixels and width * height > max_pixels:
+        raise ImageInputError(
+            f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+            f"over the limit of {max_pixels / 1e6:g} megapixels (model parameter max_pixels)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # our own limit replaces PIL's decompression-bomb warning
+            img.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+        raise ImageInputError(f"corrupt {img.format or 'image'} data ({len(data)} bytes): {exc}") from None
+    return img
+
+
+def _resize(img: Image.Image, size_hw: list[int], resample: int) -> Image.Image:
+    """torchvision F.resize on a PIL image with an explicit [h, w] (a no-op at that size)."""
+    if [img.height, img.width] == [int(size_hw[0]), int(size_hw[1])]:
+        return img
+    return img.resize((int(size_hw[1]), int(size_hw[0])), resample)
+
+
+def _resize_shortest_edge(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """torchvision Resize(int): the shorter edge to `size`, the longer one truncated (int())."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return _resize(img, [new_h, new_w], resample)
+
+
+def _keep_ratio_size(img: Image.Image, target_hw: list[int], longest: float) -> list[int]:
+    """open_clip ResizeKeepRatio.get_params without the random parts."""
+    h, w = img.height, img.width
+    ratio_h, ratio_w = h / target_hw[0], w / target_hw[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    return [round(x * 1.0 / ratio) for x in (h, w)]
+
+
+def _pad(img: Image.Image, ltrb: list[int], fill: int) -> Image.Image:
+    """torchvision F_pil.pad, constant mode (fill broadcast over the image's own bands)."""
+    bands = len(img.getbands())
+    value: int | float | tuple = fill
+    if bands > 1:
+        value = tuple([fill] * bands)
+    if img.mode != "F":
+        value = tuple(int(v) for v in value) if isinstance(value, tuple) else int(value)
+    if img.mode == "P":
+        palette = img.getpalette()
+        out = ImageOps.expand(img, border=tuple(ltrb), fill=value)
+        out.putpalette(palette)
+        return out
+    return ImageOps.expand(img, border=tuple(ltrb), fill=value)
+
+
+def _center_crop_or_pad(img: Image.Image, size_hw: list[int], fill: int) -> Image.Image:
+    """torchvision CenterCrop (fill 0) and open_clip's center_crop_or_pad (fill_color) on PIL."""
+    crop_h, crop_w = int(size_hw[0]), int(size_hw[1])
+    w, h = img.size
+    if crop_w > w or crop_h > h:
+        ltrb = [
+            (crop_w - w) // 2 if crop_w > w else 0,
+            (crop_h - h) // 2 if crop_h > h else 0,
+            (crop_w - w + 1) // 2 if crop_w > w else 0,
+            (crop_h - h + 1) // 2 if crop_h > h else 0,
+        ]
+        img = _pad(img, ltrb, fill)
+        w, h = img.size
+        if crop_w == w and crop_h == h:
+            return img
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+class Preprocessor:
+    """One image -> FP32 [3, H, W], configured from the manifest's `preprocess` section."""
+
+    def __init__(
+        self,
+        size: list[int],
+        mean: list[float],
+        std: list[float],
+        interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
+        fill_color: int = 0,
+        mode: str = "RGB",
+    ) -> None:
+        if resize_mode not in ("shortest", "longest", "squash"):
+            raise ValueError(f"unknown resize_mode {resize_mode!r}")
+        if interpolation not in RESAMPLE:
+            raise ValueError(f"unknown interpolation {interpolation!r}")
+        self.size = [int(s) for s in size]
+        self.resample = RESAMPLE[interpolation]
+        self.resize_mode = resize_mode
+        self.fill_color = int(fill_color)
+        self.mode = mode
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Preprocessor:
+        keys = ("size", "mean", "std", "interpolation", "resize_mode", "fill_color", "mode")
+        return cls(**{k: cfg[k] for k in keys if k in cfg})
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        h, w = self.size
+        if self.resize_mode == "longest":
+            img = _resize(img, _keep_ratio_size(img, self.size, 1.0), self.resample)
+            return _center_crop_or_pad(img, self.size, self.fill_color)
+        if self.resize_mode == "squash":
+            return _resize(img, self.size, self.resample)
+        if h == w:
+            img = _resize_shortest_edge(img, h, self.resample)
+        else:
+            img = _resize(img, _keep_ratio_size(img, self.size, 0.0), Image.BICUBIC)
+        return _center_crop_or_pad(img, self.size, 0)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = self.geometry(img).convert(self.mode)
+        pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+        return ((pixels - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def from_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        return self(decode(data, max_pixels))

@@ -1,0 +1,84 @@
+"""Triton python model: UTF-8 text (TYPE_STRING [1]) -> token ids [context_length], as open_clip tokenizes.
+
+Parameters (written from the manifest): `tokenizer` (JSON of the manifest's tokenizer section),
+`output_name`, `output_dtype` (numpy name; INT32 by default, see the repository README).
+The tokenizer code (clip_tokenizer.py) and its files sit beside this file.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from clip_tokenizer import make_tokenizer  # noqa: E402
+
+
+def _param(config, key, default=None):
+    value = config.get("parameters", {}).get(key, {}).get("string_value")
+    return default if value in (None, "") else value
+
+
+class TextInputError(ValueError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        cfg = json.loads(_param(config, "tokenizer"))
+        hf_file = os.path.join(HERE, cfg["hf_file"]) if cfg.get("hf_file") else None
+        self.tokenizer = make_tokenizer(
+            cfg["kind"],
+            int(cfg["context_length"]),
+            cfg.get("clean", "lower"),
+            hf_file,
+            bool(cfg.get("strip_sep_token", False)),
+            int(cfg.get("pad_id", 0)),
+            bpe_path=os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz"),
+        )
+        self.input_name = config["input"][0]["name"]
+        self.output_name = _param(config, "output_name", config["output"][0]["name"])
+        self.dtype = np.dtype(_param(config, "output_dtype", "int32"))
+        self.max_chars = int(_param(config, "max_chars", 100_000))
+
+    def _texts(self, request):
+        items = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)
+        texts = []
+        for i, raw in enumerate(items):
+            where = f"item {i}: " if len(items) > 1 else ""
+            if isinstance(raw, str):
+                text = raw
+            else:
+                try:
+                    text = bytes(raw).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise TextInputError(
+                        f"{self.input_name}: {where}text is not valid UTF-8 "
+                        f"(byte {exc.start}: {bytes(raw)[exc.start:exc.start + 1]!r})"
+                    ) from None
+            if len(text) > self.max_chars:
+                raise TextInputError(
+                    f"{self.input_name}: {where}text too long: {len(text)} characters, "
+                    f"over the limit of {self.max_chars} (model parameter max_chars)"
+                )
+            texts.append(text)
+        return texts
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                ids = self.tokenizer(self._texts(request)).astype(self.dtype)
+            except TextInputError as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                continue
+            except Exception as exc:  # noqa: BLE001 - still only this request's failure
+                message = f"{self.input_name}: tokenization failed: {type(exc).__name__}: {exc}"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, ids)]))
+        return responses

@@ -1,0 +1,72 @@
+"""Shared fixtures and hardware gates. gpu/tensorrt tests skip with a reason where absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from exporter.engines import find_tensorrt
+
+    has_gpu = _cuda_available()
+    trt_module, trt_missing = find_tensorrt()  # the stage's own check: type stubs alone do not count
+    has_trt = trt_module is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch here)"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason=f"needs TensorRT: {trt_missing}"))
+        if "tensorrt" in item.keywords and has_trt and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="tensorrt is installed but no CUDA GPU is visible"))
+
+
+@pytest.fixture(scope="session")
+def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ViT-B-32 with seeded random weights, exported once per test session."""
+    from exporter.loading import load_model
+    from exporter.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "vitb32"
+    export_model(load_model("ViT-B-32", random_weights=True), out)
+    return out
+
+
+@pytest.fixture()
+def clean_dir(tmp_path: Path) -> Path:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def served_vitb32(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The ViT-B-32 export as a `python`-runtime repository, served by the embedded tritonserver.
+
+    Yields (server, repo_path, export_dir); one server for the whole session, stopped at the end.
+    """
+    from exporter.repository import RepositoryOptions, write_repository
+    from exporter.server import TritonServer
+
+    base = tmp_path_factory.mktemp("served_vitb32")
+    repo = write_repository(vitb32_export, base / "repo", RepositoryOptions(runtime="python"))
+    server = TritonServer(repo, log_path=base / "tritonserver.log")
+    server.start(timeout=300)
+    try:
+        yield server, repo, vitb32_export
+    finally:
+        server.stop()

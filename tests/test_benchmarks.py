@@ -1,0 +1,131 @@
+"""Smoke tests of benchmarks/: the code runs on ViT-B-32 with minimal iterations (no timing assertions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+# benchmarks/ is a folder of the source tree, not an installed package (`python -m benchmarks.run`).
+from benchmarks import encoders, load, plots, report, run
+from benchmarks.common import Settings, latency_stats, machine, versions
+from exporter.common import Progress
+
+QUIET = Progress("bench", quiet=True)
+
+
+def _tiny_settings() -> Settings:
+    settings = Settings.quick_run(threads=1)
+    settings.batches = [1, 2]
+    settings.cell_budget_s = 0.0
+    settings.min_iters = 1
+    settings.max_iters = 1
+    settings.min_iters_large = 1
+    settings.preprocess_budget_s = 0.0
+    settings.tokenize_budget_s = 0.0
+    return settings
+
+
+def test_latency_stats() -> None:
+    stats = latency_stats([0.001, 0.002, 0.003, 0.004])
+    assert stats["n"] == 4
+    assert stats["median_ms"] == pytest.approx(2.5)
+    assert stats["min_ms"] == pytest.approx(1.0) and stats["max_ms"] == pytest.approx(4.0)
+    assert stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+
+
+def test_encoder_bench_report_and_plots(vitb32_export: Path, tmp_path: Path) -> None:
+    from exporter.loading import load_model
+
+    settings = _tiny_settings()
+    loaded = load_model("ViT-B-32", random_weights=True)
+    # The FP16 conversion is not part of this smoke test (its own tests cover it): the FP16 runtime
+    # must then be skipped with the reason, not silently dropped.
+    info = {"export_seconds": 0.0, "fp16": "not converted in this test", "fp16_seconds": 0.0,
+            "tensorrt": "skipped: not in this test"}
+    towers = {t: encoders.bench_tower(loaded, vitb32_export, info, t, settings, QUIET) for t in ("image", "text")}
+    for tower, runtimes in towers.items():
+        assert set(runtimes) == set(encoders.RUNTIMES)
+        assert "not converted" in runtimes["ort_fp16"]["skipped"]
+        assert runtimes["trt_fp16"]["skipped"]
+        for key in ("torch_fp32", "ort_fp32"):
+            for batch in ("1", "2"):
+                cell = runtimes[key]["batches"][batch]
+                assert cell["n"] == 1 and cell["throughput"] > 0, (tower, key, batch)
+                assert cell["speedup_vs_torch"] > 0
+                # The same embeddings as PyTorch: a fast but wrong runtime must show here.
+                assert cell["min_cosine_vs_torch"] > 0.9999, (tower, key, batch, cell["min_cosine_vs_torch"])
+        assert runtimes["torch_fp32"]["batches"]["1"]["speedup_vs_torch"] == pytest.approx(1.0)
+
+    results = {
+        "date": "today", "command": "pytest", "note": "smoke test", "seconds": 1.0,
+        "machine": {**machine(), "load_average_end": None}, "versions": versions(),
+        "settings": settings.to_dict(), "not_measured": ["tensorrt: not in this test"],
+        "encoders": {
+            "threads": {"torch.set_num_threads": 1, "ort.intra_op_num_threads": 1, "ort.inter_op_num_threads": 1},
+            "runtimes": encoders.RUNTIMES,
+            "models": {"ViT-B-32": {"prepare": info, "towers": towers}},
+        },
+    }
+    json.dumps(results)  # results.json must be plain JSON
+    text = report.render(results, tmp_path / "RESULTS.md")
+    assert "## Encoders" in text and "ONNX Runtime FP32 (CPU)" in text
+    assert "## GPU" in text and report.GPU_PLACEHOLDER in text
+    files = plots.write_all(results, tmp_path)
+    assert [f.name for f in files] == ["encoders_ViT-B-32.png"]
+    assert files[0].stat().st_size > 1000
+
+
+def test_gpu_section_is_kept(tmp_path: Path) -> None:
+    previous = tmp_path / "RESULTS.md"
+    previous.write_text("# Benchmarks\n\nold\n\n## GPU\n\nH100: 5000 images/s\n")
+    assert report._gpu_section(previous).startswith("## GPU\n\nH100: 5000 images/s")
+
+
+def test_preprocess_section_through_main(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = run.main(["--quick", "--sections", "preprocess", "--out", str(out), "--no-plots"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["preprocess"]["images"]["summary"]
+    # The served path is pixel-identical to open_clip; the draft path is measured, and not exact
+    # on the large JPEGs (it decodes them at a reduced scale).
+    assert summary["exact"]["bit_exact"] is True
+    assert summary["draft"]["bit_exact"] is False and summary["draft"]["max_abs_diff"] > 0
+    assert results["preprocess"]["tokenize"]["identical_to_open_clip"] is True
+    text = (out / "RESULTS.md").read_text()
+    assert "not bit-exact" in text and "## GPU" in text and "perf_analyzer" in text
+
+
+def test_bad_section_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run.main(["--sections", "bogus", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown bogus" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.server
+def test_load_generator_against_served_model(served_vitb32) -> None:  # noqa: ANN001 - fixture tuple
+    server, _repo, _export = served_vitb32
+    for tower in ("image", "text"):
+        stats = asyncio.run(
+            load._level(server.grpc_url, f"clip_{tower}", tower, load._payloads(tower)[:2], 2, 0.3, 6,
+                        f"clip_{tower}_encoder")
+        )
+        assert stats["errors"] == 0, stats["first_errors"]
+        assert 1 <= stats["requests"] <= 6 and stats["throughput"] > 0
+        assert stats["encoder_avg_batch"] is not None and stats["encoder_avg_batch"] >= 1.0
+
+
+def test_no_batching_copy_has_no_dynamic_batching(vitb32_export: Path, tmp_path: Path) -> None:
+    from exporter.repository import parse_config
+
+    repos = load.write_repositories(vitb32_export, tmp_path)
+    for variant, repo in repos.items():
+        for path in repo.glob("*/config.pbtxt"):
+            config = parse_config(path.read_text())
+            if config.platform == "ensemble":
+                continue
+            assert config.HasField("dynamic_batching") == (variant == "dynamic_batching"), (variant, path)

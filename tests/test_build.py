@@ -1,0 +1,99 @@
+"""`clip-triton build` (the CI entry point) and `clip-triton demo`: real stages end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.build import BuildOptions, reusable_build, run_build
+from exporter.common import ClipTritonError, MissingDependencyError
+from exporter.engines import require_runtime
+
+CLI = [sys.executable, "-m", "exporter.cli"]
+
+
+def _has_engines() -> bool:
+    try:
+        require_runtime()
+    except MissingDependencyError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"runtime": "tflite"}, "--runtime must be one of"),
+        ({"precision": "int8"}, "--precision must be fp32 or fp16"),
+        ({"skip_engines": True, "require_engines": True}, "contradict"),
+        ({"skip_engines": True, "runtime": "tensorrt"}, "needs engines"),
+    ],
+)
+def test_bad_options_fail_before_any_work(tmp_path: Path, changes: dict, message: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ClipTritonError, match=message):
+        run_build(BuildOptions(model="ViT-B-32", out=out, random_weights=True, **changes), quiet=True)
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ClipTritonError, match="pass --force"):
+        run_build(BuildOptions(model="ViT-B-32", out=tmp_path, random_weights=True), quiet=True)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(_has_engines(), reason="TensorRT and a GPU are present: engines can be built here")
+def test_require_engines_without_tensorrt_exits_3_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*CLI, "build", "--model", "ViT-B-32", "--random-weights", "--out", str(out), "--require-engines"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: build needs engines (--require-engines): engines need")
+    assert not out.exists()  # failed before the export: nothing half-built
+
+
+@pytest.mark.server
+def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
+    """ViT-B-32 (random weights), python runtime: export, fp16, engines (notice), repository, parity
+    through a live embedded tritonserver; exit 0. Then `demo` reuses the build and queries it."""
+    out = tmp_path / "build"
+    proc = subprocess.run(
+        [*CLI, "build", "--model", "ViT-B-32", "--random-weights", "--out", str(out),
+         "--runtime", "python", "--samples", "4"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "build passed" in proc.stdout
+    for path in ("export/manifest.json", "export/image_encoder.fp16.onnx", "repository/clip_image/config.pbtxt",
+                 "parity.json", "parity.md", "build.json"):
+        assert (out / path).is_file(), path
+    if not _has_engines():
+        assert "no TensorRT engines built" in proc.stderr
+    report = json.loads((out / "parity.json").read_text())
+    statuses = {s["stage"]: s["status"] for s in report["stages"]}
+    assert report["passed"]
+    assert statuses["onnx-fp32"] == statuses["onnx-fp16"] == "pass"
+    assert statuses["triton-preprocess"] == statuses["triton-tokenize"] == statuses["triton"] == "pass"
+    record = json.loads((out / "build.json").read_text())
+    assert record["passed"] and record["runtime"] == "python"
+    assert list(record["stages"]) == ["export", "fp16", "engines", "repository", "parity"]
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["repository"]["runtime"] == "python"
+    assert reusable_build(out, "ViT-B-32") and not reusable_build(out, "ViT-B-16")
+
+    demo = subprocess.run(
+        [*CLI, "demo", "--model", "ViT-B-32", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert demo.returncode == 0, demo.stderr[-4000:]
+    assert "reusing the build" in demo.stderr
+    line = next(x for x in demo.stdout.splitlines() if x.startswith("cosine similarity (image, text):"))
+    assert -1.0 <= float(line.split(":")[1].split()[0]) <= 1.0
+    assert "triton             image   PASS" in demo.stdout  # the parity figures table

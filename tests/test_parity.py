@@ -1,0 +1,279 @@
+"""The parity suite: real ONNX Runtime, real open_clip reference, a real tritonserver (marked `server`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.common import ClipTritonError, ParityError, Progress
+from exporter.manifest import load_manifest
+from exporter.parity import (
+    PASS,
+    SKIP,
+    SampleSet,
+    TowerBatch,
+    check_triton_preprocessing,
+    compare_runner,
+    format_markdown,
+    format_table,
+    run_parity,
+    triton_runner,
+    zero_shot_agreement,
+)
+from exporter.samples import (
+    LABELS,
+    TEMPLATES,
+    builtin_images,
+    builtin_texts,
+    user_images,
+    user_texts,
+    zero_shot_prompts,
+)
+
+CLI = [sys.executable, "-m", "exporter.cli"]
+CORRUPT_WEIGHT = "model.visual.transformer.resblocks.0.attn.out_proj.weight"
+
+
+def linked_copy(src: Path, dest: Path) -> Path:
+    """A cheap copy of an export (hard links): every writer here replaces files, never edits them."""
+    shutil.copytree(src, dest, copy_function=os.link)
+    return dest
+
+
+def scale_initializer(path: Path, name: str, factor: float = 1.1) -> None:
+    """Scale one weight matrix of an ONNX graph by `factor` (the classic silent corruption)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            scaled = numpy_helper.to_array(tensor) * np.float32(factor)
+            tensor.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), name))
+            break
+    else:
+        raise AssertionError(f"{name} is not an initializer of {path}")
+    path.unlink()  # a hard-linked original must stay intact
+    onnx.save(model, str(path))
+
+
+def stage(result: dict, name: str) -> dict:
+    return next(s for s in result["stages"] if s["stage"] == name)
+
+
+# ------------------------------------------------------------------ samples (no model needed)
+
+
+def test_builtin_images_cover_sizes_modes_and_formats() -> None:
+    from PIL import Image
+
+    samples = builtin_images(16)
+    seen = set()
+    sizes = []
+    for sample in samples:
+        with Image.open(io.BytesIO(sample.data)) as image:
+            seen.add((image.format, image.mode))
+            sizes.append(image.size)
+    formats = {f for f, _ in seen}
+    modes = {m for _, m in seen}
+    assert formats == {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
+    assert {"RGB", "L", "RGBA", "P", "CMYK"} <= modes
+    assert (1, 1) in sizes and (1500, 300) in sizes
+    assert any(w / h > 4 for w, h in sizes) and any(h / w > 2.5 for w, h in sizes)
+    # Deterministic: the same bytes on every call, and a prefix for a smaller count.
+    assert [s.data for s in builtin_images(3)] == [s.data for s in samples[:3]]
+    assert len(builtin_images(20)) == 20 and len({s.name for s in builtin_images(20)}) == 20
+
+
+def test_builtin_texts_cover_edge_cases() -> None:
+    texts = builtin_texts(16)
+    assert "" in texts
+    assert any(len(t.split()) > 77 for t in texts)  # beyond the context length: truncated
+    assert any(ord(c) > 0x3000 for t in texts for c in t)  # CJK
+    assert any("&amp;" in t for t in texts)  # HTML entities: open_clip unescapes them
+    assert len(builtin_texts(40)) == 40 and builtin_texts(5) == texts[:5]
+    assert len(zero_shot_prompts()) % len(set(zero_shot_prompts())) == 0
+
+
+def test_user_samples_are_validated(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with pytest.raises(ClipTritonError, match="holds no images"):
+        user_images(folder)
+    (folder / "a.png").write_bytes(builtin_images(1)[0].data)  # a JPEG named .png: PIL sniffs it
+    (folder / "notes.txt").write_text("not an image")
+    assert [s.name for s in user_images(folder)] == ["a.png"]
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    with pytest.raises(ClipTritonError, match="broken.jpg is not a readable image"):
+        user_images(folder)
+    captions = tmp_path / "caps.txt"
+    captions.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ClipTritonError, match="not UTF-8"):
+        user_texts(captions)
+    captions.write_text("a dog\n\n  \nein Hund 🐕\n", encoding="utf-8")
+    assert user_texts(captions) == ["a dog", "ein Hund 🐕"]
+
+
+def test_zero_shot_agreement_counts_flipped_top1() -> None:
+    rng = np.random.default_rng(0)
+    dim, labels, templates = 16, 3, 2
+    samples = SampleSet(
+        image_names=["a", "b", "c", "d"],
+        images=TowerBatch(np.zeros((4, 1)), [b""] * 4),
+        captions=["x", "y"],
+        prompts=["p"] * (labels * templates),
+        texts=TowerBatch(np.zeros((8, 1)), [""] * 8),
+        labels=["l0", "l1", "l2"],
+        templates=templates,
+    )
+    ref = {"image": rng.standard_normal((4, dim)), "text": rng.standard_normal((8, dim))}
+    same = zero_shot_agreement(ref, ref["image"], ref["text"], samples)
+    assert same == {"captions": 1.0, "labels": 1.0}
+    flipped = ref["image"].copy()
+    flipped[0] = -flipped[0]  # the opposite direction cannot keep the same best caption of two
+    got = zero_shot_agreement(ref, flipped, ref["text"], samples)
+    assert got["captions"] == 0.75
+
+
+# ------------------------------------------------------------------ ViT-B-32 export, no server
+
+
+def test_clean_export_passes_and_reports(vitb32_export: Path, tmp_path: Path) -> None:
+    export = linked_copy(vitb32_export, tmp_path / "export")
+    result = run_parity(export, samples=4, report=tmp_path / "r" / "parity.json")
+    assert result["passed"] and not result["failures"]
+    fp32 = stage(result, "onnx-fp32")
+    assert fp32["status"] == PASS and fp32["threshold"] == 0.99999
+    for tower in ("image", "text"):
+        figures = fp32["towers"][tower]
+        assert figures["min_cosine"] >= 0.99999 and figures["mean_cosine"] >= figures["min_cosine"]
+        assert figures["max_abs_diff"] < 1e-4
+        assert figures["zero_shot"] == {"captions": 1.0, "labels": 1.0}
+    # 4 captions + the zero-shot prompts went through the text tower.
+    assert fp32["towers"]["text"]["samples"] == 4 + len(zero_shot_prompts())
+    # Stages whose artifacts or hardware are absent are skipped with a reason, not silently.
+    assert stage(result, "tensorrt")["status"] == SKIP and stage(result, "tensorrt")["reason"]
+    assert stage(result, "triton")["reason"] == "no --repository or --url given"
+    on_disk = json.loads((tmp_path / "r" / "parity.json").read_text())
+    assert on_disk["passed"] and on_disk["samples"]["images"][0].startswith("builtin-00")
+    markdown = (tmp_path / "r" / "parity.md").read_text()
+    assert "| onnx-fp32 | image | PASS |" in markdown
+    recorded = load_manifest(export).parity
+    assert recorded["passed"] and recorded["stages"]["onnx-fp32"]["image_min_cosine"] >= 0.99999
+    assert "onnx-fp32  image  PASS" in format_table(result)
+
+
+def test_scaled_weight_matrix_fails_naming_stage_and_tower(vitb32_export: Path, tmp_path: Path) -> None:
+    """One attention projection scaled by 10 %: the image tower of ONNX FP32 fails, text still passes."""
+    export = linked_copy(vitb32_export, tmp_path / "export")
+    scale_initializer(export / "image_encoder.onnx", CORRUPT_WEIGHT)
+    proc = subprocess.run(
+        [*CLI, "parity", "--export", str(export), "--samples", "4", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: parity failed: onnx-fp32 image tower: min cosine")
+    assert "text tower" not in error and "Traceback" not in proc.stderr
+    assert "onnx-fp32  image  FAIL" in proc.stdout  # the table is printed before the exit
+    report = json.loads((export / "parity.json").read_text())
+    fp32 = stage(report, "onnx-fp32")
+    assert fp32["towers"]["image"]["status"] == "fail" and fp32["towers"]["text"]["status"] == "pass"
+    assert 0.99 < fp32["towers"]["image"]["min_cosine"] < 0.99999
+    assert load_manifest(export).parity["passed"] is False
+
+
+def test_bad_arguments_are_one_line_errors(vitb32_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(ClipTritonError, match="either --repository"):
+        run_parity(vitb32_export, repository=tmp_path, url="127.0.0.1:1")
+    with pytest.raises(ClipTritonError, match="min-cosine-fp16 must be in"):
+        run_parity(vitb32_export, min_cosine_fp16=1.5)
+    with pytest.raises(ClipTritonError, match="has no manifest.json"):
+        run_parity(tmp_path)
+    with pytest.raises(ClipTritonError, match="is not a folder"):
+        run_parity(vitb32_export, repository=tmp_path / "missing")
+
+
+def test_unreachable_url_is_an_error_of_the_triton_stage() -> None:
+    """A dead server fails the triton stage (status error, with the reason), never a crash or a pass."""
+    names = ["a", "b"]
+    samples = SampleSet(
+        image_names=names,
+        images=TowerBatch(np.zeros((2, 3, 4, 4), np.float32), [b"x", b"y"]),
+        captions=["c"],
+        prompts=["p"] * (len(LABELS) * len(TEMPLATES)),
+        texts=TowerBatch(np.zeros((1 + len(LABELS) * len(TEMPLATES), 77), np.int32), ["c"] * 37),
+        labels=LABELS,
+        templates=len(TEMPLATES),
+    )
+    ref = {"image": np.ones((2, 8), np.float32), "text": np.ones((samples.texts.tensor.shape[0], 8), np.float32)}
+    runner = triton_runner("127.0.0.1:9", {"runtime": "python", "precision": "fp32", "prefix": "clip"})
+    result = compare_runner(runner, ref, samples, {"fp32": 0.99999, "fp16": 0.999}, Progress("t", quiet=True))
+    assert result["status"] == "error" and result["stage"] == "triton" and result["reason"]
+    checks = check_triton_preprocessing(runner, samples, Progress("t", quiet=True))
+    assert [c["status"] for c in checks] == ["error", "error"]
+    report = {
+        "model": "m", "created": "now", "seconds": 0, "passed": False, "failures": ["triton: down"],
+        "thresholds": {"fp32": 0.99999, "fp16": 0.999, "pixels_max_abs_diff": 1e-6},
+        "samples": {"images": names, "captions": ["c"], "prompts": 36}, "stages": [result, *checks],
+    }
+    assert "| triton | - | ERROR |" in format_markdown(report)
+
+
+# ------------------------------------------------------------------ a live tritonserver
+
+
+@pytest.mark.server
+def test_live_triton_passes_then_catches_a_wrong_normalisation(vitb32_export: Path, tmp_path: Path) -> None:
+    """Python-runtime repository on the embedded server: pixels and ids equal, embeddings at FP32
+    parity. Then the export's manifest gets a wrong mean: the server (built with the right one)
+    no longer matches the reference preprocessing, and the preprocess stage is named."""
+    from exporter.repository import RepositoryOptions, write_repository
+    from exporter.server import TritonServer
+
+    export = linked_copy(vitb32_export, tmp_path / "export")
+    repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="python"))
+    with TritonServer(repo) as server:
+        result = run_parity(export, url=server.grpc_url, samples=6)
+        assert result["passed"], result["failures"]
+        pre = stage(result, "triton-preprocess")
+        assert pre["status"] == PASS and pre["max_abs_diff"] < 1e-6
+        assert stage(result, "triton-tokenize")["status"] == PASS
+        triton = stage(result, "triton")
+        assert triton["threshold"] == 0.99999  # python runtime, fp32: the FP32 threshold
+        assert triton["towers"]["image"]["min_cosine"] >= 0.99999
+        assert triton["towers"]["text"]["min_cosine"] >= 0.99999
+
+        manifest_path = export / "manifest.json"
+        data = json.loads(manifest_path.read_text())
+        data["preprocess"]["mean"][0] = 0.5  # the right value is 0.48145466
+        manifest_path.unlink()
+        manifest_path.write_text(json.dumps(data))
+        with pytest.raises(ParityError, match="triton-preprocess image: pixels differ") as info:
+            run_parity(export, url=server.grpc_url, samples=6)
+    assert "triton image tower" in str(info.value)
+    report = json.loads((export / "parity.json").read_text())
+    assert stage(report, "triton-preprocess")["max_abs_diff"] > 1e-3
+    assert stage(report, "triton-tokenize")["status"] == PASS  # only the image side drifted
+
+
+@pytest.mark.parametrize(
+    ("section", "want"),
+    [
+        ({"runtime": "python", "precision": "fp32"}, "fp32"),
+        ({"runtime": "onnxruntime", "precision": "fp32"}, "fp32"),
+        ({"runtime": "python", "precision": "fp16"}, "fp16"),
+        ({"runtime": "tensorrt", "precision": "fp32"}, "fp16"),
+        (None, "fp32"),  # unknown: the stricter threshold, never a silent pass
+    ],
+)
+def test_triton_threshold_follows_runtime_and_precision(section: dict | None, want: str) -> None:
+    assert triton_runner("127.0.0.1:1", section).precision == want
