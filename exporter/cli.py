@@ -206,6 +206,10 @@ def repository(
         str | None, typer.Option(help="gpu or cpu instance groups (default: gpu, cpu for python).")
     ] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 64_000_000,
+    copy_files: Annotated[
+        bool,
+        typer.Option("--copy-files", help="Copy encoder files (default: hard-link them when on one filesystem)."),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing repository folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -221,6 +225,7 @@ def repository(
         instances=instances,
         device=device,
         max_pixels=max_pixels,
+        copy_files=copy_files,
     )
     write_repository(export, out, opts, force=force, progress=Progress("repository", quiet))
     typer.echo(f"wrote {runtime} repository to {out}; serve it with: clip-triton serve --repository {out}")

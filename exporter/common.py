@@ -90,6 +90,22 @@ def staged_dir(dest: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src: Path, dest: Path, copy: bool = False) -> None:
+    """Place a model file at `dest`: a hard link when `src` is on the same filesystem, else a copy.
+
+    Encoders run to gigabytes (ViT-bigG is ~10 GB in FP32), so a repository beside its export costs no
+    extra disk. Safe because no stage edits a file in place: every writer here replaces files atomically
+    (staged_file / staged_dir), which leaves the other name holding the old contents.
+    """
+    if not copy:
+        try:
+            os.link(src, dest)
+            return
+        except OSError:  # another filesystem, or one without hard links
+            pass
+    shutil.copy2(src, dest)
+
+
 @contextlib.contextmanager
 def staged_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; it replaces `dest` only if the block succeeds."""

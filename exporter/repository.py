@@ -2,7 +2,8 @@
 
 Every config.pbtxt is built as Triton's own `ModelConfig` protobuf and written with
 text_format, so a misspelt field cannot be written. Python-backend sources live once in
-`model_repository/` and are copied in. The repository is written to a temporary folder and
+`model_repository/` and are copied in; encoder files are hard-linked from the export when
+they share a filesystem (link_or_copy). The repository is written to a temporary folder and
 moved into place (staged_dir): never half-written.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError, Progress, staged_dir
+from exporter.common import ClipTritonError, Progress, link_or_copy, staged_dir
 from exporter.manifest import (
     IMAGE_FP16_ONNX,
     IMAGE_PLAN,
@@ -71,6 +72,7 @@ class RepositoryOptions:
     instances: int = 1
     device: str | None = None  # default: gpu for tensorrt/onnxruntime, cpu for python
     max_pixels: int = DEFAULT_MAX_PIXELS
+    copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
 
 
 def model_names(prefix: str) -> dict[str, str]:
@@ -174,19 +176,19 @@ def _external_data(path: Path) -> list[Path]:
     return [path.parent / loc for loc in sorted(locations)]
 
 
-def _place_onnx(src: Path, version_dir: Path) -> None:
+def _place_onnx(src: Path, version_dir: Path, copy: bool) -> None:
     """1/model.onnx: the graph itself, or a folder holding the graph and its external data."""
     sidecars = _external_data(src)
     if not sidecars:
-        shutil.copy2(src, version_dir / "model.onnx")
+        link_or_copy(src, version_dir / "model.onnx", copy)
         return
     folder = version_dir / "model.onnx"
     folder.mkdir()
-    shutil.copy2(src, folder / "model.onnx")
+    link_or_copy(src, folder / "model.onnx", copy)
     for sidecar in sidecars:
         if not sidecar.is_file():
             raise ClipTritonError(f"{src.name} refers to external data {sidecar.name}, which is missing")
-        shutil.copy2(sidecar, folder / sidecar.name)
+        link_or_copy(sidecar, folder / sidecar.name, copy)
 
 
 def _tensor(pb: Any, name: str, dtype: str, dims: list[int]) -> dict[str, Any]:
@@ -463,9 +465,9 @@ def write_repository(
                 elif role.endswith("_encoder"):
                     src = files[role.split("_")[0]]
                     if opts.runtime == "tensorrt":
-                        shutil.copy2(src, version / "model.plan")
+                        link_or_copy(src, version / "model.plan", opts.copy_files)
                     else:
-                        _place_onnx(src, version)
+                        _place_onnx(src, version, opts.copy_files)
                         if opts.runtime == "python":
                             _copy_sources(version, "onnx_encoder/model.py", [])
         record = {

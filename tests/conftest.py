@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,6 @@ def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "vitb32"
     export_model(load_model("ViT-B-32", random_weights=True), out)
     return out
-
-
-@pytest.fixture()
-def clean_dir(tmp_path: Path) -> Path:
-    yield tmp_path
-    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

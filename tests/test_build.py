@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import CLI
 
 from exporter.build import BuildOptions, reusable_build, run_build
 from exporter.common import ClipTritonError, MissingDependencyError
 from exporter.engines import require_runtime
-
-CLI = [sys.executable, "-m", "exporter.cli"]
 
 
 def _has_engines() -> bool:

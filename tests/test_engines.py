@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import linked_copy, run_cli
 
 from exporter.common import ClipTritonError
 from exporter.engines import BatchProfile, parity_batches, resolve_profile
 from exporter.manifest import load_manifest
-
-CLI = [sys.executable, "-m", "exporter.cli"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=1800, env=env)
 
 
 def _has_engine_runtime() -> bool:
@@ -73,7 +65,7 @@ def test_engines_module_imports_without_tensorrt() -> None:
 @pytest.mark.tensorrt
 def test_build_vitb32_engines_and_parity(vitb32_export: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    shutil.copytree(vitb32_export, out)
+    linked_copy(vitb32_export, out)
     assert run_cli("fp16", "--export", str(out), "-q").returncode == 0
     cache = tmp_path / "timing.cache"
     result = run_cli(

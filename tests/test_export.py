@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from exporter.common import ClipTritonError
 from exporter.manifest import load_manifest
 from exporter.onnx_export import ort_embed, ort_session
-
-CLI = [sys.executable, "-m", "exporter.cli"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
 
 
 def test_manifest_records_what_later_stages_need(vitb32_export: Path) -> None:

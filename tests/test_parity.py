@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CLI, linked_copy
 
 from exporter.common import ClipTritonError, ParityError, Progress
 from exporter.manifest import load_manifest
@@ -38,14 +36,7 @@ from exporter.samples import (
     zero_shot_prompts,
 )
 
-CLI = [sys.executable, "-m", "exporter.cli"]
 CORRUPT_WEIGHT = "model.visual.transformer.resblocks.0.attn.out_proj.weight"
-
-
-def linked_copy(src: Path, dest: Path) -> Path:
-    """A cheap copy of an export (hard links): every writer here replaces files, never edits them."""
-    shutil.copytree(src, dest, copy_function=os.link)
-    return dest
 
 
 def scale_initializer(path: Path, name: str, factor: float = 1.1) -> None:

@@ -3,42 +3,31 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import linked_copy, run_cli, scratch_dir
 
 from exporter.manifest import load_manifest, sha256_file
 from exporter.onnx_export import ort_embed, ort_session
 
-CLI = [sys.executable, "-m", "exporter.cli"]
 FP16_FILES = ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900, env=env)
-
-
 def _copy_fp32(src: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for item in src.iterdir():
-        if not item.name.endswith(FP16_FILES) and not item.name.startswith("."):
-            shutil.copy(item, dest / item.name)
-    return dest
+    return linked_copy(src, dest, skip=FP16_FILES)
 
 
 @pytest.fixture(scope="module")
 def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from exporter.precision import make_fp16
 
-    out = _copy_fp32(vitb32_export, tmp_path_factory.mktemp("fp16") / "vitb32")
-    make_fp16(out)
-    return out
+    with scratch_dir(tmp_path_factory, "fp16") as base:
+        out = _copy_fp32(vitb32_export, base / "vitb32")
+        make_fp16(out)
+        yield out
 
 
 def test_vitb32_fp16_parity_and_manifest(fp16_export: Path) -> None:

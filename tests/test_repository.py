@@ -8,21 +8,21 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CLI, linked_copy, run_cli, scratch_dir
 from PIL import Image
 
-from exporter.common import ClipTritonError
-from exporter.manifest import load_manifest
+from exporter.common import ClipTritonError, staged_file
+from exporter.manifest import load_manifest, sha256_file
 from exporter.repository import RepositoryOptions, parse_config, write_repository
 from exporter.tokenization import clip_tokenizer, tokenizer_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "common"))
 from clip_preprocess import ImageInputError, Preprocessor, decode  # noqa: E402
-
-CLI = [sys.executable, "-m", "exporter.cli"]
 
 TEXTS = [
     "a photo of a cat",
@@ -182,9 +182,10 @@ def test_bad_images_are_clear_errors() -> None:
 
 
 @pytest.fixture(scope="module")
-def python_repo(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("repo") / "repo"
-    return write_repository(vitb32_export, out, RepositoryOptions(runtime="python", max_batch=16, instances=2))
+def python_repo(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with scratch_dir(tmp_path_factory, "repo") as base:
+        opts = RepositoryOptions(runtime="python", max_batch=16, instances=2)
+        yield write_repository(vitb32_export, base / "repo", opts)
 
 
 def test_repository_layout_and_configs_parse_back(python_repo: Path, vitb32_export: Path) -> None:
@@ -226,6 +227,24 @@ def test_onnxruntime_configs(vitb32_export: Path, tmp_path: Path) -> None:
     assert enc.backend == "onnxruntime" and enc.instance_group[0].kind == 1  # KIND_GPU
     assert enc.input[0].name == "input_ids" and enc.input[0].data_type == 8
     assert enc.max_batch_size == load_manifest(vitb32_export).max_batch
+
+
+def test_encoder_files_are_hard_linked_unless_copy_files(vitb32_export: Path, tmp_path: Path) -> None:
+    export = linked_copy(vitb32_export, tmp_path / "export")  # write_repository records itself in the export
+    source = export / "image_encoder.onnx"
+    linked = write_repository(export, tmp_path / "linked", RepositoryOptions(runtime="onnxruntime"))
+    placed = linked / "clip_image_encoder" / "1" / "model.onnx"
+    assert placed.stat().st_ino == source.stat().st_ino
+    run = run_cli("repository", "--export", str(export), "--out", str(tmp_path / "copied"),
+                  "--runtime", "onnxruntime", "--copy-files", "-q")
+    assert run.returncode == 0, run.stderr
+    copied = tmp_path / "copied" / "clip_image_encoder" / "1" / "model.onnx"
+    assert copied.stat().st_ino != source.stat().st_ino and sha256_file(copied) == sha256_file(source)
+    # Stages replace files, never edit them: replacing the export's graph leaves the repository's intact.
+    before = sha256_file(placed)
+    with staged_file(source) as tmp:
+        tmp.write_bytes(b"a newer graph")
+    assert sha256_file(placed) == before != sha256_file(source)
 
 
 def test_tensorrt_needs_plans_and_caps_max_batch(vitb32_export: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import scratch_dir
 from PIL import Image
 from test_repository import _image_bytes, huge_png_header
 
@@ -158,13 +159,13 @@ def served_squash(tmp_path_factory: pytest.TempPathFactory):
     from exporter.repository import RepositoryOptions, write_repository
     from exporter.server import TritonServer
 
-    base = tmp_path_factory.mktemp("squash")
-    overrides = preprocess_overrides("0.5", "0.5", "bilinear", "squash")
-    export_model(load_model("ViT-S-32", random_weights=True, preprocess=overrides), base / "export")
-    repo = write_repository(base / "export", base / "repo", RepositoryOptions(runtime="python"))
-    models = ["clip_image_preprocess", "clip_image_encoder", "clip_image"]
-    with TritonServer(repo, log_path=base / "tritonserver.log", models=models) as server:
-        yield server, base / "export"
+    with scratch_dir(tmp_path_factory, "squash") as base:
+        overrides = preprocess_overrides("0.5", "0.5", "bilinear", "squash")
+        export_model(load_model("ViT-S-32", random_weights=True, preprocess=overrides), base / "export")
+        repo = write_repository(base / "export", base / "repo", RepositoryOptions(runtime="python"))
+        models = ["clip_image_preprocess", "clip_image_encoder", "clip_image"]
+        with TritonServer(repo, log_path=base / "tritonserver.log", models=models) as server:
+            yield server, base / "export"
 
 
 def test_second_family_squash_preprocessing(served_squash) -> None:

@@ -1,0 +1,44 @@
+"""Helpers the test modules share: the CLI as a subprocess, and disk-cheap copies of exports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "exporter.cli"]
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def linked_copy(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A cheap copy of an export (hard links): every writer here replaces files, never edits them.
+
+    `skip`: file-name endings to leave out (an FP32-only copy of an export that has FP16 graphs).
+    """
+
+    def ignore(_folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n.endswith(skip) or n.startswith(".")] if skip else []
+
+    shutil.copytree(src, dest, copy_function=os.link, ignore=ignore)
+    return dest
+
+
+@contextlib.contextmanager
+def scratch_dir(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A module fixture's folder, deleted at teardown (exports and repositories run to hundreds of MB;
+    CI machines can have little disk)."""
+    path = factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
