@@ -18,9 +18,7 @@ transform is measured and reported. They are opt-in trade-offs, not the served d
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Settings, latency_stats, time_calls
-from exporter.common import Progress
-from exporter.tokenization import COMMON
+from exporter.common import Progress, repository_common_module
 
 # Photo-like sizes a client sends, on top of exporter.samples' odd sizes/modes/formats.
 # The 12-megapixel noise JPEG (~11 MB) is the worst case for decoding, not a typical photo.
@@ -46,15 +43,8 @@ EXTRA_IMAGES = [
 
 
 def clip_preprocess() -> ModuleType:
-    """model_repository/common/clip_preprocess.py, imported by path (the folder is not a package)."""
-    name = "clip_triton_model_common.clip_preprocess"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, COMMON / "clip_preprocess.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """model_repository/common/clip_preprocess.py: the preprocess model's own code."""
+    return repository_common_module("clip_preprocess")
 
 
 def sample_images(quick: bool) -> list[tuple[str, bytes]]:

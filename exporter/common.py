@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -10,6 +11,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+
+# The python-backend sources copied into every repository (model_repository/ in the source tree).
+# A wheel ships them inside the package, as exporter/model_repository (pyproject's package-dir).
+_PACKAGED_SOURCES = Path(__file__).resolve().parent / "model_repository"
+REPOSITORY_SOURCES = (
+    _PACKAGED_SOURCES if _PACKAGED_SOURCES.is_dir() else _PACKAGED_SOURCES.parent.parent / "model_repository"
+)
 
 
 class ClipTritonError(Exception):
@@ -28,6 +37,26 @@ class ParityError(ClipTritonError):
     """A stage's outputs drifted from the PyTorch reference beyond its tolerance."""
 
     exit_code = 1
+
+
+def repository_common_module(name: str) -> ModuleType:
+    """model_repository/common/<name>.py, imported once by path.
+
+    The folder is copied into Triton models as loose files (their model.py imports it as a top-level
+    module), so it is not a package; loading it here lets the exporter run the very code Triton runs.
+    """
+    qualified = f"clip_triton_model_common.{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    path = REPOSITORY_SOURCES / "common" / f"{name}.py"
+    if not path.is_file():
+        raise ClipTritonError(f"{path} is missing: a broken clip-triton install")
+    spec = importlib.util.spec_from_file_location(qualified, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class Progress:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError, Progress, link_or_copy, staged_dir
+from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
 from exporter.manifest import (
     IMAGE_FP16_ONNX,
     IMAGE_PLAN,
@@ -27,7 +27,6 @@ from exporter.manifest import (
     load_manifest,
 )
 
-SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 RUNTIMES = ("tensorrt", "onnxruntime", "python")
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
@@ -317,11 +316,11 @@ def parse_config(text: str) -> Any:
 
 
 def _copy_sources(dest: Path, model_file: str, commons: list[str]) -> None:
-    if not (SOURCES / model_file).is_file():
-        raise ClipTritonError(f"python model source {SOURCES / model_file} is missing (broken install?)")
-    shutil.copy2(SOURCES / model_file, dest / "model.py")
+    if not (REPOSITORY_SOURCES / model_file).is_file():
+        raise ClipTritonError(f"python model source {REPOSITORY_SOURCES / model_file} is missing (broken install?)")
+    shutil.copy2(REPOSITORY_SOURCES / model_file, dest / "model.py")
     for name in commons:
-        shutil.copy2(SOURCES / "common" / name, dest / name)
+        shutil.copy2(REPOSITORY_SOURCES / "common" / name, dest / name)
 
 
 def _triton_release(manifest: Manifest) -> tuple[str | None, str]:

@@ -32,9 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from exporter.common import ClipTritonError, MissingDependencyError
+from exporter.common import REPOSITORY_SOURCES, ClipTritonError, MissingDependencyError
 
-SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 LOG_TAIL_LINES = 40
 
 
@@ -72,7 +71,7 @@ def prepare_server_dir(root: Path | None = None) -> Path:
     stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise MissingDependencyError(f"nvidia-pytriton ships no python backend stub for Python {version}")
-    runner = SOURCES / "onnx_encoder" / "model.py"
+    runner = REPOSITORY_SOURCES / "onnx_encoder" / "model.py"
     try:
         import importlib.metadata as md
 

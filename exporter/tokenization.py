@@ -6,35 +6,19 @@ into every repository); this module loads it so export-time ids and served ids c
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError
+from exporter.common import ClipTritonError, repository_common_module
 from exporter.manifest import TokenizerConfig
-
-SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
-COMMON = SOURCES / "common"
-_MODULE = "clip_triton_model_common.clip_tokenizer"
 
 
 def tokenizer_module() -> ModuleType:
-    """model_repository/common/clip_tokenizer.py, imported once by path (it is not a package)."""
-    if _MODULE in sys.modules:
-        return sys.modules[_MODULE]
-    path = COMMON / "clip_tokenizer.py"
-    if not path.is_file():
-        raise ClipTritonError(f"{path} is missing: install clip-triton from its source tree")
-    spec = importlib.util.spec_from_file_location(_MODULE, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
+    """model_repository/common/clip_tokenizer.py: the tokenize model's own code."""
+    return repository_common_module("clip_tokenizer")
 
 
 class FileTokenizer:

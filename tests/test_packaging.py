@@ -1,0 +1,52 @@
+"""A non-editable install (what `pip install git+...` in a user's CI does) must carry everything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from helpers import linked_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_the_python_backend_sources(vitb32_export: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"  # build from a copy: building in place would write build/ into the checkout
+    for name in ("exporter", "clients", "model_repository"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "whl"),
+         str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "whl").glob("clip_triton-*.whl")
+    installed = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(installed)
+    for path in ("common/clip_preprocess.py", "common/clip_tokenizer.py", "common/bpe_simple_vocab_16e6.txt.gz",
+                 "image_preprocess/model.py", "text_tokenize/model.py", "onnx_encoder/model.py"):
+        assert f"exporter/model_repository/{path}" in names
+
+    # The unpacked wheel, away from the checkout, writes a complete python-runtime repository.
+    export = linked_copy(vitb32_export, tmp_path / "export")
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    code = "import exporter.common as c; print(c.REPOSITORY_SOURCES)"
+    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert where.stdout.strip() == str(installed / "exporter" / "model_repository"), where.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "repository", "--export", str(export), "--out", str(tmp_path / "repo"),
+         "--runtime", "python", "-q"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    for model in ("clip_image_preprocess", "clip_text_tokenize", "clip_image_encoder"):
+        assert (tmp_path / "repo" / model / "1" / "model.py").is_file()
+    assert (tmp_path / "repo" / "clip_text_tokenize" / "1" / "bpe_simple_vocab_16e6.txt.gz").is_file()
