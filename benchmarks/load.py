@@ -3,10 +3,8 @@
 Two repositories of the same export (runtime `python`: ONNX Runtime inside the python backend,
 the runtime the embedded CPU server runs), served one after the other:
   dynamic_batching   as `clip-triton repository` writes it (dynamic batching on every step)
-  no_batching        the same files with the `dynamic_batching` block removed from every
-                     config.pbtxt: repository.py has a queue-delay option but no switch to turn
-                     dynamic batching off, so the benchmark edits its own copy (parsed and
-                     rewritten as ModelConfig protobufs)
+  no_batching        the same, written with `--no-dynamic-batching` (no `dynamic_batching`
+                     block in any config.pbtxt)
 For each public ensemble (`clip_image`: encoded JPEG bytes, `clip_text`: a caption) and each
 concurrency level: `concurrency` coroutines each send one item per request back to back, for
 a fixed duration or a bounded request count, over loopback (tritonclient.grpc.aio). Reported:
@@ -41,17 +39,12 @@ def _payloads(tower: str) -> list[bytes]:
 
 
 def write_repositories(export_dir: Path, work: Path) -> dict[str, Path]:
-    from exporter.repository import RepositoryOptions, config_text, parse_config, write_repository
+    from exporter.repository import RepositoryOptions, write_repository
 
     repos = {}
     for variant in VARIANTS:
-        repo = write_repository(export_dir, work / f"repo-{variant}", RepositoryOptions(runtime="python"), force=True)
-        if variant == "no_batching":
-            for config_path in sorted(repo.glob("*/config.pbtxt")):
-                config = parse_config(config_path.read_text())
-                config.ClearField("dynamic_batching")
-                config_path.write_text(config_text(config))
-        repos[variant] = repo
+        opts = RepositoryOptions(runtime="python", dynamic_batching=variant == "dynamic_batching")
+        repos[variant] = write_repository(export_dir, work / f"repo-{variant}", opts, force=True)
     return repos
 
 

@@ -161,8 +161,8 @@ def _load(load: dict[str, Any]) -> list[str]:
         f"{load['model']}, runtime {load['runtime']}; one instance per step; dynamic batching queue delay "
         f"{load['queue_delay_us']} µs when on. Load generator: tritonclient.grpc.aio, N coroutines each with "
         f"one request (one item) in flight, {load['duration_s']:g} s per level. `no_batching` is the same "
-        "repository with the `dynamic_batching` block removed from every config.pbtxt (repository.py has no "
-        "switch for it; the benchmark edits its own copy). `encoder batch` = inferences / executions of the "
+        "repository written with `--no-dynamic-batching` (no `dynamic_batching` block in any config.pbtxt). "
+        "`encoder batch` = inferences / executions of the "
         "encoder step, from Triton's statistics. The client shares the CPU cores with the server.",
         "",
     ]

@@ -201,6 +201,9 @@ def repository(
         int | None, typer.Option(help="max_batch_size (default: the manifest's, capped by the engines).")
     ] = None,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching max queue delay (µs).")] = 2000,
+    dynamic_batching: Annotated[
+        bool, typer.Option(help="Dynamic batching on every step (off: each request runs alone).")
+    ] = True,
     instances: Annotated[int, typer.Option(help="Instances per model (python steps and encoders).")] = 1,
     device: Annotated[
         str | None, typer.Option(help="gpu or cpu instance groups (default: gpu, cpu for python).")
@@ -222,6 +225,7 @@ def repository(
         prefix=prefix,
         max_batch=max_batch,
         queue_delay_us=queue_delay_us,
+        dynamic_batching=dynamic_batching,
         instances=instances,
         device=device,
         max_pixels=max_pixels,

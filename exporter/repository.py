@@ -68,6 +68,7 @@ class RepositoryOptions:
     prefix: str = "clip"
     max_batch: int | None = None  # default: the manifest's max_batch (capped by the engine profile)
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    dynamic_batching: bool = True  # off: each request runs as it comes (a latency floor to compare with)
     instances: int = 1
     device: str | None = None  # default: gpu for tensorrt/onnxruntime, cpu for python
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -196,7 +197,8 @@ def _tensor(pb: Any, name: str, dtype: str, dims: list[int]) -> dict[str, Any]:
 
 def _base_config(pb: Any, name: str, max_batch: int, opts: RepositoryOptions, kind: str | None) -> Any:
     config = pb.ModelConfig(name=name, max_batch_size=max_batch)
-    config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
+    if opts.dynamic_batching:
+        config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
     if kind is not None:
         config.instance_group.add(count=opts.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
     return config
@@ -375,13 +377,16 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
     ]
     table = "\n".join(rows)
     pip = "ftfy regex tokenizers pillow" + (" onnxruntime" if opts.runtime == "python" else "")
+    batching = (
+        f"dynamic batching queue delay: {opts.queue_delay_us} µs" if opts.dynamic_batching else "dynamic batching off"
+    )
     return f"""# Triton model repository: {manifest.model_name}
 
 Written by `clip-triton repository` on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.
 
 - model: `{manifest.model_name}`, {weights}
 - runtime: `{opts.runtime}`, precision: `{opts.precision}`, device: `{device}`, max batch size: {max_batch},
-  dynamic batching queue delay: {opts.queue_delay_us} µs, instances per step: {opts.instances}
+  {batching}, instances per step: {opts.instances}
 - image: {manifest.preprocess.size[0]}x{manifest.preprocess.size[1]}, resize `{manifest.preprocess.resize_mode}`,
   `{manifest.preprocess.interpolation}`, mean {manifest.preprocess.mean}, std {manifest.preprocess.std}
 - tokenizer: `{manifest.tokenizer.kind}`, context length {manifest.tokenizer.context_length}
@@ -477,6 +482,7 @@ def write_repository(
             "device": device,
             "max_batch_size": max_batch,
             "queue_delay_us": opts.queue_delay_us,
+            "dynamic_batching": opts.dynamic_batching,
             "instances": opts.instances,
             "max_pixels": opts.max_pixels,
             "models": names,

@@ -236,8 +236,11 @@ def test_encoder_files_are_hard_linked_unless_copy_files(vitb32_export: Path, tm
     placed = linked / "clip_image_encoder" / "1" / "model.onnx"
     assert placed.stat().st_ino == source.stat().st_ino
     run = run_cli("repository", "--export", str(export), "--out", str(tmp_path / "copied"),
-                  "--runtime", "onnxruntime", "--copy-files", "-q")
+                  "--runtime", "onnxruntime", "--copy-files", "--no-dynamic-batching", "-q")
     assert run.returncode == 0, run.stderr
+    encoder = parse_config((tmp_path / "copied" / "clip_image_encoder" / "config.pbtxt").read_text())
+    assert not encoder.HasField("dynamic_batching")
+    assert load_manifest(tmp_path / "copied").repository["dynamic_batching"] is False
     copied = tmp_path / "copied" / "clip_image_encoder" / "1" / "model.onnx"
     assert copied.stat().st_ino != source.stat().st_ino and sha256_file(copied) == sha256_file(source)
     # Stages replace files, never edit them: replacing the export's graph leaves the repository's intact.
