@@ -26,15 +26,15 @@ demo: install
 TRT_STUBS := $(OUT)/trt-stubs
 lint: install
 	$(BIN)/ruff check exporter clients model_repository benchmarks tests
-	# engines.py is type-checked against tensorrt-stubs. The 10.13 stubs have two syntax errors (parameters
-	# named `in`, a required parameter after defaulted ones) and no py.typed, so mypy is pointed at a
-	# patched copy; without it mypy would silently treat tensorrt as untyped.
+	# mypy checks exporter/ and clients/, engines.py against tensorrt-stubs. The 10.13 stubs have two
+	# syntax errors (parameters named `in`, a required parameter after defaulted ones) and no py.typed,
+	# so mypy is pointed at a patched copy; without it mypy would silently treat tensorrt as untyped.
 	rm -rf $(TRT_STUBS) && mkdir -p $(TRT_STUBS)
 	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  cp -r $$site/tensorrt $$site/tensorrt_bindings $(TRT_STUBS)/
 	sed -i -E 's/, in: /, in_: /; s/channel_axis: int\)/channel_axis: int = ...)/' \
 	  $(TRT_STUBS)/tensorrt_bindings/tensorrt.pyi
-	MYPYPATH=$(TRT_STUBS) $(BIN)/mypy --follow-imports=silent exporter/engines.py
+	MYPYPATH=$(TRT_STUBS) $(BIN)/mypy --follow-imports=silent exporter clients
 
 ## The README's test command: lint, then every tier but `slow` (gpu/tensorrt tests skip without hardware).
 test: lint

@@ -57,7 +57,7 @@ def _torch() -> Any:
 
 def tower_modules(loaded: LoadedModel) -> dict[str, Any]:
     """The two exportable wrappers: inputs -> L2-normalised embeddings."""
-    torch = _torch()
+    torch: Any = _torch()  # a module object: mypy cannot see torch.nn.Module through it
     functional = torch.nn.functional
 
     class ImageEncoder(torch.nn.Module):

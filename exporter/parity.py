@@ -205,7 +205,7 @@ class TritonModels:
     def from_section(cls, section: dict[str, Any] | None) -> TritonModels:
         section = section or {}
         prefix = section.get("prefix") or section.get("name_prefix") or "clip"
-        models = section.get("models") if isinstance(section.get("models"), dict) else {}
+        models: dict[str, Any] = section["models"] if isinstance(section.get("models"), dict) else {}
         return cls(
             image=str(models.get("image") or f"{prefix}_image"),
             text=str(models.get("text") or f"{prefix}_text"),
@@ -578,7 +578,7 @@ def check_triton_preprocessing(
     runner: TritonRunner, samples: SampleSet, progress: Progress
 ) -> list[dict[str, Any]]:
     """Server-side preprocess and tokenize models vs open_clip: equality, not closeness."""
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         runner.open()
         with progress.step(f"triton: {runner.models.preprocess} vs open_clip's transform"):
@@ -708,6 +708,7 @@ def run_parity(
     elif url is not None:
         stages[:0] = _triton_checks(url, section, sample_set, progress, ids_real)
     else:
+        assert repository is not None  # the first branch took "neither"
         stages.extend(_local_triton(Path(repository), section, ref, sample_set, thresholds, progress, ids_real))
     stages.sort(key=lambda s: _STAGE_ORDER.get(s["stage"], 99))
 
