@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import CLI
+from helpers import run_cli
 
 from exporter.build import BuildOptions, reusable_build, run_build
 from exporter.common import ClipTritonError, MissingDependencyError
@@ -48,10 +47,8 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
 @pytest.mark.skipif(_has_engines(), reason="TensorRT and a GPU are present: engines can be built here")
 def test_require_engines_without_tensorrt_exits_3_at_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [*CLI, "build", "--model", "ViT-B-32", "--random-weights", "--out", str(out), "--require-engines"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = run_cli("build", "--model", "ViT-B-32", "--random-weights", "--out", str(out), "--require-engines",
+                   timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: build needs engines (--require-engines): engines need")
@@ -63,11 +60,8 @@ def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
     """ViT-B-32 (random weights), python runtime: export, fp16, engines (notice), repository, parity
     through a live embedded tritonserver; exit 0. Then `demo` reuses the build and queries it."""
     out = tmp_path / "build"
-    proc = subprocess.run(
-        [*CLI, "build", "--model", "ViT-B-32", "--random-weights", "--out", str(out),
-         "--runtime", "python", "--samples", "4"],
-        capture_output=True, text=True, timeout=900,
-    )
+    proc = run_cli("build", "--model", "ViT-B-32", "--random-weights", "--out", str(out),
+                   "--runtime", "python", "--samples", "4", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "build passed" in proc.stdout
     for path in ("export/manifest.json", "export/image_encoder.fp16.onnx", "repository/clip_image/config.pbtxt",
@@ -87,9 +81,7 @@ def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
     assert manifest["parity"]["passed"] and manifest["repository"]["runtime"] == "python"
     assert reusable_build(out, "ViT-B-32") and not reusable_build(out, "ViT-B-16")
 
-    demo = subprocess.run(
-        [*CLI, "demo", "--model", "ViT-B-32", "--out", str(out)], capture_output=True, text=True, timeout=300
-    )
+    demo = run_cli("demo", "--model", "ViT-B-32", "--out", str(out), timeout=300)
     assert demo.returncode == 0, demo.stderr[-4000:]
     assert "reusing the build" in demo.stderr
     line = next(x for x in demo.stdout.splitlines() if x.startswith("cosine similarity (image, text):"))

@@ -39,7 +39,8 @@ def test_wheel_ships_the_python_backend_sources(vitb32_export: Path, tmp_path: P
     export = linked_copy(vitb32_export, tmp_path / "export")
     env = {**os.environ, "PYTHONPATH": str(installed)}
     code = "import exporter.common as c; print(c.REPOSITORY_SOURCES)"
-    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env=env)
     assert where.stdout.strip() == str(installed / "exporter" / "model_repository"), where.stderr
     run = subprocess.run(
         [sys.executable, "-m", "exporter.cli", "repository", "--export", str(export), "--out", str(tmp_path / "repo"),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CLI, linked_copy
+from helpers import linked_copy, run_cli
 
 from exporter.common import ClipTritonError, ParityError, Progress
 from exporter.manifest import load_manifest
@@ -166,10 +165,7 @@ def test_scaled_weight_matrix_fails_naming_stage_and_tower(vitb32_export: Path, 
     """One attention projection scaled by 10 %: the image tower of ONNX FP32 fails, text still passes."""
     export = linked_copy(vitb32_export, tmp_path / "export")
     scale_initializer(export / "image_encoder.onnx", CORRUPT_WEIGHT)
-    proc = subprocess.run(
-        [*CLI, "parity", "--export", str(export), "--samples", "4", "--quiet"],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = run_cli("parity", "--export", str(export), "--samples", "4", "--quiet", timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: parity failed: onnx-fp32 image tower: min cosine")

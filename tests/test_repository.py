@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CLI, linked_copy, run_cli, scratch_dir
+from helpers import linked_copy, run_cli, scratch_dir
 from PIL import Image
 
 from exporter.common import ClipTritonError, staged_file
@@ -251,8 +250,7 @@ def test_encoder_files_are_hard_linked_unless_copy_files(vitb32_export: Path, tm
 
 
 def test_tensorrt_needs_plans_and_caps_max_batch(vitb32_export: Path, tmp_path: Path) -> None:
-    run = subprocess.run([*CLI, "repository", "--export", str(vitb32_export), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=300)
+    run = run_cli("repository", "--export", str(vitb32_export), "--out", str(tmp_path / "r"), timeout=300)
     assert run.returncode == 2 and "clip-triton engines" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "r").exists()
     # An export folder that has plans: the config follows the engine profile's max batch.
