@@ -208,7 +208,17 @@ def repository(
     device: Annotated[
         str | None, typer.Option(help="gpu or cpu instance groups (default: gpu, cpu for python).")
     ] = None,
-    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 64_000_000,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images with more decoded pixels than this.")] = 64_000_000,
+    max_bytes: Annotated[
+        int, typer.Option(help="Refuse encoded images over this many bytes (checked before decoding).")
+    ] = 32 * 1024 * 1024,
+    max_aspect_ratio: Annotated[
+        float, typer.Option(help="Refuse images whose long side / short side exceeds this.")
+    ] = 100.0,
+    max_resized_pixels: Annotated[
+        int, typer.Option(help="Refuse images whose resize step (before the crop) would exceed this many pixels.")
+    ] = 16_000_000,
+    max_chars: Annotated[int, typer.Option(help="Refuse texts longer than this many characters.")] = 100_000,
     copy_files: Annotated[
         bool,
         typer.Option("--copy-files", help="Copy encoder files (default: hard-link them when on one filesystem)."),
@@ -229,6 +239,10 @@ def repository(
         instances=instances,
         device=device,
         max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        max_aspect_ratio=max_aspect_ratio,
+        max_resized_pixels=max_resized_pixels,
+        max_chars=max_chars,
         copy_files=copy_files,
     )
     write_repository(export, out, opts, force=force, progress=Progress("repository", quiet))

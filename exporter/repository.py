@@ -31,7 +31,13 @@ RUNTIMES = ("tensorrt", "onnxruntime", "python")
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
 DEFAULT_QUEUE_DELAY_US = 2000
+# Per-item limits of the python steps (docs/limits.md): written into their configs as parameters.
+# The same defaults as model_repository/common/clip_preprocess.py's ImageLimits (a test checks it).
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+DEFAULT_MAX_RESIZED_PIXELS = 16_000_000
+DEFAULT_MAX_CHARS = 100_000
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 # NVIDIA's Triton container releases and the TensorRT each ships (NVIDIA's support matrix).
@@ -72,6 +78,10 @@ class RepositoryOptions:
     instances: int = 1
     device: str | None = None  # default: gpu for tensorrt/onnxruntime, cpu for python
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
+    max_chars: int = DEFAULT_MAX_CHARS
     copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
 
 
@@ -119,6 +129,15 @@ def _check_options(opts: RepositoryOptions) -> str:
         raise ClipTritonError("--queue-delay-us must be >= 0")
     if opts.instances < 1:
         raise ClipTritonError("--instances must be at least 1")
+    for flag, value in (
+        ("--max-pixels", opts.max_pixels),
+        ("--max-bytes", opts.max_bytes),
+        ("--max-aspect-ratio", opts.max_aspect_ratio),
+        ("--max-resized-pixels", opts.max_resized_pixels),
+        ("--max-chars", opts.max_chars),
+    ):
+        if value < 0:
+            raise ClipTritonError(f"{flag} must be >= 0 (0 turns the limit off), got {value}")
     return device
 
 
@@ -246,6 +265,9 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
             "preprocess": json.dumps(asdict(manifest.preprocess)),
             "output_name": img_in.name,
             "max_pixels": str(opts.max_pixels),
+            "max_bytes": str(opts.max_bytes),
+            "max_aspect_ratio": repr(float(opts.max_aspect_ratio)),
+            "max_resized_pixels": str(opts.max_resized_pixels),
         },
     )
     configs["image_preprocess"] = pre
@@ -260,6 +282,7 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
             "tokenizer": json.dumps(asdict(manifest.tokenizer)),
             "output_name": txt_in.name,
             "output_dtype": txt_in.dtype,
+            "max_chars": str(opts.max_chars),
         },
     )
     configs["text_tokenize"] = tok
@@ -279,6 +302,10 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         else:
             enc.backend = "python"
             _set_params(enc, {"optimize": "false" if opts.precision == "fp16" else "true"})
+        if tower == "text":
+            # Token ids outside the embedding table make the runtime fault: the encoder refuses them
+            # (python runtime; the real backends ignore the parameter, see docs/limits.md).
+            _set_params(enc, {"valid_range": f"0,{manifest.tokenizer.vocab_size}"})
         enc.input.add(**_tensor(pb, spec_in.name, _triton_type(spec_in.dtype), dims))
         enc.output.add(**_tensor(pb, spec_out.name, _triton_type(spec_out.dtype), [dim]))
         configs[f"{tower}_encoder"] = enc
@@ -485,6 +512,13 @@ def write_repository(
             "dynamic_batching": opts.dynamic_batching,
             "instances": opts.instances,
             "max_pixels": opts.max_pixels,
+            "limits": {
+                "max_bytes": opts.max_bytes,
+                "max_pixels": opts.max_pixels,
+                "max_aspect_ratio": opts.max_aspect_ratio,
+                "max_resized_pixels": opts.max_resized_pixels,
+                "max_chars": opts.max_chars,
+            },
             "models": names,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,6 +117,9 @@ def _server_env() -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # glibc gives each gRPC thread its own heap arena and keeps freed large payloads there; two
+    # arenas return them (measured: +1.9 GB RSS after ten refused 300 MB requests without, none with).
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     return env
 
 
@@ -139,6 +143,12 @@ class TritonServer:
     Ports left as None are picked free (and re-picked if the server loses a race for them).
     `models`: load only these (explicit model control; ensembles need their steps listed too),
     or None for every model of the repository.
+    `supervise`: watch the python-backend stubs and reload a model whose stub died (Triton 2.51
+    never restarts one and keeps reporting the model READY: docs/limits.md).
+
+    The server runs in its own process group: stopping it (or finding it dead) also ends its stubs,
+    and its /dev/shm regions are removed; regions and stubs of a server that was killed before it
+    could clean up are removed at the next start.
     """
 
     def __init__(
@@ -149,15 +159,24 @@ class TritonServer:
         metrics_port: int | None = None,
         log_path: Path | None = None,
         models: list[str] | None = None,
+        supervise: bool = False,
+        supervise_interval: float = 1.0,
     ) -> None:
         self.repository = Path(repository).resolve()
         self._requested = (grpc_port, http_port, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
         self.log_path = Path(log_path) if log_path is not None else None
         self.models = list(models) if models is not None else None
+        self.supervise = supervise
+        self.supervise_interval = supervise_interval
         self.process: subprocess.Popen | None = None
         self._log_handle: Any = None
         self._own_log: Path | None = None
+        self._shm_prefix = ""
+        self._stubs_at_ready: dict[int, str] = {}
+        self._supervisor: threading.Thread | None = None
+        self._stop_supervisor = threading.Event()
+        self.restarts: list[dict[str, Any]] = []  # models the supervisor reloaded: name, pid, seconds
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
@@ -174,7 +193,8 @@ class TritonServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _command(self, server_dir: Path) -> list[str]:
-        shm_prefix = f"cliptriton{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+        shm_prefix = f"{SHM_TAG}{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+        self._shm_prefix = shm_prefix
         cmd = [
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
@@ -187,10 +207,16 @@ class TritonServer:
             "--allow-cpu-metrics=false",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
             "--log-verbose=0",
+            # Triton keeps up to 8 gRPC request objects for reuse, each holding the capacity of the
+            # largest payload it carried: after 300 MB requests that is GBs that never return
+            # (docs/limits.md). Allocating per request costs nothing next to the models.
+            "--grpc-infer-allocation-pool-size=0",
         ]
-        if self._needs_explicit_control():
-            # Nothing loads at start; _load_selected loads the selection (GPU groups made CPU).
-            cmd.append("--model-control-mode=explicit")
+        # Always explicit model control, so the supervisor can reload a model whose python stub died.
+        cmd.append("--model-control-mode=explicit")
+        if not self._needs_explicit_control():
+            cmd.append("--load-model=*")  # everything at start, in parallel, as Triton's default mode does
+        # Otherwise nothing loads at start; _load_selected loads the selection (GPU groups made CPU).
         return cmd
 
     def _repo_models(self) -> list[str]:
@@ -215,6 +241,7 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ClipTritonError(f"model repository {self.repository} does not exist")
         server_dir = prepare_server_dir()
+        clean_stale_processes()
         last_error = ""
         for _attempt in range(attempts):
             self.grpc_port, self.http_port, self.metrics_port = (
@@ -228,12 +255,15 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 env=_server_env(),
                 cwd=str(server_dir),
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_child_setup if sys.platform.startswith("linux") else None,
             )
             try:
                 self._wait_live(timeout)
                 self._load_selected()
                 self._wait_ready(timeout)
+                self._stubs_at_ready = stub_processes(self.process.pid)
+                if self.supervise:
+                    self._start_supervisor()
                 return self
             except _PortClash as exc:
                 last_error = str(exc)
@@ -355,6 +385,10 @@ class TritonServer:
         return {m["name"]: m.get("state", "") for m in json.loads(text)}
 
     def _terminate(self, grace: float = 15.0, clean: bool = False) -> None:
+        self._stop_supervisor.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=30)
+        self._supervisor = None
         process, self.process = self.process, None
         if process is None:
             return
@@ -365,6 +399,10 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        # Stubs outlive a killed server (one was seen deadlocked holding 837 MB): end the group.
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        remove_shm_regions(self._shm_prefix)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -375,6 +413,53 @@ class TritonServer:
 
     def stop(self) -> None:
         self._terminate(clean=True)
+
+    # -- supervision ---------------------------------------------------------------------------
+    def _start_supervisor(self) -> None:
+        self._stop_supervisor.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="clip-triton-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._stop_supervisor.wait(self.supervise_interval):
+            if not self.running():
+                return
+            with contextlib.suppress(Exception):  # a transient /proc or HTTP hiccup: look again next tick
+                self.check_stubs()
+
+    def check_stubs(self) -> list[str]:
+        """Reload every model one of whose python stubs has died; returns the models reloaded."""
+        if self.process is None:
+            return []
+        alive = stub_processes(self.process.pid)
+        dead: dict[str, int] = {}
+        for pid, model in self._stubs_at_ready.items():
+            if pid not in alive:
+                dead.setdefault(model, pid)
+        reloaded = []
+        for model, pid in sorted(dead.items()):
+            start = time.monotonic()
+            # Unload, then load: a plain load of a loaded model whose files did not change is a no-op
+            # that leaves the dead stub in place. Between the two the server reports not ready.
+            self._http("POST", f"/v2/repository/models/{model}/unload", None, timeout=60.0)
+            deadline = time.monotonic() + 60.0
+            while time.monotonic() < deadline and self._http("GET", f"/v2/models/{model}/ready")[0] == 200:
+                time.sleep(0.05)
+            body = None
+            if model in self._gpu_models():
+                body = {"parameters": {"config": json.dumps(_gpu_kinds_to_cpu(self._config_json(model))[0])}}
+            status, text = self._http("POST", f"/v2/repository/models/{model}/load", body, timeout=300.0)
+            seconds = round(time.monotonic() - start, 2)
+            self.restarts.append({"model": model, "stub_pid": pid, "status": status, "seconds": seconds})
+            message = (
+                f"clip-triton: python stub of {model} (pid {pid}) died; model reloaded in {seconds}s"
+                if status == 200 else f"clip-triton: python stub of {model} (pid {pid}) died; reload failed: {text}"
+            )
+            print(message, file=sys.stderr, flush=True)
+            reloaded.append(model)
+        if dead:
+            self._stubs_at_ready = stub_processes(self.process.pid)
+        return reloaded
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -392,8 +477,84 @@ class _PortClash(Exception):
     pass
 
 
+# -- python-backend stubs and their shared memory ----------------------------------------------
+# A stub's argv (python backend 2.51): stub, model.py, shm region, shm default size, shm growth,
+# parent (tritonserver) pid, backend dir, ipc handle, instance name (<model>_<group>_<index>), runtime.
+SHM_TAG = "cliptriton"  # our servers' shm prefix: cliptriton<launcher pid>x<random>_
+STUB_NAME = "triton_python_backend_stub"
+
+
+def _stub_argvs() -> dict[int, list[str]]:
+    out = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not argv or not argv[0].endswith(STUB_NAME.encode()) or len(argv) < 9:
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a dead stub its server has not reaped yet
+        except OSError:
+            continue
+        out[int(entry.name)] = [a.decode(errors="replace") for a in argv]
+    return out
+
+
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """Live python-backend stubs of one tritonserver: pid -> model name."""
+    return {
+        pid: argv[8].rsplit("_", 2)[0]
+        for pid, argv in _stub_argvs().items()
+        if argv[5] == str(server_pid)
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _launcher_pid(shm_name: str) -> int | None:
+    digits = shm_name[len(SHM_TAG):].split("x", 1)[0]
+    return int(digits) if shm_name.startswith(SHM_TAG) and digits.isdigit() else None
+
+
+def remove_shm_regions(prefix: str) -> None:
+    if not prefix:
+        return
+    for region in Path("/dev/shm").glob(f"{prefix}*"):
+        region.unlink(missing_ok=True)
+
+
+def clean_stale_processes() -> None:
+    """Remove what servers killed before they could clean up left behind: our stubs whose
+    tritonserver is gone, and /dev/shm regions whose launcher is gone."""
+    for pid, argv in _stub_argvs().items():
+        if argv[2].startswith(SHM_TAG) and argv[5].isdigit() and not _pid_alive(int(argv[5])):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    shm = Path("/dev/shm")
+    for region in shm.glob(f"{SHM_TAG}*") if shm.is_dir() else []:
+        launcher = _launcher_pid(region.name)
+        if launcher is not None and launcher != os.getpid() and not _pid_alive(launcher):
+            region.unlink(missing_ok=True)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _child_setup() -> None:
+    """In the child: its own process group (stubs included), SIGTERM when its parent dies."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    _die_with_parent()
 
 
 def _die_with_parent() -> None:
@@ -416,7 +577,7 @@ def serve_forever(
     # Ctrl-C and SIGTERM both end in a clean stop (even where the shell started us with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    server = TritonServer(repository, grpc_port, http_port, metrics_port)
+    server = TritonServer(repository, grpc_port, http_port, metrics_port, supervise=True)
     server.start(timeout=600)
     try:
         states = server.model_states()

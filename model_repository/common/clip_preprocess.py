@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = 64_000_000  # decoded size (width x height), read from the header
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024  # encoded size: a 12 MP JPEG is ~5 MB, a 24 MP PNG ~40 MB at worst
+DEFAULT_MAX_ASPECT_RATIO = 100.0  # long side / short side: banners are ~10, long screenshots ~20-40
+# The resize step's output before the crop: a 1x60000 image resized to a 224 short side would be
+# 224 x 13.4 M pixels (3 GB, 18 s) to keep 224x224 of it. 16 MP costs ~50 MB and ~0.1 s.
+DEFAULT_MAX_RESIZED_PIXELS = 16_000_000
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
@@ -29,8 +36,26 @@ class ImageInputError(ValueError):
     """A request's image is unusable; the message names the problem for the client."""
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded bytes -> a loaded PIL image; size checked from the header before decoding."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image may cost, all checked before any pixel is decoded (docs/limits.md).
+
+    0 turns a limit off. Each is a model config parameter of the preprocess model, of the same name.
+    """
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
+
+
+def decode(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, header_check: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """Encoded bytes -> a loaded PIL image; size checked from the header before decoding.
+
+    `header_check(width, height)` runs after the header is read and before the pixels are decoded.
+    """
     if not data:
         raise ImageInputError("empty image: 0 bytes received")
     try:
@@ -53,6 +78,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             f"image too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, "
             f"over the limit of {max_pixels / 1e6:g} megapixels (model parameter max_pixels)"
         )
+    if header_check is not None:
+        header_check(width, height)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # our own limit replaces PIL's decompression-bomb warning
@@ -69,18 +96,16 @@ def _resize(img: Image.Image, size_hw: list[int], resample: int) -> Image.Image:
     return img.resize((int(size_hw[1]), int(size_hw[0])), resample)
 
 
-def _resize_shortest_edge(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """torchvision Resize(int): the shorter edge to `size`, the longer one truncated (int())."""
-    w, h = img.size
+def _shortest_edge_size(h: int, w: int, size: int) -> list[int]:
+    """torchvision Resize(int): the shorter edge to `size`, the longer one truncated (int()); [h, w]."""
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return _resize(img, [new_h, new_w], resample)
+    return [new_h, new_w]
 
 
-def _keep_ratio_size(img: Image.Image, target_hw: list[int], longest: float) -> list[int]:
+def _keep_ratio_size(h: int, w: int, target_hw: list[int], longest: float) -> list[int]:
     """open_clip ResizeKeepRatio.get_params without the random parts."""
-    h, w = img.height, img.width
     ratio_h, ratio_w = h / target_hw[0], w / target_hw[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
     return [round(x * 1.0 / ratio) for x in (h, w)]
@@ -152,23 +177,51 @@ class Preprocessor:
         keys = ("size", "mean", "std", "interpolation", "resize_mode", "fill_color", "mode")
         return cls(**{k: cfg[k] for k in keys if k in cfg})
 
-    def geometry(self, img: Image.Image) -> Image.Image:
-        h, w = self.size
+    def resize_size(self, height: int, width: int) -> list[int]:
+        """[h, w] the resize step produces for an image of this size (before the crop or pad)."""
         if self.resize_mode == "longest":
-            img = _resize(img, _keep_ratio_size(img, self.size, 1.0), self.resample)
-            return _center_crop_or_pad(img, self.size, self.fill_color)
+            return _keep_ratio_size(height, width, self.size, 1.0)
         if self.resize_mode == "squash":
-            return _resize(img, self.size, self.resample)
-        if h == w:
-            img = _resize_shortest_edge(img, h, self.resample)
-        else:
-            img = _resize(img, _keep_ratio_size(img, self.size, 0.0), Image.BICUBIC)
-        return _center_crop_or_pad(img, self.size, 0)
+            return list(self.size)
+        if self.size[0] == self.size[1]:
+            return _shortest_edge_size(height, width, self.size[0])
+        return _keep_ratio_size(height, width, self.size, 0.0)
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        target = self.resize_size(img.height, img.width)
+        if self.resize_mode == "longest":
+            return _center_crop_or_pad(_resize(img, target, self.resample), self.size, self.fill_color)
+        if self.resize_mode == "squash":
+            return _resize(img, target, self.resample)
+        # open_clip's ResizeKeepRatio (non-square targets) gets no interpolation: always bicubic.
+        resample = self.resample if self.size[0] == self.size[1] else Image.BICUBIC
+        return _center_crop_or_pad(_resize(img, target, resample), self.size, 0)
+
+    def check_cost(self, width: int, height: int, limits: ImageLimits) -> None:
+        """Refuse, from the header alone, an image whose resize would be huge (a thin strip)."""
+        ratio = max(width, height) / min(width, height)
+        if limits.max_aspect_ratio and ratio > limits.max_aspect_ratio:
+            raise ImageInputError(
+                f"image aspect ratio too extreme: {width}x{height} is {ratio:.0f}:1, over the limit of "
+                f"{limits.max_aspect_ratio:g}:1 (model parameter max_aspect_ratio)"
+            )
+        new_h, new_w = self.resize_size(height, width)
+        if limits.max_resized_pixels and new_h * new_w > limits.max_resized_pixels:
+            raise ImageInputError(
+                f"image would resize to {new_w}x{new_h} = {new_w * new_h / 1e6:.1f} megapixels before the crop, "
+                f"over the limit of {limits.max_resized_pixels / 1e6:g} (model parameter max_resized_pixels)"
+            )
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         img = self.geometry(img).convert(self.mode)
         pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
         return ((pixels - self.mean) / self.std).astype(np.float32, copy=False)
 
-    def from_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        return self(decode(data, max_pixels))
+    def from_bytes(self, data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+        limits = limits or ImageLimits()
+        if limits.max_bytes and len(data) > limits.max_bytes:
+            raise ImageInputError(
+                f"image too large: {len(data) / 2**20:.1f} MiB encoded, over the limit of "
+                f"{limits.max_bytes / 2**20:g} MiB (model parameter max_bytes)"
+            )
+        return self(decode(data, limits.max_pixels, lambda w, h: self.check_cost(w, h, limits)))

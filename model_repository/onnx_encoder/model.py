@@ -4,6 +4,13 @@ Also installed by the embedded server as a python-based backend named `onnxrunti
 (`<backend-directory>/onnxruntime/model.py`), so an unchanged `backend: "onnxruntime"` model runs
 where the real onnxruntime backend library is absent. Finds `<version>/model.onnx` (a file, or
 a folder holding model.onnx and its external data) and batches all requests into one run.
+
+Failure behaviour (docs/limits.md): every request is checked on its own before the batch runs
+(integer inputs inside `valid_range`, float inputs finite) and refused with INVALID_ARGUMENT;
+a batch that fails inside ONNX Runtime is rerun request by request so only the guilty request
+fails; a non-finite output is an INTERNAL error, never a silent NaN embedding. Each response
+gets its own error object: the python backend frees an error with its response, so one object
+shared by several responses is a use-after-free (garbage messages, then a crashed server).
 """
 
 import json
@@ -16,6 +23,17 @@ import triton_python_backend_utils as pb_utils
 def _param(config, key, default=None):
     value = config.get("parameters", {}).get(key, {}).get("string_value")
     return default if value in (None, "") else value
+
+
+def _error(message, code=None):
+    """A fresh TritonError (never shared between responses); INTERNAL unless a code is given."""
+    if code is None:
+        return pb_utils.TritonError(message)
+    return pb_utils.TritonError(message, code)
+
+
+class _RequestError(ValueError):
+    """The request itself is wrong (the client's fault): INVALID_ARGUMENT."""
 
 
 class TritonPythonModel:
@@ -39,39 +57,78 @@ class TritonPythonModel:
         if threads:
             options.intra_op_num_threads = threads
         if _param(config, "optimize", "true").lower() == "false" or ".fp16" in os.path.realpath(path):
-            # ONNX Runtime's CPU optimiser crashes on FP16 ViT graphs (see ARCHITECTURE.md).
+            # ONNX Runtime's CPU optimiser crashes on FP16 ViT graphs (docs/engines.md).
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # "low,high": integer inputs must lie in [low, high) (token ids inside the vocabulary).
+        bounds = _param(config, "valid_range")
+        self.valid_range = tuple(int(b) for b in bounds.split(",")) if bounds else None
+        self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+
+    def _check(self, array):
+        """Refuse what would make the runtime fault or return garbage, before it runs."""
+        if array.size == 0:
+            raise _RequestError(f"{self.input}: empty tensor {list(array.shape)}")
+        if array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)):
+                bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+                raise _RequestError(f"{self.input}: {bad} non-finite value(s) (NaN or inf); pixels must be finite")
+        elif array.dtype.kind in "iu" and self.valid_range is not None:
+            low, high = self.valid_range
+            lo, hi = int(array.min()), int(array.max())
+            if lo < low or hi >= high:
+                worst = lo if lo < low else hi
+                raise _RequestError(
+                    f"{self.input}: token id {worst} outside the vocabulary [{low}, {high})"
+                )
+
+    def _run(self, batch):
+        outs = self.session.run(self.outputs, {self.input: batch})
+        for name, out in zip(self.outputs, outs, strict=True):
+            if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+                # Finite inputs gave a non-finite output: the model's fault (e.g. FP16 overflow).
+                raise FloatingPointError(f"output {name} has non-finite values")
+        return outs
+
+    def _respond(self, outs, start, stop):
+        tensors = [
+            pb_utils.Tensor(n, np.ascontiguousarray(o[start:stop])) for n, o in zip(self.outputs, outs, strict=True)
+        ]
+        return pb_utils.InferenceResponse(tensors)
+
+    def _failed(self, exc):
+        return pb_utils.InferenceResponse(error=_error(f"ONNX Runtime failed: {type(exc).__name__}: {exc}"))
 
     def execute(self, requests):
-        arrays, sizes, responses = [], [], [None] * len(requests)
+        responses = [None] * len(requests)
+        good = []  # (request index, array)
         for i, request in enumerate(requests):
             tensor = pb_utils.get_input_tensor_by_name(request, self.input)
-            if tensor is None:
-                err = pb_utils.TritonError(f"missing input {self.input!r}")
-                responses[i] = pb_utils.InferenceResponse(error=err)
-                continue
-            arrays.append(tensor.as_numpy())
-            sizes.append(i)
-        if arrays:
             try:
-                # Dynamic batching hands several requests at once: one session run for all of them.
-                batch = np.concatenate(arrays, axis=0)
-                outs = self.session.run(self.outputs, {self.input: batch})
-            except Exception as exc:  # noqa: BLE001
-                err = pb_utils.TritonError(f"ONNX Runtime failed: {type(exc).__name__}: {exc}")
-                for i in sizes:
-                    responses[i] = pb_utils.InferenceResponse(error=err)
-                return responses
-            start = 0
-            for i, array in zip(sizes, arrays, strict=True):
-                stop = start + len(array)
-                tensors = [
-                    pb_utils.Tensor(n, np.ascontiguousarray(o[start:stop]))
-                    for n, o in zip(self.outputs, outs, strict=True)
-                ]
-                responses[i] = pb_utils.InferenceResponse(tensors)
-                start = stop
+                if tensor is None:
+                    raise _RequestError(f"missing input {self.input!r}")
+                array = tensor.as_numpy()
+                self._check(array)
+            except _RequestError as exc:
+                responses[i] = pb_utils.InferenceResponse(error=_error(str(exc), self.invalid_arg))
+                continue
+            good.append((i, array))
+        if not good:
+            return responses
+        try:
+            # Dynamic batching hands several requests at once: one session run for all of them.
+            outs = self._run(np.concatenate([a for _, a in good], axis=0))
+        except Exception:  # noqa: BLE001 - find the guilty request: rerun each alone
+            for i, array in good:
+                try:
+                    responses[i] = self._respond(self._run(array), 0, len(array))
+                except Exception as exc:  # noqa: BLE001 - this request's failure only
+                    responses[i] = self._failed(exc)
+            return responses
+        start = 0
+        for i, array in good:
+            responses[i] = self._respond(outs, start, start + len(array))
+            start += len(array)
         return responses

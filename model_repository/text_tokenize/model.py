@@ -1,8 +1,10 @@
 """Triton python model: UTF-8 text (TYPE_STRING [1]) -> token ids [context_length], as open_clip tokenizes.
 
 Parameters (written from the manifest): `tokenizer` (JSON of the manifest's tokenizer section),
-`output_name`, `output_dtype` (numpy name; INT32 by default, see the repository README).
-The tokenizer code (clip_tokenizer.py) and its files sit beside this file.
+`output_name`, `output_dtype` (numpy name; INT32 by default, see the repository README),
+`max_chars` (docs/limits.md). The tokenizer code (clip_tokenizer.py) and its files sit beside this file.
+
+Bad text (not UTF-8, over max_chars) is the client's fault: INVALID_ARGUMENT; anything else INTERNAL.
 """
 
 import json
@@ -44,9 +46,17 @@ class TritonPythonModel:
         self.output_name = _param(config, "output_name", config["output"][0]["name"])
         self.dtype = np.dtype(_param(config, "output_dtype", "int32"))
         self.max_chars = int(_param(config, "max_chars", 100_000))
+        self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+
+    def _error(self, message, code=None):
+        # A fresh error object per response: the backend frees it with the response.
+        return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
     def _texts(self, request):
-        items = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)
+        tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+        if tensor is None:
+            raise TextInputError(f"missing input {self.input_name!r}")
+        items = tensor.as_numpy().reshape(-1)
         texts = []
         for i, raw in enumerate(items):
             where = f"item {i}: " if len(items) > 1 else ""
@@ -74,11 +84,11 @@ class TritonPythonModel:
             try:
                 ids = self.tokenizer(self._texts(request)).astype(self.dtype)
             except TextInputError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+                responses.append(pb_utils.InferenceResponse(error=self._error(str(exc), self.invalid_arg)))
                 continue
             except Exception as exc:  # noqa: BLE001 - still only this request's failure
                 message = f"{self.input_name}: tokenization failed: {type(exc).__name__}: {exc}"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(error=self._error(message)))
                 continue
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, ids)]))
         return responses
