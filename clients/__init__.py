@@ -28,6 +28,7 @@ _EXPORTS = {
     "ItemError": "clients.errors",
     "ModelNotFoundError": "clients.errors",
     "RequestError": "clients.errors",
+    "ServerFaultError": "clients.errors",
     "ServerResponseError": "clients.errors",
     "ServerUnavailableError": "clients.errors",
 }
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
         ItemError,
         ModelNotFoundError,
         RequestError,
+        ServerFaultError,
         ServerResponseError,
         ServerUnavailableError,
     )

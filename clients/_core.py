@@ -21,8 +21,10 @@ from clients.errors import (
     ClientTimeoutError,
     ClipClientError,
     InvalidItemError,
+    ItemError,
     ModelNotFoundError,
     RequestError,
+    ServerFaultError,
     ServerResponseError,
     ServerUnavailableError,
 )
@@ -388,6 +390,20 @@ def transport_error(
     if "not ready" in lowered or "server is stopping" in lowered or "shutting down" in lowered:
         return ServerUnavailableError(f"server {options.url}: {msg}")
     return None
+
+
+def item_error(
+    exc: Exception, options: ClientOptions, model: str, index: int, label: str, ready: bool
+) -> ClipClientError:
+    """A one-item request failed: the item's fault only when the server says INVALID_ARGUMENT."""
+    if not ready:
+        return ServerUnavailableError(
+            f"server {options.url} stopped serving {model} (at item {index}, {label}): {message_of(exc)}"
+        )
+    if status_of(exc) == "INVALID_ARGUMENT":
+        return ItemError(index, label, f"rejected by {model}: {message_of(exc)}")
+    return ServerFaultError(index, label, f"{model} at {options.url}: {status_of(exc).lower() or 'error'}: "
+                            f"{message_of(exc)}")
 
 
 def discovery_error(exc: Exception, options: ClientOptions, model: str) -> ClipClientError:

@@ -18,7 +18,7 @@ from clients._core import (
     TowerInfo,
     resolve_options,
 )
-from clients.errors import ClipClientError, ItemError, ServerUnavailableError
+from clients.errors import ClipClientError
 from clients.sync import _check_paths
 
 
@@ -135,12 +135,7 @@ class AsyncClipClient:
             ready = await self._ensure().is_model_ready(tower.model, tower.version, client_timeout=5.0)
         except Exception:  # noqa: BLE001 - any failure here means the server is not answering
             ready = False
-        if not ready:
-            return ServerUnavailableError(
-                f"server {self.options.url} stopped serving {tower.model} (at item {index}, {label}): "
-                f"{_core.message_of(exc)}"
-            )
-        return ItemError(index, label, f"rejected by {tower.model}: {_core.message_of(exc)}")
+        return _core.item_error(exc, self.options, tower.model, index, label, ready)
 
     async def _run_chunk(
         self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable, offload: bool

@@ -39,5 +39,18 @@ class ItemError(ClipClientError):
         super().__init__(f"item {index} ({label}): {reason}")
 
 
+class ServerFaultError(ClipClientError):
+    """The server failed while handling an item (gRPC INTERNAL, UNKNOWN, ...): not the item's fault.
+
+    Only INVALID_ARGUMENT from the server is reported as an ItemError ("your input is bad").
+    `index` and `label` name the item whose request failed."""
+
+    def __init__(self, index: int, label: str, reason: str) -> None:
+        self.index = index
+        self.label = label
+        self.reason = reason
+        super().__init__(f"server fault at item {index} ({label}), not a problem with the item: {reason}")
+
+
 class InvalidItemError(ItemError):
     """The client could not read or encode the item (missing file, unsupported type or array shape)."""

@@ -19,7 +19,7 @@ from clients._core import (
     TowerInfo,
     resolve_options,
 )
-from clients.errors import ClipClientError, ItemError, ServerUnavailableError
+from clients.errors import ClipClientError
 
 
 class ClipClient:
@@ -123,12 +123,7 @@ class ClipClient:
             ready = self._client.is_model_ready(tower.model, tower.version, client_timeout=5.0)
         except Exception:  # noqa: BLE001 - any failure here means the server is not answering
             ready = False
-        if not ready:
-            return ServerUnavailableError(
-                f"server {self.options.url} stopped serving {tower.model} (at item {index}, {label}): "
-                f"{_core.message_of(exc)}"
-            )
-        return ItemError(index, label, f"rejected by {tower.model}: {_core.message_of(exc)}")
+        return _core.item_error(exc, self.options, tower.model, index, label, ready)
 
     def _run_chunk(
         self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable
