@@ -6,7 +6,9 @@ when every stage passed, with the failing stage named otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, MissingDependencyError, Progress, check_writable_parent
+from exporter.common import (
+    ClipTritonError,
+    MissingDependencyError,
+    Progress,
+    check_writable_parent,
+    os_error_message,
+    staged_file,
+)
 from exporter.manifest import MANIFEST_NAME, load_manifest
 from exporter.parity import (
     DEFAULT_SAMPLES,
@@ -80,8 +89,8 @@ def _check_build_options(opts: BuildOptions) -> None:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ClipTritonError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not opts.force:
-        raise ClipTritonError(f"{out} already exists and is not empty; pass --force to rebuild it")
+    if out.is_dir() and any(out.iterdir()) and not opts.force and not _is_build_folder(out):
+        raise ClipTritonError(f"{out} already exists and is not a clip-triton build folder; pass --force to replace it")
     check_writable_parent(out / "export")
     if opts.require_engines or opts.runtime == "tensorrt":
         # Fail before the slow stages when engines are required and cannot be built here.
@@ -94,11 +103,81 @@ def _check_build_options(opts: BuildOptions) -> None:
             raise MissingDependencyError(f"build needs engines ({why}): {exc}") from None
 
 
+def _is_build_folder(out: Path) -> bool:
+    return (out / "build.json").is_file() or (out / "export").is_dir()
+
+
+def _same_model(manifest: Any, opts: BuildOptions) -> str | None:
+    """Why an existing export is not this build's model (None when it is)."""
+    wanted = {
+        "model": opts.model,
+        "pretrained": opts.pretrained,
+        "random weights": bool(opts.random_weights),
+        "seed": opts.seed if opts.random_weights else None,
+    }
+    found = {
+        "model": manifest.model_name,
+        "pretrained": manifest.pretrained,
+        "random weights": bool(manifest.random_weights),
+        "seed": manifest.seed if manifest.random_weights else None,
+    }
+    if opts.checkpoint is not None:
+        from exporter.manifest import sha256_file
+
+        recorded = (manifest.checkpoint or {}).get("sha256")
+        if not Path(opts.checkpoint).is_file() or recorded != sha256_file(Path(opts.checkpoint)):
+            return "it was exported from another checkpoint"
+    diff = [f"{k} {found[k]!r} (this build: {wanted[k]!r})" for k in wanted if wanted[k] != found[k]]
+    return f"it holds {', '.join(diff)}" if diff else None
+
+
+def resumable_stages(out: Path, opts: BuildOptions) -> tuple[set[str], list[str]]:
+    """Stages of an earlier (interrupted) build in `out` whose outputs are complete and verified.
+
+    Returns (stages to reuse, notes for the progress lines). Export and fp16 are reused when every
+    file their manifest section records is present with its recorded size and sha256; anything
+    else is redone. Refuses (ClipTritonError) when `out` holds another model's build.
+    """
+    from exporter.manifest import load_manifest, verify_files
+
+    reuse: set[str] = set()
+    notes: list[str] = []
+    export_dir = out / "export"
+    for leftover in out.glob(".*.tmp-*"):  # staged folders of a killed run: never complete
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    if not export_dir.is_dir():
+        return reuse, notes
+    try:
+        manifest = load_manifest(export_dir)
+    except ClipTritonError as exc:
+        notes.append(f"export/ is incomplete ({str(exc).splitlines()[0]}): redoing it")
+        return reuse, notes
+    other = _same_model(manifest, opts)
+    if other is not None:
+        raise ClipTritonError(f"{out} holds a build of another model: {other}; pass --force to replace it")
+    problem = verify_files(export_dir, manifest.files)
+    if problem is not None:
+        notes.append(f"export/ cannot be reused ({problem}): redoing it")
+        return reuse, notes
+    reuse.add("export")
+    notes.append("export/ is complete (checksums verified): reusing it")
+    fp16_files = (manifest.fp16 or {}).get("files") or {}
+    problem = verify_files(export_dir, fp16_files) if manifest.fp16 else "not run"
+    if problem is None:
+        reuse.add("fp16")
+        notes.append("the FP16 graphs are complete (checksums verified): reusing them")
+    else:
+        notes.append(f"fp16: {problem}: redoing it")
+    return reuse, notes
+
+
 def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict[str, Any]:
     """export -> fp16 -> engines (when possible) -> repository -> parity, into opts.out.
 
     Writes OUT/export, OUT/repository, OUT/parity.json, OUT/parity.md and OUT/build.json; raises
     (ParityError exit 1, ClipTritonError exit 2, MissingDependencyError exit 3) naming the stage.
+    Resumable: run again after an interruption and the complete, verified stages are reused
+    (resumable_stages); --force rebuilds everything.
     """
     from exporter.loading import load_model
     from exporter.onnx_export import export_model
@@ -111,15 +190,23 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     record: dict[str, Any] = {"model": opts.model, "stages": {}, "out": str(out.resolve())}
     build = Progress("build", quiet)
     total = time.perf_counter()
+    reuse: set[str] = set()
+    if not opts.force and out.is_dir():
+        reuse, notes = resumable_stages(out, opts)
+        for note in notes:
+            build.info(note)
 
     def timed(stage: str, func: Any) -> Any:
         build.info(f"== {stage} ==")
         start = time.perf_counter()
         try:
             result = func()
-        except ClipTritonError as exc:
+        except (ClipTritonError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = ClipTritonError(os_error_message(exc))
             record["stages"][stage] = {"status": FAIL, "reason": str(exc).splitlines()[0]}
-            _write_build_record(out, record)
+            with contextlib.suppress(OSError):  # the disk may be the very thing that failed
+                _write_build_record(out, record)
             raise _stage_error(stage, exc) from None
         record["stages"].setdefault(stage, {"status": PASS})
         record["stages"][stage]["seconds"] = round(time.perf_counter() - start, 1)
@@ -138,9 +225,10 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
                 tokenizer_file=opts.tokenizer_file,
                 progress=progress,
             )
+        # The build owns OUT/export: an incomplete one (resumable_stages said why) is replaced.
         export_model(
             loaded, export_dir, opset=opts.opset, max_batch=opts.max_batch, exporter=opts.exporter,
-            force=opts.force, progress=progress,
+            force=True, progress=progress,
         )
 
     def engines() -> bool:
@@ -163,8 +251,17 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
             return False
         return True
 
-    timed("export", export)
-    timed("fp16", lambda: make_fp16(export_dir, progress=Progress("fp16", quiet)))
+    def reused(stage: str) -> None:
+        record["stages"][stage] = {"status": PASS, "reused": True}
+
+    if "export" in reuse:
+        reused("export")
+    else:
+        timed("export", export)
+    if "fp16" in reuse:
+        reused("fp16")
+    else:
+        timed("fp16", lambda: make_fp16(export_dir, progress=Progress("fp16", quiet)))
     built_engines = timed("engines", engines)
     runtime = opts.runtime if opts.runtime != "auto" else ("tensorrt" if built_engines else "python")
     record["runtime"], record["precision"] = runtime, opts.precision
@@ -172,7 +269,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         "repository",
         lambda: write_repository(
             export_dir, repo_dir, RepositoryOptions(runtime=runtime, precision=opts.precision),
-            force=opts.force, progress=Progress("repository", quiet),
+            force=True, progress=Progress("repository", quiet),
         ),
     )
     result = timed(
@@ -200,9 +297,8 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
 def _write_build_record(out: Path, record: dict[str, Any]) -> None:
     record.setdefault("passed", False)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".build.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out / "build.json")
+    with staged_file(out / "build.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

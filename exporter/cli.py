@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from exporter.common import ClipTritonError, Progress
+from exporter.common import ClipTritonError, Progress, os_error_message
 
 app = typer.Typer(
     name="clip-triton",
@@ -389,6 +389,9 @@ def main() -> None:
     except ClipTritonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a full disk, a vanished folder: the stages clean up their staged output
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         sys.exit(130)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import os
 import shutil
@@ -31,6 +32,14 @@ class MissingDependencyError(ClipTritonError):
     """A needed package or device is absent (TensorRT, a GPU): exit code 3."""
 
     exit_code = 3
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed file operation (a full disk above all), naming the path."""
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device{where}; free some space and run again (nothing was left half-written)"
+    return f"{exc.strerror or exc}{where}"
 
 
 class ParityError(ClipTritonError):
@@ -92,11 +101,58 @@ def check_writable_parent(dest: Path) -> None:
         raise ClipTritonError(f"cannot write to {dest}: {parent} is not writable")
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_permissions(root: Path) -> None:
+    """Give a staged output the modes a plain mkdir/open would have (0777/0666 less the umask).
+
+    mkdtemp/mkstemp create 0700/0600, which would leak into the result: Triton in KServe runs as
+    uid 1000 and must read every file a user deploys.
+    """
+    mask = current_umask()
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        mode = 0o777 if path.is_dir() else 0o666 | (path.stat().st_mode & 0o111)
+        os.chmod(path, mode & ~mask)
+
+
+def _rename_no_replace(src: Path, dest: Path) -> None:
+    """rename(2) `src` onto `dest`, refusing if `dest` appeared meanwhile (another run finished first).
+
+    A folder renames onto a missing or empty folder only, so between two concurrent runs exactly one
+    wins; the loser gets a clear error instead of silently replacing the winner's output.
+    """
+    try:
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise FileExistsError(str(dest))
+        os.rename(src, dest)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ClipTritonError(
+            f"{dest} was written by another run while this one worked; nothing replaced "
+            "(pass --force to replace it)"
+        ) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ClipTritonError(
+                f"{dest} was written by another run while this one worked; nothing replaced "
+                "(pass --force to replace it)"
+            ) from exc
+        raise
+
+
 @contextlib.contextmanager
 def staged_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; move it into place only if the block succeeds.
 
-    A failure (or Ctrl-C) leaves `dest` exactly as it was: never a half-written output.
+    A failure (or Ctrl-C) leaves `dest` exactly as it was: never a half-written output. Without
+    `force`, the move refuses (atomically) an output another run put in place meanwhile.
     """
     dest = Path(dest)
     if dest.exists() and not force:
@@ -107,6 +163,10 @@ def staged_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        publish_permissions(tmp)
+        if not force:
+            _rename_no_replace(tmp, dest)
+            return
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

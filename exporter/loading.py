@@ -8,6 +8,7 @@ same model from the manifest).
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,50 @@ def _preprocess_config(model: Any, overrides: dict[str, Any]) -> PreprocessConfi
     )
 
 
+_HUB_STATE: dict[str, str | None] = {}
+
+
+def hub_offline_reason(progress: Progress | None = None, timeout: float = 3.0) -> str | None:
+    """Why the model hub cannot be used (None when it can), decided once per process.
+
+    Honours HF_HUB_OFFLINE; otherwise one TCP connect to the hub's endpoint. When it fails, the hub
+    libraries are switched to offline mode (cache only) so nothing spends ~45 s per stage retrying,
+    and the reason is said in one line.
+    """
+    if "reason" in _HUB_STATE:
+        return _HUB_STATE["reason"]
+    reason: str | None = None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        import socket
+        from urllib.parse import urlparse
+
+        try:
+            from huggingface_hub import constants as hub_constants
+
+            endpoint = urlparse(hub_constants.ENDPOINT)
+            host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except ImportError:
+            reason = None  # no hub library: nothing will try to reach it
+        except OSError as exc:
+            reason = f"the model hub is unreachable ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                from huggingface_hub import constants as hub_constants
+
+                hub_constants.HF_HUB_OFFLINE = True  # read at import: set the live value too
+            except ImportError:
+                pass
+            if progress is not None:
+                progress.warn(f"{reason}: working offline (hub files only from the local cache)")
+    _HUB_STATE["reason"] = reason
+    return reason
+
+
 def _tokenizer(
     name: str, model: Any, tokenizer_file: Path | None, progress: Progress
 ) -> tuple[TokenizerConfig, Any | None]:
@@ -174,11 +219,13 @@ def _tokenizer(
         tok = FileTokenizer(Path(tokenizer_file), cfg)
         cfg.hf_file = Path(tokenizer_file).name
         return cfg, tok
+    offline = hub_offline_reason(progress)
     try:
         tok = open_clip.get_tokenizer(name)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure means: not available here
+        why = f"{offline}, not in the local cache" if offline else type(exc).__name__
         progress.warn(
-            f"the {hf_name or 'SigLIP'} tokenizer could not be loaded ({type(exc).__name__}); "
+            f"the {hf_name or 'SigLIP'} tokenizer could not be loaded ({why}); "
             "export uses synthetic token ids; pass --tokenizer-file tokenizer.json to serve text"
         )
         return cfg, None
@@ -245,12 +292,13 @@ def load_model(
     used_seed: int | None = None
     if pretrained is not None:
         _check_tag(name, pretrained)
+        offline = hub_offline_reason(progress)
         try:
             model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
         except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
             raise ClipTritonError(
                 f"could not fetch pretrained weights {name}/{pretrained} "
-                f"({type(exc).__name__}; offline?): download them where there is network and "
+                f"({offline or type(exc).__name__}): download them where there is network and "
                 "pass --checkpoint FILE"
             ) from None
     else:

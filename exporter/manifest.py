@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError
+from exporter.common import ClipTritonError, staged_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -131,9 +131,8 @@ class Manifest:
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)  # atomic: a reader never sees half a manifest
+        with staged_file(path) as tmp:  # atomic: a reader never sees half a manifest
+            tmp.write_text(self.to_json())
         return path
 
 
@@ -173,3 +172,17 @@ def file_record(path: Path) -> dict[str, Any]:
             size += item.stat().st_size
         return {"sha256": digest.hexdigest(), "bytes": size}
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def verify_files(directory: Path, records: dict[str, Any]) -> str | None:
+    """The first recorded file that is missing or whose size or checksum differs; None if all match."""
+    if not records:
+        return "no files recorded"
+    for name, record in sorted(records.items()):
+        path = Path(directory) / name
+        if not path.exists():
+            return f"{name} is missing"
+        actual = file_record(path)
+        if actual["bytes"] != record.get("bytes") or actual["sha256"] != record.get("sha256"):
+            return f"{name} differs from its recorded checksum"
+    return None
