@@ -241,6 +241,17 @@ def _model_parameters(manifest: Manifest) -> dict[str, str]:
     return params
 
 
+PIXEL_MARGIN = 10.0  # beyond what mean/std allow: room for other pipelines, far below float32 overflow
+
+
+def _valid_range(manifest: Manifest, tower: str) -> str:
+    if tower == "text":
+        return f"0,{manifest.tokenizer.vocab_size}"
+    pre = manifest.preprocess
+    ends = [(edge - m) / s for m, s in zip(pre.mean, pre.std, strict=True) for edge in (0.0, 1.0)]
+    return f"{min(ends) - PIXEL_MARGIN:.6g},{max(ends) + PIXEL_MARGIN:.6g}"
+
+
 def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str) -> dict[str, Any]:
     """The six ModelConfig protobufs, keyed by role (see model_names)."""
     pb = _pb()
@@ -302,10 +313,10 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         else:
             enc.backend = "python"
             _set_params(enc, {"optimize": "false" if opts.precision == "fp16" else "true"})
-        if tower == "text":
-            # Token ids outside the embedding table make the runtime fault: the encoder refuses them
-            # (python runtime; the real backends ignore the parameter, see docs/limits.md).
-            _set_params(enc, {"valid_range": f"0,{manifest.tokenizer.vocab_size}"})
+        # Inputs no client of the ensembles can produce, refused by the encoder (python runtime; the
+        # real backends ignore the parameter, see docs/limits.md): token ids outside the embedding
+        # table fault the runtime; pixels far outside the normalised range overflow to NaN.
+        _set_params(enc, {"valid_range": _valid_range(manifest, tower)})
         enc.input.add(**_tensor(pb, spec_in.name, _triton_type(spec_in.dtype), dims))
         enc.output.add(**_tensor(pb, spec_out.name, _triton_type(spec_out.dtype), [dim]))
         configs[f"{tower}_encoder"] = enc

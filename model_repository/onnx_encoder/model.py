@@ -62,9 +62,11 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
-        # "low,high": integer inputs must lie in [low, high) (token ids inside the vocabulary).
+        # "low,high": integer inputs must lie in [low, high) (token ids inside the vocabulary), float
+        # inputs in [low, high] (pixels a normalised image can have, with a margin): huge finite
+        # pixels overflow float32 inside LayerNorm and would come back as a NaN embedding.
         bounds = _param(config, "valid_range")
-        self.valid_range = tuple(int(b) for b in bounds.split(",")) if bounds else None
+        self.valid_range = tuple(float(b) for b in bounds.split(",")) if bounds else None
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
 
     def _check(self, array):
@@ -75,14 +77,20 @@ class TritonPythonModel:
             if not np.all(np.isfinite(array)):
                 bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
                 raise _RequestError(f"{self.input}: {bad} non-finite value(s) (NaN or inf); pixels must be finite")
+            if self.valid_range is not None:
+                low, high = self.valid_range
+                lo, hi = float(array.min()), float(array.max())
+                if lo < low or hi > high:
+                    raise _RequestError(
+                        f"{self.input}: value {lo if lo < low else hi:.4g} outside [{low:g}, {high:g}], "
+                        "the range of normalised pixels (mean/std of the model's preprocessing)"
+                    )
         elif array.dtype.kind in "iu" and self.valid_range is not None:
-            low, high = self.valid_range
+            low, high = (int(b) for b in self.valid_range)
             lo, hi = int(array.min()), int(array.max())
             if lo < low or hi >= high:
                 worst = lo if lo < low else hi
-                raise _RequestError(
-                    f"{self.input}: token id {worst} outside the vocabulary [{low}, {high})"
-                )
+                raise _RequestError(f"{self.input}: token id {worst} outside the vocabulary [{low}, {high})")
 
     def _run(self, batch):
         outs = self.session.run(self.outputs, {self.input: batch})
