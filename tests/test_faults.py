@@ -157,3 +157,13 @@ def test_unreachable_hub_is_detected_once(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(loading, "_HUB_STATE", {})
     assert loading.hub_offline_reason() == "HF_HUB_OFFLINE is set"
+
+
+def test_repository_limit_defaults_are_the_preprocess_defaults() -> None:
+    from exporter import repository
+    from exporter.common import repository_common_module
+
+    limits = repository_common_module("clip_preprocess").ImageLimits()
+    assert (repository.DEFAULT_MAX_BYTES, repository.DEFAULT_MAX_PIXELS) == (limits.max_bytes, limits.max_pixels)
+    assert repository.DEFAULT_MAX_ASPECT_RATIO == limits.max_aspect_ratio
+    assert repository.DEFAULT_MAX_RESIZED_PIXELS == limits.max_resized_pixels

@@ -57,7 +57,7 @@ class TritonPythonModel:
         if threads:
             options.intra_op_num_threads = threads
         if _param(config, "optimize", "true").lower() == "false" or ".fp16" in os.path.realpath(path):
-            # ONNX Runtime's CPU optimiser crashes on FP16 ViT graphs (docs/engines.md).
+            # ONNX Runtime's CPU optimiser crashes on FP16 ViT graphs (see ARCHITECTURE.md).
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
