@@ -131,20 +131,15 @@ def _rename_no_replace(src: Path, dest: Path) -> None:
     """
     try:
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            raise FileExistsError(str(dest))
+            raise FileExistsError(errno.EEXIST, "exists", str(dest))
         os.rename(src, dest)
-    except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
         raise ClipTritonError(
             f"{dest} was written by another run while this one worked; nothing replaced "
             "(pass --force to replace it)"
         ) from exc
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise ClipTritonError(
-                f"{dest} was written by another run while this one worked; nothing replaced "
-                "(pass --force to replace it)"
-            ) from exc
-        raise
 
 
 @contextlib.contextmanager
