@@ -195,8 +195,11 @@ def test_oversized_payloads_are_refused_and_memory_returns(hostile, record_prope
     after_ten = _tree_rss_mib(server.process.pid)
     record_property("rss_mib_after_1_and_10_refused_300MB", (after_one, after_ten))
     print(f"tritonserver + stubs RSS after 1 refused 300 MB request: {after_one} MiB, after 10: {after_ten} MiB")
-    # Before the fix each request kept ~185 MB in Triton's gRPC object pool (+1.9 GB over ten).
-    assert after_ten < after_one + 150, (after_one, after_ten)
+    # Before the fix each request kept ~185 MB in Triton's gRPC object pool: +1.7 GB over the nine
+    # later requests. Allocator noise after the fix was +0..190 MiB (shared memory is counted in the
+    # server and the stub alike), so the bound is two payloads: it holds memory that returns and
+    # still fails a per-request leak.
+    assert after_ten - after_one < 2 * 300, (after_one, after_ten)
     _assert_healthy(server, client, reference)
 
 
