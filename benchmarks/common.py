@@ -38,6 +38,7 @@ class Settings:
     warmup_s: float
     max_requests: int  # per level: bounds a run whatever the server's speed
     sections: list[str] = field(default_factory=lambda: ["encoders", "preprocess", "load"])
+    ort_providers: list[str] | None = None  # ONNX Runtime execution providers; None: CPU + what this host runs
 
     @classmethod
     def full(cls, threads: int) -> Settings:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporter.common import staged_file
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of waiting on it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -208,9 +210,8 @@ def _load(path: Path) -> dict[str, Any]:
 def _save(data: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("coverage.json", json.dumps(data, indent=2) + "\n"), ("COVERAGE.md", render_markdown(data))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)  # atomic: a reader never sees half a table
+        with staged_file(out / name) as tmp:  # atomic: a reader never sees half a table
+            tmp.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

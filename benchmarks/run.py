@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import Settings, load_average, machine, now_utc, versions  # noqa: E402
 from exporter.common import ClipTritonError, Progress  # noqa: E402
+from exporter.runtimes.onnxruntime import parse_providers  # noqa: E402
 
 SECTIONS = ("encoders", "preprocess", "load")
 NOT_MEASURED = [
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="work folder for exports and repositories (default: a temp dir)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work folder")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--ort-providers", default="auto",
+                        help="ONNX Runtime execution providers for the encoder section, e.g. cpu,cuda,tensorrt")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
@@ -66,6 +69,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if unknown:
         raise ClipTritonError(f"--sections: unknown {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
     settings.sections = [s for s in SECTIONS if s in args.sections]
+    settings.ort_providers = parse_providers(args.ort_providers)
     if args.models:
         from exporter.loading import check_model_name
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from exporter.common import ClipTritonError
+from clients.errors import UsageError
 
 if TYPE_CHECKING:
     from clients.sync import ClipClient
@@ -40,7 +40,7 @@ def _headers(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ClipTritonError(f"--header expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--header expects KEY=VALUE, got {pair!r}")
         headers[key.strip().lower()] = value  # gRPC metadata keys must be lowercase
     return headers
 
@@ -119,11 +119,11 @@ def embed(
 ) -> None:
     """Embed images (paths) or texts (--text) through the server; print them, or save .npy / .jsonl."""
     if bool(images) == bool(text):
-        raise ClipTritonError("give either image files or --text TEXT (one or more), not both and not neither")
+        raise UsageError("give either image files or --text TEXT (one or more), not both and not neither")
     if out is not None and out.suffix.lower() not in (".npy", ".jsonl"):
-        raise ClipTritonError(f"--out must end in .npy or .jsonl, got {out.name}")
+        raise UsageError(f"--out must end in .npy or .jsonl, got {out.name}")
     if out is not None:
-        from exporter.common import check_writable_parent
+        from clients._files import check_writable_parent
 
         check_writable_parent(out)
     client = _client(
@@ -177,10 +177,10 @@ def embed(
 def _write_embeddings(out: Path, labels: list[str], vectors: Any, kind: str) -> None:
     import numpy as np
 
-    from exporter.common import staged_file
+    from clients._files import staged_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(out) as tmp:
+    with staged_path(out) as tmp:
         if out.suffix.lower() == ".npy":
             with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to the temp name
                 np.save(handle, vectors.astype(np.float32))
@@ -216,9 +216,9 @@ def classify(
 
     names = [name.strip() for name in labels.split(",") if name.strip()]
     if not names:
-        raise ClipTritonError("--labels needs at least one name, e.g. --labels cat,dog")
+        raise UsageError("--labels needs at least one name, e.g. --labels cat,dog")
     if top < 1:
-        raise ClipTritonError(f"--top must be >= 1, got {top}")
+        raise UsageError(f"--top must be >= 1, got {top}")
     client = _client(
         url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
     )
@@ -270,7 +270,7 @@ def search(
     from clients.search import image_files, index_folder
 
     if top < 1:
-        raise ClipTritonError(f"--top must be >= 1, got {top}")
+        raise UsageError(f"--top must be >= 1, got {top}")
     image_files(images)  # a missing folder fails before connecting
     client = _client(
         url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header

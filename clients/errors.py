@@ -1,12 +1,17 @@
-"""The client's exceptions. All derive from ClipTritonError, so the CLI prints them as one line, exit 2."""
+"""The client's exceptions. The client library stands alone (it never imports `exporter`); the
+CLI prints any of them as one line and exits with `exit_code`."""
 
 from __future__ import annotations
 
-from exporter.common import ClipTritonError
 
-
-class ClipClientError(ClipTritonError):
+class ClipClientError(Exception):
     """Base of every error the clients raise."""
+
+    exit_code = 2
+
+
+class UsageError(ClipClientError):
+    """A client command was called with options that cannot work together."""
 
 
 class ServerUnavailableError(ClipClientError):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from clients._core import ProgressCallback
+from clients._files import staged_path
 from clients.errors import ClipClientError
 from clients.sync import ClipClient
 
@@ -77,9 +78,8 @@ def _load_cache(cache: Path, identity: str) -> dict[tuple[str, int, int], np.nda
 
 
 def _save_cache(cache: Path, identity: str, keys: list[tuple[str, int, int]], vectors: np.ndarray) -> bool:
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a path
+        with staged_path(cache) as tmp, open(tmp, "wb") as handle:  # np.savez would append ".npz" to a path
             np.savez(
                 handle,
                 version=np.array(_CACHE_VERSION),
@@ -89,10 +89,8 @@ def _save_cache(cache: Path, identity: str, keys: list[tuple[str, int, int]], ve
                 sizes=np.array([k[2] for k in keys], dtype=np.int64),
                 embeddings=vectors.astype(np.float32),
             )
-        os.replace(tmp, cache)
         return True
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         print(f"[search] WARNING: cannot write the cache {cache}: {exc.strerror or exc}", file=sys.stderr)
         return False
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from exporter import runtimes
 from exporter.common import (
     ClipTritonError,
     MissingDependencyError,
@@ -25,25 +26,16 @@ from exporter.common import (
     staged_file,
 )
 from exporter.manifest import MANIFEST_NAME, load_manifest
-from exporter.parity import (
-    DEFAULT_SAMPLES,
-    FAIL,
-    MIN_COSINE_FP16,
-    MIN_COSINE_FP32,
-    PASS,
-    SKIP,
-    TritonModels,
-    TritonRunner,
-    cosine_rows,
-    format_table,
-    run_parity,
-)
+from exporter.metrics import cosine_rows
+from exporter.parity import DEFAULT_SAMPLES, run_parity
+from exporter.parity_report import FAIL, MIN_COSINE_FP16, MIN_COSINE_FP32, PASS, SKIP, format_table
+from exporter.runtimes.triton import TritonModels, TritonRunner
 
 # ---------------------------------------------------------------------------------------------
 # `clip-triton build`: every stage in order, called directly; the CI entry point
 # ---------------------------------------------------------------------------------------------
 
-BUILD_RUNTIMES = ("auto", "python", "onnxruntime", "tensorrt")
+AUTO = "auto"  # tensorrt when engines were built, else python (runtimes.AUTO_WITH[OUT]_ENGINES)
 
 
 @dataclass
@@ -54,7 +46,7 @@ class BuildOptions:
     checkpoint: Path | None = None
     random_weights: bool = False
     seed: int = 0
-    runtime: str = "auto"  # auto: tensorrt when engines were built, else python
+    runtime: str = AUTO
     precision: str = "fp32"
     skip_engines: bool = False
     require_engines: bool = False
@@ -78,29 +70,36 @@ def _stage_error(stage: str, exc: ClipTritonError) -> ClipTritonError:
 
 
 def _check_build_options(opts: BuildOptions) -> None:
-    if opts.runtime not in BUILD_RUNTIMES:
-        raise ClipTritonError(f"--runtime must be one of {', '.join(BUILD_RUNTIMES)}, got {opts.runtime!r}")
+    if opts.runtime != AUTO and opts.runtime not in runtimes.serving_names():
+        choices = ", ".join((AUTO, *runtimes.serving_names()))
+        raise ClipTritonError(f"--runtime must be one of {choices}, got {opts.runtime!r}")
     if opts.precision not in ("fp32", "fp16"):
         raise ClipTritonError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
     if opts.skip_engines and opts.require_engines:
         raise ClipTritonError("--skip-engines and --require-engines contradict each other")
-    if opts.skip_engines and opts.runtime == "tensorrt":
-        raise ClipTritonError("--runtime tensorrt needs engines: drop --skip-engines")
+    if opts.skip_engines and _needs_engines(opts.runtime):
+        raise ClipTritonError(f"--runtime {opts.runtime} needs engines: drop --skip-engines")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ClipTritonError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not opts.force and not _is_build_folder(out):
         raise ClipTritonError(f"{out} already exists and is not a clip-triton build folder; pass --force to replace it")
     check_writable_parent(out / "export")
-    if opts.require_engines or opts.runtime == "tensorrt":
+    if opts.require_engines or _needs_engines(opts.runtime):
         # Fail before the slow stages when engines are required and cannot be built here.
-        from exporter.engines import require_runtime
+        from exporter.runtimes.tensorrt import require_runtime
 
-        why = "--require-engines" if opts.require_engines else "--runtime tensorrt"
+        why = "--require-engines" if opts.require_engines else f"--runtime {opts.runtime}"
         try:
             require_runtime()
         except MissingDependencyError as exc:
             raise MissingDependencyError(f"build needs engines ({why}): {exc}") from None
+
+
+def _needs_engines(runtime: str) -> bool:
+    """The runtime serves the engines stage's plans."""
+    entry = runtimes.find(runtime)
+    return entry is not None and entry.serving is not None and entry.serving.fmt == "plan"
 
 
 def _is_build_folder(out: Path) -> bool:
@@ -241,11 +240,11 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         try:
             build_engines(export_dir, progress=Progress("engines", quiet))
         except MissingDependencyError as exc:
-            if opts.require_engines or opts.runtime == "tensorrt":
+            if opts.require_engines or _needs_engines(opts.runtime):
                 raise
             record["stages"]["engines"] = {"status": SKIP, "reason": str(exc)}
             build.warn(
-                f"no TensorRT engines built: {exc}. The repository uses the python runtime; "
+                f"no TensorRT engines built: {exc}. The repository uses the {runtimes.AUTO_WITHOUT_ENGINES} runtime; "
                 "pass --require-engines to make this an error"
             )
             return False
@@ -263,7 +262,10 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     else:
         timed("fp16", lambda: make_fp16(export_dir, progress=Progress("fp16", quiet)))
     built_engines = timed("engines", engines)
-    runtime = opts.runtime if opts.runtime != "auto" else ("tensorrt" if built_engines else "python")
+    if opts.runtime == AUTO:
+        runtime = runtimes.AUTO_WITH_ENGINES if built_engines else runtimes.AUTO_WITHOUT_ENGINES
+    else:
+        runtime = opts.runtime
     record["runtime"], record["precision"] = runtime, opts.precision
     timed(
         "repository",
@@ -306,6 +308,9 @@ def _write_build_record(out: Path, record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+DEMO_RUNTIME = runtimes.AUTO_WITHOUT_ENGINES  # runs on any host and on the embedded server
+
+
 def reusable_build(out: Path, model: str) -> bool:
     """A previous passing demo build of the same model, with its repository, lies in `out`."""
     try:
@@ -317,7 +322,7 @@ def reusable_build(out: Path, model: str) -> bool:
         manifest.model_name == model
         and manifest.random_weights
         and bool(record.get("passed"))
-        and record.get("runtime") == "python"
+        and record.get("runtime") == DEMO_RUNTIME
         and (Path(out) / "repository" / MANIFEST_NAME).is_file()
         and (Path(out) / "parity.json").is_file()
     )
@@ -332,7 +337,7 @@ def run_demo(model: str, out: Path, quiet: bool = False, rebuild: bool = False, 
     progress = Progress("demo", quiet)
     if rebuild or not reusable_build(out, model):
         run_build(
-            BuildOptions(model=model, out=out, random_weights=True, runtime="python", skip_engines=True,
+            BuildOptions(model=model, out=out, random_weights=True, runtime=DEMO_RUNTIME, skip_engines=True,
                          force=True),
             quiet=quiet,
         )

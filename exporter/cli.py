@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from clients.errors import ClipClientError
 from exporter.common import ClipTritonError, Progress, os_error_message
 
 app = typer.Typer(
@@ -283,10 +284,18 @@ def parity(
     texts: TextsOpt = None,
     report: Annotated[Path | None, typer.Option(help="JSON report (default: EXPORT/parity.json).")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Markdown report (default: beside the JSON).")] = None,
+    ort_providers: Annotated[
+        str,
+        typer.Option(
+            help="ONNX Runtime execution providers to check, e.g. cpu,cuda,tensorrt (auto: CPU plus every GPU "
+            "provider this host can run; $CLIP_TRITON_ORT_PROVIDERS sets the default)."
+        ),
+    ] = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Compare every stage that exists (ONNX FP32/FP16, TensorRT, live Triton) with PyTorch; exit 1 on drift."""
     from exporter.parity import run_parity
+    from exporter.runtimes.onnxruntime import parse_providers
 
     run_parity(
         export,
@@ -299,6 +308,7 @@ def parity(
         texts=texts,
         report=report,
         markdown=markdown,
+        providers=parse_providers(ort_providers),
         progress=Progress("parity", quiet),
         echo=typer.echo,
     )
@@ -386,7 +396,7 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
     try:
         app()  # standalone: usage errors print Typer's message and exit 2
-    except ClipTritonError as exc:
+    except (ClipTritonError, ClipClientError) as exc:  # the client library has its own error base
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a full disk, a vanished folder: the stages clean up their staged output

@@ -10,7 +10,6 @@ runs only on the GPU family and TensorRT version that built it, so both go in th
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import tempfile
 import time
@@ -18,20 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from exporter.common import ClipTritonError, MissingDependencyError, ParityError, Progress, staged_file
-from exporter.manifest import (
-    IMAGE_FP16_ONNX,
-    IMAGE_PLAN,
-    TEXT_FP16_ONNX,
-    TEXT_PLAN,
-    TOWERS,
-    Manifest,
-    file_record,
-    load_manifest,
-)
-from exporter.parity import compare_embeddings
+from exporter.common import ClipTritonError, ParityError, Progress, staged_file
+from exporter.manifest import TOWERS, Manifest, file_record, load_manifest
+from exporter.metrics import compare_embeddings, worst_of
+from exporter.runtimes.tensorrt import EngineRunner, TensorRTHost, require_runtime
+from exporter.runtimes.torch import torch_embed, tower_modules
+from exporter.samples import sample_inputs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -39,12 +30,7 @@ if TYPE_CHECKING:
 ENGINE_MIN_COSINE = 0.999
 DEFAULT_OPT_BATCH = 32
 MAX_BUILDER_LEVEL = 5
-PLANS = {"image": IMAGE_PLAN, "text": TEXT_PLAN}
-FP16_GRAPHS = {"image": IMAGE_FP16_ONNX, "text": TEXT_FP16_ONNX}
-CONTAINER_HINT = (
-    "run inside NVIDIA's TensorRT/Triton container (nvcr.io/nvidia/tritonserver:<YY.MM>-py3) "
-    "or `pip install 'clip-triton[tensorrt]'` on a GPU host"
-)
+
 
 
 @dataclass(frozen=True)
@@ -71,67 +57,10 @@ def resolve_profile(
     return BatchProfile(min_batch, opt, top)
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """What the build needs from the host: the tensorrt module and the GPU it builds for."""
-
-    trt: Any
-    version: str
-    major: int
-    minor: int
-    gpu: str
-    compute_capability: str
-
-
-def find_tensorrt() -> tuple[Any | None, str | None]:
-    """(module, None) or (None, why). A stub-only `tensorrt` (type stubs, no bindings) counts as missing."""
-    try:
-        module = importlib.import_module("tensorrt")
-    except ImportError as exc:
-        return None, f"the tensorrt package is not installed ({exc})"
-    except Exception as exc:  # noqa: BLE001 - a broken install (missing libnvinfer) raises OSError etc.
-        return None, f"the tensorrt package failed to import ({type(exc).__name__}: {exc})"
-    if not hasattr(module, "Builder"):
-        return None, "the tensorrt package is not installed (only its type stubs are)"
-    return module, None
-
-
-def _find_gpu() -> tuple[str, str] | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.get_device_name(0), f"{major}.{minor}"
-
-
-def require_runtime() -> Runtime:
-    """TensorRT >= 10 and a CUDA GPU, or MissingDependencyError (exit 3) saying which is missing."""
-    module, why = find_tensorrt()
-    gpu = _find_gpu()
-    if module is None and gpu is None:
-        raise MissingDependencyError(f"engines need TensorRT and a CUDA GPU: {why} and no GPU is visible; "
-                                     + CONTAINER_HINT)
-    if module is None:
-        raise MissingDependencyError(f"engines need TensorRT: {why}; {CONTAINER_HINT}")
-    if gpu is None:
-        raise MissingDependencyError(
-            f"engines need a CUDA GPU (TensorRT {module.__version__} is installed but torch sees no GPU); "
-            "build on the GPU that will serve the plans"
-        )
-    version = str(module.__version__)
-    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()] + [0, 0]
-    if parts[0] < 10:
-        raise MissingDependencyError(f"engines need TensorRT >= 10, found {version}; {CONTAINER_HINT}")
-    return Runtime(module, version, parts[0], parts[1], gpu[0], gpu[1])
-
-
 # ---------------------------------------------------------------- build
 
 
-def _typing_mode(runtime: Runtime) -> str:
+def _typing_mode(runtime: TensorRTHost) -> str:
     if runtime.major >= 11:
         return "strongly typed (TensorRT 11: always)"
     if (runtime.major, runtime.minor) >= (10, 12):
@@ -139,7 +68,7 @@ def _typing_mode(runtime: Runtime) -> str:
     return "weakly typed with BuilderFlag.FP16 (TensorRT < 10.12)"
 
 
-def _create_network(builder: trt.Builder, runtime: Runtime) -> trt.INetworkDefinition:
+def _create_network(builder: trt.Builder, runtime: TensorRTHost) -> trt.INetworkDefinition:
     import tensorrt as t
 
     if runtime.major >= 11:
@@ -169,7 +98,7 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITi
 
 
 def build_plan(
-    runtime: Runtime,
+    runtime: TensorRTHost,
     onnx_path: Path,
     plan_path: Path,
     input_name: str,
@@ -224,48 +153,6 @@ def build_plan(
 # ---------------------------------------------------------------- run
 
 
-class EngineRunner:
-    """Runs a plan on torch CUDA tensors (TensorRT 10+ API: set_input_shape/set_tensor_address)."""
-
-    def __init__(self, runtime: Runtime, plan_path: Path) -> None:
-        import tensorrt as t
-
-        self.logger = t.Logger(t.Logger.WARNING)
-        self.runtime = t.Runtime(self.logger)
-        engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if engine is None:
-            raise ClipTritonError(f"TensorRT could not load {plan_path.name} (built for another GPU/TensorRT?)")
-        self.engine: trt.ICudaEngine = engine
-        self.context: trt.IExecutionContext = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in names if engine.get_tensor_mode(n) == t.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if engine.get_tensor_mode(n) == t.TensorIOMode.OUTPUT]
-
-    def __call__(self, inputs: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        import tensorrt as t
-        import torch
-
-        name = self.inputs[0]
-        want = np.dtype(t.nptype(self.engine.get_tensor_dtype(name)))
-        device_in = torch.from_numpy(np.ascontiguousarray(inputs.astype(want))).cuda()
-        if not self.context.set_input_shape(name, tuple(inputs.shape)):
-            raise ClipTritonError(f"batch {inputs.shape[0]} is outside the engine's profile")
-        self.context.set_tensor_address(name, device_in.data_ptr())
-        results = []
-        for out_name in self.outputs:
-            dims = self.context.get_tensor_shape(out_name)
-            shape = tuple(int(dims[i]) for i in range(len(dims)))
-            dtype = np.dtype(t.nptype(self.engine.get_tensor_dtype(out_name)))
-            out = torch.empty(shape, dtype=getattr(torch, dtype.name), device="cuda")
-            self.context.set_tensor_address(out_name, out.data_ptr())
-            results.append(out)
-        stream = torch.cuda.Stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ClipTritonError("TensorRT execution failed")
-        stream.synchronize()
-        return results[0].float().cpu().numpy()
-
-
 def parity_batches(profile: BatchProfile) -> list[int]:
     """The smallest batch and 8 (or the nearest batch the profile allows)."""
     return sorted({profile.min, min(max(8, profile.min), profile.max)})
@@ -300,7 +187,9 @@ def build_engines(
     manifest = load_manifest(export_dir)
     profile = resolve_profile(min_batch, opt_batch, max_batch, manifest.max_batch)
     runtime = require_runtime()
-    missing = [name for name in FP16_GRAPHS.values() if not (export_dir / name).is_file()]
+    graphs = manifest.artifacts("onnx", "fp16")
+    plans = manifest.artifacts("plan", "fp16")
+    missing = [name for name in graphs.values() if not (export_dir / name).is_file()]
     if missing or manifest.fp16 is None:
         raise ClipTritonError(f"{export_dir} has no FP16 graphs ({', '.join(missing) or 'manifest'}); "
                               "run `clip-triton fp16 --export DIR` first")
@@ -315,7 +204,6 @@ def build_engines(
     )
 
     from exporter.loading import load_reference
-    from exporter.onnx_export import sample_inputs, torch_embed, tower_modules
 
     with progress.step(f"rebuilding the PyTorch reference {manifest.model_name}"):
         loaded = load_reference(manifest, export_dir=export_dir)
@@ -325,10 +213,10 @@ def build_engines(
         towers: dict[str, Any] = {}
         for tower in TOWERS:
             spec = manifest.tower(tower)
-            plan = stage / PLANS[tower]
+            plan = stage / plans[tower]
             info = build_plan(
                 runtime,
-                export_dir / FP16_GRAPHS[tower],
+                export_dir / graphs[tower],
                 plan,
                 spec.input.name,
                 spec.input.shape,
@@ -345,22 +233,15 @@ def build_engines(
                     inputs = sample_inputs(loaded, tower, batch)
                     results[f"batch_{batch}"] = compare_embeddings(torch_embed(modules[tower], inputs), runner(inputs))
                 del runner
-            worst = min(results.values(), key=lambda r: r["min_cosine"])
-            towers[tower] = {
-                "min_cosine": worst["min_cosine"],
-                "mean_cosine": min(r["mean_cosine"] for r in results.values()),
-                "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
-                "batches": results,
-                **info,
-            }
-            progress.info(f"{tower} tower: min cosine {worst['min_cosine']:.7f}")
+            towers[tower] = {**worst_of(results), **info}
+            progress.info(f"{tower} tower: min cosine {towers[tower]['min_cosine']:.7f}")
         bad = [t for t in TOWERS if towers[t]["min_cosine"] < min_cosine]
         if bad:
             detail = ", ".join(f"{t} tower min cosine {towers[t]['min_cosine']:.6f}" for t in bad)
             raise ParityError(f"TensorRT parity failed: {detail} < {min_cosine} (engine vs PyTorch FP32); "
                               "no plans written")
         for tower in TOWERS:
-            (stage / PLANS[tower]).replace(export_dir / PLANS[tower])
+            (stage / plans[tower]).replace(export_dir / plans[tower])
         manifest.engines = {
             "tensorrt": runtime.version,
             "gpu": runtime.gpu,
@@ -373,7 +254,7 @@ def build_engines(
             "threshold": min_cosine,
             "compared_with": "PyTorch FP32",
             "note": "a plan runs only on this GPU family (compute capability) and TensorRT version",
-            "files": {PLANS[t]: file_record(export_dir / PLANS[t]) for t in TOWERS},
+            "files": {plans[t]: file_record(export_dir / plans[t]) for t in TOWERS},
             **towers,
         }
         manifest.versions["tensorrt"] = runtime.version

@@ -26,6 +26,15 @@ TEXT_PLAN = "text_encoder.plan"
 
 TOWERS = ("image", "text")
 
+# The one artifact table: which file each stage writes, per format and precision, and tower.
+# A manifest section may record other names (`Manifest.artifacts` reads them first).
+ARTIFACTS: dict[tuple[str, str], dict[str, str]] = {
+    ("onnx", "fp32"): {"image": IMAGE_ONNX, "text": TEXT_ONNX},  # export
+    ("onnx", "fp16"): {"image": IMAGE_FP16_ONNX, "text": TEXT_FP16_ONNX},  # fp16
+    ("plan", "fp16"): {"image": IMAGE_PLAN, "text": TEXT_PLAN},  # engines (precision set by the FP16 graph)
+}
+STAGE_OF_ARTIFACT = {("onnx", "fp32"): "export", ("onnx", "fp16"): "fp16", ("plan", "fp16"): "engines"}
+
 
 @dataclass
 class PreprocessConfig:
@@ -105,6 +114,24 @@ class Manifest:
         if name not in TOWERS:
             raise ValueError(f"unknown tower {name!r}; expected one of {TOWERS}")
         return self.image if name == "image" else self.text
+
+    def artifacts(self, fmt: str, precision: str) -> dict[str, str]:
+        """tower -> file name of an artifact (ARTIFACTS), as this manifest's sections record it."""
+        key = (fmt, precision)
+        if key not in ARTIFACTS:
+            raise ValueError(f"no {precision} {fmt} artifact exists; known: {sorted(ARTIFACTS)}")
+        names = dict(ARTIFACTS[key])
+        if key == ("onnx", "fp32"):
+            return {tower: self.tower(tower).file for tower in TOWERS}
+        section = self.fp16 if fmt == "onnx" else self.engines
+        if isinstance(section, dict):  # written by an older version: names may live per tower
+            for tower in TOWERS:
+                entry = section.get(tower)
+                if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                    names[tower] = entry["file"]
+                elif isinstance(entry, str) and entry.endswith((".onnx", ".plan")):
+                    names[tower] = entry
+        return names
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

@@ -19,121 +19,17 @@ import numpy as np
 
 from exporter.common import ClipTritonError, ParityError, Progress, staged_dir
 from exporter.loading import LoadedModel
-from exporter.manifest import (
-    IMAGE_ONNX,
-    TEXT_ONNX,
-    Manifest,
-    TensorSpec,
-    TowerSpec,
-    file_record,
-)
-from exporter.parity import compare_embeddings
+from exporter.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
+from exporter.metrics import compare_embeddings, worst_of
+from exporter.runtimes.onnxruntime import ort_embed, ort_session
+from exporter.runtimes.torch import torch_embed, tower_modules
+from exporter.samples import TOKEN_DTYPE, sample_inputs
 
 DEFAULT_OPSET = 18
 EXPORT_MIN_COSINE = 0.99999
 # Protobuf's hard limit is 2 GiB; stay under it with room for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixel_values", "input_ids", "embedding"
-TOKEN_DTYPE = "int32"
-
-# Captions of very different lengths in one batch: a dropped mask or wrong pooling shows here.
-SAMPLE_CAPTIONS = [
-    "a photo of a cat",
-    "",
-    "A very long caption " + "that keeps going and going " * 12 + "until it is truncated.",
-    "un chien qui court sur la plage à Zürich ☀️",
-    "a diagram",
-    "two dogs playing in the snow next to a red wooden house",
-    "!!!",
-    "x",
-]
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
-
-
-def tower_modules(loaded: LoadedModel) -> dict[str, Any]:
-    """The two exportable wrappers: inputs -> L2-normalised embeddings."""
-    torch: Any = _torch()  # a module object: mypy cannot see torch.nn.Module through it
-    functional = torch.nn.functional
-
-    class ImageEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: Any) -> Any:
-            return functional.normalize(self.model.encode_image(pixel_values), dim=-1)
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any) -> Any:
-            return functional.normalize(self.model.encode_text(input_ids), dim=-1)
-
-    return {"image": ImageEncoder(loaded.model).eval(), "text": TextEncoder(loaded.model).eval()}
-
-
-def sample_pixels(loaded: LoadedModel, batch: int, seed: int = 0) -> np.ndarray:
-    """Normalised pixel tensors in the range real images produce (not unit Gaussians)."""
-    h, w = loaded.preprocess.size
-    rng = np.random.default_rng(seed)
-    raw = rng.random((batch, 3, h, w), dtype=np.float32)
-    # Smooth a little, like natural images, then normalise exactly as preprocessing does.
-    raw = (raw + np.roll(raw, 1, axis=2) + np.roll(raw, 1, axis=3)) / 3.0
-    mean = np.asarray(loaded.preprocess.mean, np.float32)[None, :, None, None]
-    std = np.asarray(loaded.preprocess.std, np.float32)[None, :, None, None]
-    return ((raw - mean) / std).astype(np.float32)
-
-
-def sample_token_ids(loaded: LoadedModel, batch: int, seed: int = 0) -> np.ndarray:
-    """Real token ids of captions of different lengths, or synthetic ones without a tokenizer."""
-    captions = [SAMPLE_CAPTIONS[i % len(SAMPLE_CAPTIONS)] for i in range(batch)]
-    cfg = loaded.tokenizer_cfg
-    if loaded.tokenizer is not None:
-        ids = np.asarray(loaded.tokenizer(captions))
-    else:
-        rng = np.random.default_rng(seed)
-        ids = np.full((batch, cfg.context_length), cfg.pad_id, dtype=np.int64)
-        lengths = [max(1, min(cfg.context_length, 2 + len(c.split()))) for c in captions]
-        for row, length in enumerate(lengths):
-            ids[row, :length] = rng.integers(2, cfg.vocab_size - 2, size=length)
-            if cfg.eot_id is not None:  # eos-pooled towers pool where eos is (MetaCLIP2)
-                ids[row, length - 1] = cfg.eot_id
-    return ids.astype(TOKEN_DTYPE)
-
-
-def sample_inputs(loaded: LoadedModel, tower: str, batch: int) -> np.ndarray:
-    return sample_pixels(loaded, batch) if tower == "image" else sample_token_ids(loaded, batch)
-
-
-def torch_embed(module: Any, inputs: np.ndarray) -> np.ndarray:
-    torch = _torch()
-    with torch.no_grad():
-        return module(torch.from_numpy(inputs)).float().numpy()
-
-
-def ort_session(path: Path, providers: list[str] | None = None, optimize: bool = True) -> Any:
-    """An ONNX Runtime session; `optimize=False` for FP16 graphs (ORT 1.32's CPU optimiser crashes)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # Pass providers explicitly: onnxruntime-gpu may have replaced the CPU package.
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-
-
-def ort_embed(session: Any, inputs: np.ndarray) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.asarray(session.run(None, {name: inputs})[0], dtype=np.float32)
-
 
 def _export_graph(
     module: Any,
@@ -148,7 +44,8 @@ def _export_graph(
     Each tower is exported into a scratch folder of its own: a large graph's exporter writes many
     weight files, and they must never be confused with the other tower's.
     """
-    torch = _torch()
+    import torch
+
     example_t = torch.from_numpy(example)
     dynamic_axes = {input_name: {0: "batch"}, OUTPUT: {0: "batch"}}
     scratch = path.parent / f".{path.stem}-raw"
@@ -260,13 +157,7 @@ def verify_tower(
     for batch in batches:
         inputs = sample_inputs(loaded, tower, batch)
         results[f"batch_{batch}"] = compare_embeddings(torch_embed(module, inputs), ort_embed(session, inputs))
-    worst = min(results.values(), key=lambda r: r["min_cosine"])
-    return {
-        "min_cosine": worst["min_cosine"],
-        "mean_cosine": min(r["mean_cosine"] for r in results.values()),
-        "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
-        "batches": results,
-    }
+    return worst_of(results)
 
 
 def versions() -> dict[str, str]:
@@ -305,7 +196,7 @@ def export_model(
     if max_batch < 1:
         raise ClipTritonError("--max-batch must be at least 1")
     modules = tower_modules(loaded)
-    files = {"image": IMAGE_ONNX, "text": TEXT_ONNX}
+    files = ARTIFACTS[("onnx", "fp32")]
     inputs = {"image": IMAGE_INPUT, "text": TEXT_INPUT}
     h, w = loaded.preprocess.size
     shapes = {"image": [-1, 3, h, w], "text": [-1, loaded.tokenizer_cfg.context_length]}
@@ -314,7 +205,7 @@ def export_model(
     timings: dict[str, float] = {}
     parity: dict[str, Any] = {}
     with staged_dir(out, force=force) as tmp:
-        for tower in ("image", "text"):
+        for tower in TOWERS:
             path = tmp / files[tower]
             start = time.perf_counter()
             with progress.step(f"{tower} tower -> {files[tower]}"):
@@ -343,12 +234,12 @@ def export_model(
             preprocess=loaded.preprocess,
             tokenizer=loaded.tokenizer_cfg,
             image=TowerSpec(
-                file=IMAGE_ONNX,
+                file=files["image"],
                 input=TensorSpec(IMAGE_INPUT, dtypes["image"], shapes["image"]),
                 output=TensorSpec(OUTPUT, "float32", [-1, loaded.embed_dim]),
             ),
             text=TowerSpec(
-                file=TEXT_ONNX,
+                file=files["text"],
                 input=TensorSpec(TEXT_INPUT, dtypes["text"], shapes["text"]),
                 output=TensorSpec(OUTPUT, "float32", [-1, loaded.embed_dim]),
             ),

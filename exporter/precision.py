@@ -30,20 +30,15 @@ from typing import Any
 import numpy as np
 
 from exporter.common import ClipTritonError, ParityError, Progress
-from exporter.manifest import (
-    IMAGE_FP16_ONNX,
-    TEXT_FP16_ONNX,
-    TOWERS,
-    Manifest,
-    file_record,
-    load_manifest,
-)
+from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record, load_manifest
+from exporter.metrics import compare_embeddings, top1, worst_of
 from exporter.onnx_export import EXTERNAL_DATA_BYTES, save_onnx
-from exporter.parity import compare_embeddings
+from exporter.runtimes.onnxruntime import ort_embed, ort_session
+from exporter.runtimes.torch import torch_embed, tower_modules
+from exporter.samples import sample_inputs
 
 FP16_MIN_COSINE = 0.999
 FP16_MAX = 65504.0
-FP16_FILES = {"image": IMAGE_FP16_ONNX, "text": TEXT_FP16_ONNX}
 PARITY_BATCHES = (1, 8)
 CALIBRATION_BATCH = 4
 RANGE_CHUNK = 256  # intermediate tensors fetched per calibration run (bounds its memory)
@@ -188,8 +183,6 @@ def _float_value_infos(model: Any) -> list[Any]:
 def tensor_ranges(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
     """Max |value| of every float intermediate tensor of an FP32 graph on `feeds` (ONNX Runtime CPU)."""
     import onnx
-
-    from exporter.onnx_export import ort_session
 
     model = onnx.load(str(model_path), load_external_data=False)
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -420,9 +413,7 @@ def convert_graph(
 
 def _zero_shot_agreement(ref: dict[str, np.ndarray], fp16: dict[str, np.ndarray]) -> float:
     """Share of images whose best-matching caption (top-1) is the same in FP16 as in FP32."""
-    top_ref = np.argmax(ref["image"] @ ref["text"].T, axis=1)
-    top_fp16 = np.argmax(fp16["image"] @ fp16["text"].T, axis=1)
-    return float(np.mean(top_ref == top_fp16))
+    return float(np.mean(top1(ref["image"], ref["text"]) == top1(fp16["image"], fp16["text"])))
 
 
 def make_fp16(
@@ -434,7 +425,6 @@ def make_fp16(
 ) -> Manifest:
     """Convert both towers, check parity vs PyTorch FP32, then (only then) write files + manifest."""
     from exporter.loading import load_reference
-    from exporter.onnx_export import ort_embed, ort_session, sample_inputs, torch_embed, tower_modules
 
     progress = progress or Progress("fp16", quiet=True)
     policy = policy or Fp16Policy.default()
@@ -461,7 +451,7 @@ def make_fp16(
         for tower in TOWERS:
             spec = manifest.tower(tower)
             src = export_dir / spec.file
-            dest = stage / FP16_FILES[tower]
+            dest = stage / ARTIFACTS[("onnx", "fp16")][tower]
             start = time.perf_counter()
             with progress.step(f"{tower} tower: {spec.file} -> {dest.name}"):
                 feeds = None
@@ -484,13 +474,10 @@ def make_fp16(
                     ref_out[tower], fp16_out[tower] = ref, out
                 del session
             seconds[f"{tower}_parity"] = round(time.perf_counter() - start, 2)
-            worst = min(results.values(), key=lambda r: r["min_cosine"])
+            worst = worst_of(results)
             towers[tower] = {
-                "min_cosine": worst["min_cosine"],
-                "mean_cosine": min(r["mean_cosine"] for r in results.values()),
-                "max_abs_diff": max(r["max_abs_diff"] for r in results.values()),
+                **worst,
                 "finite": all(r["finite"] for r in results.values()),
-                "batches": results,
                 "graph": info,
             }
             progress.info(
@@ -526,7 +513,7 @@ def make_fp16(
         for item in files:
             os.replace(item, export_dir / item.name)
         for tower in TOWERS:  # a sidecar from an earlier (larger) conversion would be stale
-            stale = export_dir / (FP16_FILES[tower] + ".data")
+            stale = export_dir / (ARTIFACTS[("onnx", "fp16")][tower] + ".data")
             if stale.exists() and stale.name not in {f.name for f in files}:
                 stale.unlink()
         manifest.fp16 = {

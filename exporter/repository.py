@@ -16,18 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from exporter import runtimes
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
-from exporter.manifest import (
-    IMAGE_FP16_ONNX,
-    IMAGE_PLAN,
-    MANIFEST_NAME,
-    TEXT_FP16_ONNX,
-    TEXT_PLAN,
-    Manifest,
-    load_manifest,
-)
+from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, load_manifest
 
-RUNTIMES = ("tensorrt", "onnxruntime", "python")
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
 DEFAULT_QUEUE_DELAY_US = 2000
@@ -102,25 +94,14 @@ def _triton_type(dtype: str) -> str:
     return NP_TO_TRITON[dtype]
 
 
-def engine_max_batch(manifest: Manifest) -> int | None:
-    """The largest batch the engines' optimisation profile accepts (manifest.engines.profile.max)."""
-    profile = (manifest.engines or {}).get("profile") or {}
-    top = profile.get("max")
-    return int(top) if isinstance(top, int) else None
-
-
 def _check_options(opts: RepositoryOptions) -> str:
-    if opts.runtime not in RUNTIMES:
-        raise ClipTritonError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {opts.runtime!r}")
+    serving = runtimes.serving(opts.runtime)
     if opts.precision not in PRECISIONS:
         raise ClipTritonError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
-    device = opts.device or ("cpu" if opts.runtime == "python" else "gpu")
+    device = opts.device or serving.devices[0]
     if device not in DEVICES:
         raise ClipTritonError(f"--device must be gpu or cpu, got {device!r}")
-    if opts.runtime == "tensorrt" and device == "cpu":
-        raise ClipTritonError("--runtime tensorrt needs --device gpu (TensorRT engines run only on a GPU)")
-    if opts.runtime == "python" and device == "gpu":
-        raise ClipTritonError("--runtime python runs ONNX Runtime on CPU: use --device cpu (or --runtime onnxruntime)")
+    serving.check_device(opts.runtime, device)
     if not opts.prefix or not all(c.isalnum() or c in "_-" for c in opts.prefix):
         raise ClipTritonError(f"--prefix must be letters, digits, '_' or '-', got {opts.prefix!r}")
     if opts.max_batch is not None and opts.max_batch < 1:
@@ -143,41 +124,17 @@ def _check_options(opts: RepositoryOptions) -> str:
 
 def _max_batch(manifest: Manifest, opts: RepositoryOptions) -> int:
     wanted = opts.max_batch if opts.max_batch is not None else manifest.max_batch
-    if opts.runtime != "tensorrt":
-        return int(wanted)
-    limit = engine_max_batch(manifest)
-    if limit is None:
-        raise ClipTritonError(
-            "the manifest records no engine profile max batch (manifest.engines); rebuild the engines "
-            "with `clip-triton engines`"
-        )
-    if opts.max_batch is not None and opts.max_batch > limit:
-        raise ClipTritonError(
-            f"--max-batch {opts.max_batch} exceeds the engines' profile max batch {limit}; "
-            "Triton would refuse to load the model (rebuild the engines with a larger --max-batch)"
-        )
-    return min(int(wanted), limit)
+    return runtimes.serving(opts.runtime).max_batch(manifest, int(wanted), explicit=opts.max_batch is not None)
 
 
 def _encoder_files(export_dir: Path, manifest: Manifest, opts: RepositoryOptions) -> dict[str, Path]:
-    if opts.runtime == "tensorrt":
-        files = {"image": export_dir / IMAGE_PLAN, "text": export_dir / TEXT_PLAN}
-        missing = [p.name for p in files.values() if not p.is_file()]
-        if missing:
-            raise ClipTritonError(
-                f"{export_dir} has no {', '.join(missing)}: run `clip-triton engines` on the target GPU "
-                "first, or pick --runtime onnxruntime or --runtime python"
-            )
-        return files
-    if opts.precision == "fp16":
-        files = {"image": export_dir / IMAGE_FP16_ONNX, "text": export_dir / TEXT_FP16_ONNX}
-        hint = "run `clip-triton fp16` first, or use --precision fp32"
-    else:
-        files = {"image": export_dir / manifest.image.file, "text": export_dir / manifest.text.file}
-        hint = "the export folder is incomplete; re-run `clip-triton export`"
+    """tower -> the export artifact the runtime serves (manifest.ARTIFACTS, as the manifest records it)."""
+    serving = runtimes.serving(opts.runtime)
+    names = manifest.artifacts(*serving.artifact(opts.precision))
+    files = {tower: export_dir / name for tower, name in names.items()}
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
-        raise ClipTritonError(f"{export_dir} has no {', '.join(missing)}: {hint}")
+        raise ClipTritonError(f"{export_dir} has no {', '.join(missing)}: {serving.missing_hint(opts.precision)}")
     return files
 
 
@@ -303,16 +260,7 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         ("text", txt_in, txt_out, txt_dims),
     ):
         enc = _base_config(pb, names[f"{tower}_encoder"], max_batch, opts, encoder_kind)
-        if opts.runtime == "tensorrt":
-            enc.platform = "tensorrt_plan"
-            enc.default_model_filename = "model.plan"
-        elif opts.runtime == "onnxruntime":
-            enc.backend = "onnxruntime"
-            enc.platform = "onnxruntime_onnx"
-            enc.default_model_filename = "model.onnx"
-        else:
-            enc.backend = "python"
-            _set_params(enc, {"optimize": "false" if opts.precision == "fp16" else "true"})
+        runtimes.serving(opts.runtime).configure(enc, opts.precision)
         # Inputs no client of the ensembles can produce, refused by the encoder (python runtime; the
         # real backends ignore the parameter, see docs/limits.md): token ids outside the embedding
         # table fault the runtime; pixels far outside the normalised range overflow to NaN.
@@ -383,7 +331,7 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
         else f"RANDOM weights (seed {manifest.seed}): embeddings are meaningless"
     )
     parity_lines = []
-    for tower in ("image", "text"):
+    for tower in TOWERS:
         rec = manifest.export_parity.get(tower) or {}
         if "min_cosine" in rec:
             parity_lines.append(
@@ -391,7 +339,7 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
             )
     for section in ("fp16", "engines", "parity"):
         data = getattr(manifest, section) or {}
-        for tower in ("image", "text"):
+        for tower in TOWERS:
             rec = data.get(tower) if isinstance(data.get(tower), dict) else None
             if rec and "min_cosine" in rec:
                 parity_lines.append(f"- {section}, {tower}: min cosine {rec['min_cosine']:.7f}")
@@ -414,7 +362,7 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
         f"| `{names['image_encoder']}`, `{names['text_encoder']}` ({opts.runtime}) | ids / pixels | `embedding` |",
     ]
     table = "\n".join(rows)
-    pip = "ftfy regex tokenizers pillow" + (" onnxruntime" if opts.runtime == "python" else "")
+    pip = " ".join(("ftfy", "regex", "tokenizers", "pillow", *runtimes.serving(opts.runtime).pip))
     batching = (
         f"dynamic batching queue delay: {opts.queue_delay_us} µs" if opts.dynamic_batching else "dynamic batching off"
     )
@@ -505,13 +453,14 @@ def write_repository(
                         hf = manifest.tokenizer.hf_file or ""
                         shutil.copy2(export_dir / hf, version / hf)
                 elif role.endswith("_encoder"):
+                    serving = runtimes.serving(opts.runtime)
                     src = files[role.split("_")[0]]
-                    if opts.runtime == "tensorrt":
-                        link_or_copy(src, version / "model.plan", opts.copy_files)
-                    else:
+                    if serving.fmt == "onnx":
                         _place_onnx(src, version, opts.copy_files)
-                        if opts.runtime == "python":
-                            _copy_sources(version, "onnx_encoder/model.py", [])
+                    else:
+                        link_or_copy(src, version / serving.model_file, opts.copy_files)
+                    if serving.python_source is not None:
+                        _copy_sources(version, serving.python_source, [])
         record = {
             "runtime": opts.runtime,
             "precision": opts.precision,

@@ -1,4 +1,5 @@
-"""Built-in, license-clean parity samples: images drawn with PIL/numpy, captions, zero-shot labels.
+"""Built-in, license-clean samples: images drawn with PIL/numpy, captions, zero-shot labels, and
+the synthetic encoder inputs (pixels, token ids) every stage checks its graphs with.
 
 Everything is generated deterministically (fixed seeds), so two runs compare the same bytes.
 The images cover what breaks preprocessing in practice: 1x1 and very wide/tall sizes, odd
@@ -11,10 +12,17 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from exporter.common import ClipTritonError
+from exporter.runtimes.base import TowerBatch
+
+if TYPE_CHECKING:
+    from exporter.manifest import Manifest, PreprocessConfig, TokenizerConfig
+
+TOKEN_DTYPE = "int32"  # why not int64: docs/engines.md, "Token ids"
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -224,3 +232,134 @@ def user_texts(path: Path) -> list[str]:
     if not texts:
         raise ClipTritonError(f"--texts {path} has no captions (one per line)")
     return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic encoder inputs: what export, fp16, engines and the encoder benchmark feed a tower.
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_token_ids(texts: list[str], cfg: TokenizerConfig, seed: int = 0) -> np.ndarray:
+    """Token ids shaped like real ones (length from the word count, eot where the tower pools) for
+    hosts without the model's tokenizer; int64 [len(texts), context_length]."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((len(texts), cfg.context_length), cfg.pad_id, dtype=np.int64)
+    for row, text in enumerate(texts):
+        length = max(1, min(cfg.context_length, 2 + len(text.split())))
+        ids[row, :length] = rng.integers(2, cfg.vocab_size - 2, size=length)
+        if cfg.eot_id is not None:  # eos-pooled towers pool where eos is (MetaCLIP2)
+            ids[row, length - 1] = cfg.eot_id
+    return ids
+
+
+def sample_pixels(preprocess: PreprocessConfig, batch: int, seed: int = 0) -> np.ndarray:
+    """Normalised pixel tensors in the range real images produce (not unit Gaussians)."""
+    h, w = preprocess.size
+    rng = np.random.default_rng(seed)
+    raw = rng.random((batch, 3, h, w), dtype=np.float32)
+    # Smooth a little, like natural images, then normalise exactly as preprocessing does.
+    raw = (raw + np.roll(raw, 1, axis=2) + np.roll(raw, 1, axis=3)) / 3.0
+    mean = np.asarray(preprocess.mean, np.float32)[None, :, None, None]
+    std = np.asarray(preprocess.std, np.float32)[None, :, None, None]
+    return ((raw - mean) / std).astype(np.float32)
+
+
+def sample_token_ids(loaded: Any, batch: int, seed: int = 0) -> np.ndarray:
+    """Token ids of built-in captions of very different lengths (a dropped mask or wrong pooling
+    shows): real ones from the model's tokenizer, synthetic ones without it."""
+    captions = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(batch)]
+    if loaded.tokenizer is not None:
+        ids = np.asarray(loaded.tokenizer(captions))
+    else:
+        ids = synthetic_token_ids(captions, loaded.tokenizer_cfg, seed)
+    return ids.astype(TOKEN_DTYPE)
+
+
+def sample_inputs(loaded: Any, tower: str, batch: int) -> np.ndarray:
+    """`batch` inputs for one tower of a loaded model (exporter.loading.LoadedModel)."""
+    return sample_pixels(loaded.preprocess, batch) if tower == "image" else sample_token_ids(loaded, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parity sample set: built-in (and the user's) images and captions, with open_clip's own
+# preprocessing and tokenisation as the reference inputs.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleSet:
+    image_names: list[str]
+    images: TowerBatch  # pixels from open_clip's transform; raw = encoded bytes
+    captions: list[str]
+    prompts: list[str]  # zero-shot prompts, label-major
+    texts: TowerBatch  # captions + prompts; ids from open_clip's tokenizer; raw = strings
+    labels: list[str]
+    templates: int
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+
+def reference_transform(manifest: Manifest) -> Any:
+    """open_clip's eval transform, built from the manifest's PreprocessCfg."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    pre = manifest.preprocess
+    try:
+        cfg = PreprocessCfg(
+            size=tuple(pre.size),
+            mode=pre.mode,
+            mean=tuple(pre.mean),
+            std=tuple(pre.std),
+            interpolation=pre.interpolation,
+            resize_mode=pre.resize_mode,
+            fill_color=pre.fill_color,
+        )
+        return image_transform_v2(cfg, is_train=False)
+    except AssertionError:
+        raise ClipTritonError(f"open_clip cannot build the manifest's preprocessing config: {pre}") from None
+
+
+def reference_pixels(transform: Any, images: list[Any]) -> np.ndarray:
+    from PIL import Image
+
+    rows = []
+    for sample in images:
+        with Image.open(io.BytesIO(sample.data)) as image:
+            rows.append(transform(image).numpy())
+    return np.stack(rows).astype(np.float32)
+
+
+def build_samples(
+    manifest: Manifest,
+    loaded: Any,
+    count: int,
+    images_dir: Path | None = None,
+    texts_file: Path | None = None,
+) -> tuple[SampleSet, bool]:
+    """The parity sample set and whether its token ids are real (False: synthetic, no tokenizer here)."""
+    if count < 0:
+        raise ClipTritonError("--samples must be 0 or more")
+    images = (user_images(images_dir) if images_dir else []) + builtin_images(count)
+    captions = (user_texts(texts_file) if texts_file else []) + builtin_texts(count)
+    if not images:
+        raise ClipTritonError("no images to compare: give --samples 1 or more, or --images FOLDER")
+    prompts = zero_shot_prompts()
+    texts = captions + prompts
+    pixels = reference_pixels(reference_transform(manifest), images)
+    tokenizer = loaded.tokenizer
+    if tokenizer is not None:
+        ids = np.asarray(tokenizer(texts)).astype(manifest.text.input.dtype)
+    else:
+        ids = synthetic_token_ids(texts, manifest.tokenizer).astype(manifest.text.input.dtype)
+    sample_set = SampleSet(
+        image_names=[s.name for s in images],
+        images=TowerBatch(pixels, [s.data for s in images]),
+        captions=captions,
+        prompts=prompts,
+        texts=TowerBatch(ids, texts),
+        labels=list(LABELS),
+        templates=len(TEMPLATES),
+    )
+    return sample_set, tokenizer is not None

@@ -21,7 +21,7 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from exporter.engines import find_tensorrt
+    from exporter.runtimes.tensorrt import find_tensorrt
 
     has_gpu = _cuda_available()
     trt_module, trt_missing = find_tensorrt()  # the stage's own check: type stubs alone do not count

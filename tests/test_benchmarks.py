@@ -41,23 +41,24 @@ def test_encoder_bench_report_and_plots(vitb32_export: Path, tmp_path: Path) -> 
 
     settings = _tiny_settings()
     loaded = load_model("ViT-B-32", random_weights=True)
-    # The FP16 conversion is not part of this smoke test (its own tests cover it): the FP16 runtime
+    # The FP16 conversion is not part of this smoke test (its own tests cover it): the FP16 runner
     # must then be skipped with the reason, not silently dropped.
     info = {"export_seconds": 0.0, "fp16": "not converted in this test", "fp16_seconds": 0.0,
             "tensorrt": "skipped: not in this test"}
-    towers = {t: encoders.bench_tower(loaded, vitb32_export, info, t, settings, QUIET) for t in ("image", "text")}
+    towers = {t: encoders.bench_tower(loaded, vitb32_export, t, settings, QUIET) for t in ("image", "text")}
     for tower, runtimes in towers.items():
-        assert set(runtimes) == set(encoders.RUNTIMES)
-        assert "not converted" in runtimes["ort_fp16"]["skipped"]
-        assert runtimes["trt_fp16"]["skipped"]
-        for key in ("torch_fp32", "ort_fp32"):
+        # The registry's runners, under the names parity uses; those that cannot run are listed.
+        assert {"pytorch", "pytorch-cuda", "onnx-fp32", "onnx-fp16", "tensorrt"} <= set(runtimes)
+        assert "no FP16 graphs" in runtimes["onnx-fp16"]["skipped"]
+        assert runtimes["tensorrt"]["skipped"]
+        for key in ("pytorch", "onnx-fp32"):
             for batch in ("1", "2"):
                 cell = runtimes[key]["batches"][batch]
                 assert cell["n"] == 1 and cell["throughput"] > 0, (tower, key, batch)
                 assert cell["speedup_vs_torch"] > 0
                 # The same embeddings as PyTorch: a fast but wrong runtime must show here.
                 assert cell["min_cosine_vs_torch"] > 0.9999, (tower, key, batch, cell["min_cosine_vs_torch"])
-        assert runtimes["torch_fp32"]["batches"]["1"]["speedup_vs_torch"] == pytest.approx(1.0)
+        assert runtimes["pytorch"]["batches"]["1"]["speedup_vs_torch"] == pytest.approx(1.0)
 
     results = {
         "date": "today", "command": "pytest", "note": "smoke test", "seconds": 1.0,
@@ -65,7 +66,7 @@ def test_encoder_bench_report_and_plots(vitb32_export: Path, tmp_path: Path) -> 
         "settings": settings.to_dict(), "not_measured": ["tensorrt: not in this test"],
         "encoders": {
             "threads": {"torch.set_num_threads": 1, "ort.intra_op_num_threads": 1, "ort.inter_op_num_threads": 1},
-            "runtimes": encoders.RUNTIMES,
+            "runtimes": {k: v["label"] for k, v in towers["image"].items()},
             "models": {"ViT-B-32": {"prepare": info, "towers": towers}},
         },
     }

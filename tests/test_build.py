@@ -10,7 +10,7 @@ from helpers import run_cli
 
 from exporter.build import BuildOptions, reusable_build, run_build
 from exporter.common import ClipTritonError, MissingDependencyError
-from exporter.engines import require_runtime
+from exporter.runtimes.tensorrt import require_runtime
 
 
 def _has_engines() -> bool:

@@ -28,7 +28,6 @@ from clients import (
     _core,
 )
 from exporter.cli import app
-from exporter.common import ClipTritonError
 from exporter.manifest import load_manifest
 
 server = pytest.mark.server
@@ -367,9 +366,9 @@ def test_cli_embed_images_and_texts(url: str, images: list[Path], tmp_path: Path
     data = json.loads(_invoke("embed", "--url", url, "--text", "hi", "--json").stdout)
     assert data["model"] == "clip_text" and len(data["items"][0]["embedding"]) == data["dim"]
 
-    with pytest.raises(ClipTritonError, match="either image files or --text"):
+    with pytest.raises(ClipClientError, match="either image files or --text"):
         _invoke("embed", "--url", url, str(images[0]), "--text", "hi")
-    with pytest.raises(ClipTritonError, match=r"\.npy or \.jsonl"):
+    with pytest.raises(ClipClientError, match=r"\.npy or \.jsonl"):
         _invoke("embed", "--url", url, "--text", "hi", "--out", str(tmp_path / "x.csv"))
 
 

@@ -53,15 +53,10 @@ def _export(name: str, out: Path) -> tuple[Any, Any]:
 def test_family_exports_both_towers_at_parity(name: str, context_length: int, tmp_path: Path) -> None:
     import open_clip
 
-    from exporter.onnx_export import (
-        ort_embed,
-        ort_session,
-        sample_pixels,
-        sample_token_ids,
-        torch_embed,
-        tower_modules,
-    )
-    from exporter.parity import cosine_rows
+    from exporter.metrics import cosine_rows
+    from exporter.runtimes.onnxruntime import ort_embed, ort_session
+    from exporter.runtimes.torch import torch_embed, tower_modules
+    from exporter.samples import sample_pixels, sample_token_ids
 
     out = tmp_path / "export"
     loaded, manifest = _export(name, out)
@@ -87,7 +82,7 @@ def test_family_exports_both_towers_at_parity(name: str, context_length: int, tm
 
     # Independent of the gate: other inputs, another batch size (3), unit-norm outputs.
     modules = tower_modules(loaded)
-    pixels = sample_pixels(loaded, 3, seed=7)
+    pixels = sample_pixels(loaded.preprocess, 3, seed=7)
     ids = sample_token_ids(loaded, 3, seed=7)[::-1].copy()  # other rows, other order
     for tower, inputs in (("image", pixels), ("text", ids)):
         got = ort_embed(ort_session(out / f"{tower}_encoder.onnx"), inputs)

@@ -15,9 +15,9 @@ from exporter.manifest import load_manifest
 
 
 def _has_engine_runtime() -> bool:
-    from exporter.engines import _find_gpu, find_tensorrt
+    from exporter.runtimes.tensorrt import find_gpu, find_tensorrt
 
-    return find_tensorrt()[0] is not None and _find_gpu() is not None
+    return find_tensorrt()[0] is not None and find_gpu() is not None
 
 
 def test_profile_validation() -> None:

@@ -12,7 +12,7 @@ from helpers import run_cli
 
 from exporter.common import ClipTritonError
 from exporter.manifest import load_manifest
-from exporter.onnx_export import ort_embed, ort_session
+from exporter.runtimes.onnxruntime import ort_embed, ort_session
 
 
 def test_manifest_records_what_later_stages_need(vitb32_export: Path) -> None:
@@ -58,7 +58,8 @@ def test_checkpoint_is_exported_not_a_fresh_random_model(tmp_path: Path) -> None
     import torch
 
     from exporter.loading import load_model
-    from exporter.onnx_export import sample_token_ids, torch_embed, tower_modules
+    from exporter.runtimes.torch import torch_embed, tower_modules
+    from exporter.samples import sample_token_ids
 
     torch.manual_seed(1234)  # not the default seed: a fresh model would differ
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
@@ -205,6 +206,7 @@ def test_external_data_keeps_each_towers_weights(tmp_path: Path, monkeypatch: py
 
     import exporter.onnx_export as onnx_export
     from exporter.loading import load_model
+    from exporter.samples import sample_inputs
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1_000_000)
     out = tmp_path / "export"
@@ -218,5 +220,5 @@ def test_external_data_keeps_each_towers_weights(tmp_path: Path, monkeypatch: py
     shutil.move(str(out), moved)  # sidecars are found relative to the graph
     for tower in ("image", "text"):
         session = ort_session(moved / f"{tower}_encoder.onnx")
-        ids_or_pixels = onnx_export.sample_inputs(load_model("ViT-S-16", random_weights=True), tower, 2)
+        ids_or_pixels = sample_inputs(load_model("ViT-S-16", random_weights=True), tower, 2)
         assert ort_embed(session, ids_or_pixels).shape == (2, manifest.embed_dim)

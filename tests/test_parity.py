@@ -12,22 +12,14 @@ from helpers import linked_copy, run_cli
 
 from exporter.common import ClipTritonError, ParityError, Progress
 from exporter.manifest import load_manifest
-from exporter.parity import (
-    PASS,
-    SKIP,
-    SampleSet,
-    TowerBatch,
-    check_triton_preprocessing,
-    compare_runner,
-    format_markdown,
-    format_table,
-    run_parity,
-    triton_runner,
-    zero_shot_agreement,
-)
+from exporter.parity import check_triton_preprocessing, compare_runner, run_parity
+from exporter.parity_report import PASS, SKIP, format_markdown, format_table, zero_shot_agreement
+from exporter.runtimes import TowerBatch
+from exporter.runtimes.triton import triton_runner
 from exporter.samples import (
     LABELS,
     TEMPLATES,
+    SampleSet,
     builtin_images,
     builtin_texts,
     user_images,

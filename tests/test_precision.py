@@ -11,7 +11,7 @@ import pytest
 from helpers import linked_copy, run_cli, scratch_dir
 
 from exporter.manifest import load_manifest, sha256_file
-from exporter.onnx_export import ort_embed, ort_session
+from exporter.runtimes.onnxruntime import ort_embed, ort_session
 
 FP16_FILES = ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx")
 
@@ -117,7 +117,7 @@ def _outlier_checkpoint(path: Path) -> float:
     import torch
 
     from exporter.loading import load_model
-    from exporter.onnx_export import sample_pixels
+    from exporter.samples import sample_pixels
 
     loaded = load_model("ViT-B-32", random_weights=True)
     model = loaded.model
@@ -137,7 +137,7 @@ def _outlier_checkpoint(path: Path) -> float:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     with torch.no_grad():
-        model.encode_image(torch.from_numpy(sample_pixels(loaded, 2)))
+        model.encode_image(torch.from_numpy(sample_pixels(loaded.preprocess, 2)))
     for handle in handles:
         handle.remove()
     torch.save(model.state_dict(), path)

@@ -17,7 +17,7 @@ from PIL import Image
 from test_repository import _image_bytes, huge_png_header
 
 from exporter.manifest import load_manifest
-from exporter.parity import cosine_rows
+from exporter.metrics import cosine_rows
 
 pytestmark = pytest.mark.server
 
@@ -46,7 +46,7 @@ def _reference(export_dir: Path):
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     from exporter.loading import load_reference
-    from exporter.onnx_export import torch_embed, tower_modules
+    from exporter.runtimes.torch import torch_embed, tower_modules
 
     manifest = load_manifest(export_dir)
     loaded = load_reference(manifest)
@@ -191,7 +191,7 @@ def test_unchanged_onnxruntime_repository_serves_locally(vitb32_export: Path, tm
         got = client.infer("clip_text", [_bytes_input("text", [b"a photo of a cat"])]).as_numpy("embedding")
         config = client.get_model_config("clip_text_encoder").config
         assert config.instance_group[0].kind == 2  # overridden to KIND_CPU at load
-    from exporter.onnx_export import ort_embed, ort_session
+    from exporter.runtimes.onnxruntime import ort_embed, ort_session
     from exporter.tokenization import clip_tokenizer
 
     expected = ort_embed(ort_session(vitb32_export / "text_encoder.onnx"),
@@ -216,8 +216,9 @@ def test_hf_tokenizer_file_is_shipped_and_served(tmp_path: Path) -> None:
     from test_repository import _write_hf_tokenizer
 
     from exporter.loading import load_model
-    from exporter.onnx_export import export_model, torch_embed, tower_modules
+    from exporter.onnx_export import export_model
     from exporter.repository import RepositoryOptions, write_repository
+    from exporter.runtimes.torch import torch_embed, tower_modules
     from exporter.server import TritonServer
 
     tokenizer_file = _write_hf_tokenizer(tmp_path / "tok")

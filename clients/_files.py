@@ -1,0 +1,32 @@
+"""Writing the client's outputs: never half a file (the client library does not import `exporter`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from clients.errors import UsageError
+
+
+def check_writable_parent(dest: Path) -> None:
+    """Fail before the requests are sent when `dest` cannot be written."""
+    parent = Path(dest).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {dest}: {parent} is not a writable folder")
+
+
+@contextmanager
+def staged_path(dest: Path) -> Iterator[Path]:
+    """A temporary path beside `dest` that replaces it only when the block succeeds."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
