@@ -26,7 +26,7 @@ demo: install
 TRT_STUBS := $(OUT)/trt-stubs
 lint: install
 	$(BIN)/ruff check exporter clients model_repository benchmarks tests
-	# mypy checks exporter/ and clients/, engines.py against tensorrt-stubs. The 10.13 stubs have two
+	# mypy checks exporter/ and clients/, the TensorRT code against tensorrt-stubs. The 10.13 stubs have two
 	# syntax errors (parameters named `in`, a required parameter after defaulted ones) and no py.typed,
 	# so mypy is pointed at a patched copy; without it mypy would silently treat tensorrt as untyped.
 	rm -rf $(TRT_STUBS) && mkdir -p $(TRT_STUBS)

@@ -56,8 +56,8 @@ def _encoders(enc: dict[str, Any]) -> list[str]:
              "median at the same batch, measured in this run. `min cos` = lowest per-row cosine of this "
              "runtime's embeddings vs PyTorch FP32 on the same inputs.", "",
              "FP16 on a CPU is expected to be slower than FP32: ONNX Runtime's CPU provider computes many FP16 ops "
-             "in FP32 internally (ENGINES.md) and its graph optimiser must be off for these FP16 graphs "
-             "(it crashes on them; ARCHITECTURE.md). The FP16 rows show that the graph `precision.py` writes "
+             "in FP32 internally and its graph optimiser must be off for these FP16 graphs "
+             "(it crashes on them; docs/engines.md). The FP16 rows show that the graph `precision.py` writes "
              "runs and stays accurate; its speed matters on a GPU (TensorRT builds that same graph).", ""]
     for model, data in enc["models"].items():
         prep = data["prepare"]

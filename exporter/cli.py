@@ -10,6 +10,7 @@ import typer
 
 from clients.errors import ClipClientError
 from exporter.common import ClipTritonError, Progress, os_error_message
+from exporter.runtimes import serving_names
 
 app = typer.Typer(
     name="clip-triton",
@@ -195,7 +196,9 @@ _register_client_commands(app)
 def repository(
     export: Annotated[Path, typer.Option(help="Export folder (manifest.json, ONNX graphs, plans).")],
     out: Annotated[Path, typer.Option(help="Model repository folder to write.")],
-    runtime: Annotated[str, typer.Option(help="tensorrt (needs plans), onnxruntime or python.")] = "tensorrt",
+    runtime: Annotated[
+        str, typer.Option(help=f"One of {', '.join(serving_names())} (docs/runtimes.md); tensorrt needs plans.")
+    ] = "tensorrt",
     precision: Annotated[str, typer.Option(help="fp32 or fp16 ONNX graphs (onnxruntime/python).")] = "fp32",
     prefix: Annotated[str, typer.Option(help="Model name prefix: <prefix>_image, <prefix>_text, ...")] = "clip",
     max_batch: Annotated[
@@ -323,7 +326,7 @@ def build(
     random_weights: RandomWeights = False,
     seed: Seed = 0,
     runtime: Annotated[
-        str, typer.Option(help="auto (tensorrt if engines were built, else python), python, onnxruntime, tensorrt.")
+        str, typer.Option(help=f"auto (tensorrt if engines were built, else python) or {', '.join(serving_names())}.")
     ] = "auto",
     precision: Annotated[
         str, typer.Option(help="fp32 or fp16 graphs in the repository (python/onnxruntime).")

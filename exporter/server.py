@@ -1,6 +1,6 @@
 """Start and stop a local `tritonserver` (the binary shipped in nvidia-pytriton) for a repository.
 
-The recipe (ARCHITECTURE.md, "Local Triton server"): copy the server folder into a work dir,
+The recipe (docs/design.md, "The local server"): copy the server folder into a work dir,
 put the python backend stub built for this interpreter's X.Y into backends/python/, run with
 LD_LIBRARY_PATH = nvidia_pytriton.libs + this interpreter's LIBDIR and PATH = this venv's bin
 first (the stub's embedded Python finds its packages through the first python3 on PATH), a

@@ -47,6 +47,19 @@ def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ViT-B-32 export with its FP16 graphs (hard links to the FP32 files), once per session."""
+    from helpers import linked_copy, scratch_dir
+
+    from exporter.precision import make_fp16
+
+    with scratch_dir(tmp_path_factory, "fp16") as base:
+        out = linked_copy(vitb32_export, base / "vitb32")
+        make_fp16(out)
+        yield out
+
+
+@pytest.fixture(scope="session")
 def served_vitb32(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory):
     """The ViT-B-32 export as a `python`-runtime repository, served by the embedded tritonserver.
 

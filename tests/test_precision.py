@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import linked_copy, run_cli, scratch_dir
+from helpers import linked_copy, run_cli
 
 from exporter.manifest import load_manifest, sha256_file
 from exporter.runtimes.onnxruntime import ort_embed, ort_session
@@ -18,16 +18,6 @@ FP16_FILES = ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx")
 
 def _copy_fp32(src: Path, dest: Path) -> Path:
     return linked_copy(src, dest, skip=FP16_FILES)
-
-
-@pytest.fixture(scope="module")
-def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from exporter.precision import make_fp16
-
-    with scratch_dir(tmp_path_factory, "fp16") as base:
-        out = _copy_fp32(vitb32_export, base / "vitb32")
-        make_fp16(out)
-        yield out
 
 
 def test_vitb32_fp16_parity_and_manifest(fp16_export: Path) -> None:
