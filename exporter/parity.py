@@ -38,7 +38,7 @@ from exporter.runtimes.triton import TritonRunner, triton_runner
 from exporter.samples import SampleSet, build_samples
 
 DEFAULT_SAMPLES = 16
-TRITON_STAGES = ("triton-preprocess", "triton-tokenize", "triton")
+TRITON_STAGES = ("triton-preprocess", "triton-tokenize", "triton")  # what a live server adds
 
 
 def _one_line(exc: BaseException) -> str:
@@ -126,18 +126,10 @@ def repository_section(manifest: Manifest, repository: Path | None) -> dict[str,
     return manifest.repository
 
 
-def plan_runners(ctx: runtimes.RunContext) -> tuple[list[runtimes.Runner], list[dict[str, Any]]]:
-    """Every registered runtime's runners that can run here, and a skip record (with its reason)
-    for every other one."""
-    runners: list[runtimes.Runner] = []
-    skipped: list[dict[str, Any]] = []
-    for runtime in runtimes.registered():
-        for item in runtime.runners(ctx):
-            if isinstance(item, runtimes.Skipped):
-                skipped.append(StageResult(item.name, SKIP, reason=item.reason).to_dict())
-            else:
-                runners.append(item)
-    return runners, skipped
+def plan_runners(ctx: runtimes.RunContext) -> list[runtimes.Runner | runtimes.Skipped]:
+    """Every registered runtime's runners, in registry order: those that can run here, and a skip
+    record (with its reason) for every other one."""
+    return [item for runtime in runtimes.registered() for item in runtime.runners(ctx)]
 
 
 def run_parity(
@@ -180,7 +172,7 @@ def run_parity(
 
     section = repository_section(manifest, repository)
     ctx = runtimes.RunContext(export_dir, manifest, providers=providers, url=url, section=section)
-    runners, skipped = plan_runners(ctx)
+    planned = plan_runners(ctx)
     from exporter.loading import load_reference
 
     with progress.step(f"rebuilding the PyTorch reference ({manifest.model_name})"):
@@ -201,17 +193,17 @@ def run_parity(
     reference.close()
 
     stages: list[dict[str, Any]] = []
-    if url is not None:
-        stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
-    for runner in runners:
-        stages.append(compare_runner(runner, ref, sample_set, thresholds, progress, ids_real))
-    stages.extend(skipped)
+    for item in planned:  # the live server's runner (--url) is planned last; its checks go before it
+        if isinstance(item, runtimes.Skipped):
+            stages.append(StageResult(item.name, SKIP, reason=item.reason).to_dict())
+            continue
+        if isinstance(item, TritonRunner) and url is not None:
+            stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
+        stages.append(compare_runner(item, ref, sample_set, thresholds, progress, ids_real))
     if url is None and repository is None:
         stages.append(StageResult("triton", SKIP, reason="no --repository or --url given").to_dict())
     elif repository is not None:
         stages.extend(_local_triton(Path(repository), section, ref, sample_set, thresholds, progress, ids_real))
-    order = {name: i for i, name in enumerate(_stage_order(stages))}
-    stages.sort(key=lambda s: order[s["stage"]])
 
     failures = [line for stage in stages for line in StageResult(**_fields(stage)).failure_lines()]
     result = {
@@ -244,12 +236,6 @@ def run_parity(
 def _fields(stage: dict[str, Any]) -> dict[str, Any]:
     """The StageResult fields failure_lines reads, from a stage's JSON form."""
     return {k: stage.get(k) for k in ("stage", "status", "failures", "reason")}
-
-
-def _stage_order(stages: list[dict[str, Any]]) -> list[str]:
-    """Runtime stages in registry order (as they were planned), then the Triton checks."""
-    names = [s["stage"] for s in stages if s["stage"] not in TRITON_STAGES]
-    return list(dict.fromkeys(names)) + list(TRITON_STAGES)
 
 
 def _triton_checks(
