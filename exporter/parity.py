@@ -81,15 +81,30 @@ def compare_runner(
     text_ids_real: bool = True,
 ) -> dict[str, Any]:
     """Run `runner` and judge it against the reference embeddings (the report's JSON form)."""
+    return _compare(runner, ref, samples, thresholds, progress, text_ids_real).to_dict()
+
+
+def _compare(
+    runner: runtimes.Runner,
+    ref: dict[str, np.ndarray],
+    samples: SampleSet,
+    thresholds: dict[str, float],
+    progress: Progress,
+    text_ids_real: bool,
+) -> StageResult:
     run = run_runner(runner, samples, progress)
     result = judge_embeddings(run, ref, samples, thresholds, text_ids_real)
     if result.status == ERROR and run.embeds is not None:  # it ran, but gave the wrong shape
         progress.warn(f"{runner.name}: {result.reason}")
-    return result.to_dict()
+    return result
 
 
 def check_triton_preprocessing(runner: TritonRunner, samples: SampleSet, progress: Progress) -> list[dict[str, Any]]:
-    """Server-side preprocess and tokenize models vs open_clip: equality, not closeness."""
+    """Server-side preprocess and tokenize models vs open_clip: equality, not closeness (JSON form)."""
+    return [r.to_dict() for r in _preprocessing_checks(runner, samples, progress)]
+
+
+def _preprocessing_checks(runner: TritonRunner, samples: SampleSet, progress: Progress) -> list[StageResult]:
     results: list[StageResult] = []
     try:
         runner.open()
@@ -109,7 +124,7 @@ def check_triton_preprocessing(runner: TritonRunner, samples: SampleSet, progres
     for result in results:
         if result.status == ERROR:
             progress.warn(f"{result.stage}: {result.reason}")
-    return [r.to_dict() for r in results]
+    return results
 
 
 def repository_section(manifest: Manifest, repository: Path | None) -> dict[str, Any] | None:
@@ -192,20 +207,20 @@ def run_parity(
             ref[tower] = reference.embed_all(tower, batch)
     reference.close()
 
-    stages: list[dict[str, Any]] = []
+    stages: list[StageResult] = []
     for item in planned:  # the live server's runner (--url) is planned last; its checks go before it
         if isinstance(item, runtimes.Skipped):
-            stages.append(StageResult(item.name, SKIP, reason=item.reason).to_dict())
+            stages.append(StageResult(item.name, SKIP, reason=item.reason))
             continue
         if isinstance(item, TritonRunner) and url is not None:
             stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
-        stages.append(compare_runner(item, ref, sample_set, thresholds, progress, ids_real))
+        stages.append(_compare(item, ref, sample_set, thresholds, progress, ids_real))
     if url is None and repository is None:
-        stages.append(StageResult("triton", SKIP, reason="no --repository or --url given").to_dict())
+        stages.append(StageResult("triton", SKIP, reason="no --repository or --url given"))
     elif repository is not None:
         stages.extend(_local_triton(Path(repository), section, ref, sample_set, thresholds, progress, ids_real))
 
-    failures = [line for stage in stages for line in StageResult(**_fields(stage)).failure_lines()]
+    failures = [line for stage in stages for line in stage.failure_lines()]
     result = {
         "passed": not failures,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -220,7 +235,7 @@ def run_parity(
             "prompts": len(sample_set.prompts),
             "labels": sample_set.labels,
         },
-        "stages": stages,
+        "stages": [stage.to_dict() for stage in stages],
         "failures": failures,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -233,19 +248,14 @@ def run_parity(
     return result
 
 
-def _fields(stage: dict[str, Any]) -> dict[str, Any]:
-    """The StageResult fields failure_lines reads, from a stage's JSON form."""
-    return {k: stage.get(k) for k in ("stage", "status", "failures", "reason")}
-
-
 def _triton_checks(
     url: str, section: dict[str, Any] | None, samples: SampleSet, progress: Progress, ids_real: bool
-) -> list[dict[str, Any]]:
+) -> list[StageResult]:
     """Preprocess/tokenize equality checks for the Triton at `url` (its embedding stage is a runner)."""
-    checks = check_triton_preprocessing(triton_runner(url, section), samples, progress)
+    checks = _preprocessing_checks(triton_runner(url, section), samples, progress)
     if not ids_real:
-        checks = [c for c in checks if c["stage"] != "triton-tokenize"]
-        checks.append(StageResult("triton-tokenize", SKIP, reason="no reference tokenizer here").to_dict())
+        checks = [c for c in checks if c.stage != "triton-tokenize"]
+        checks.append(StageResult("triton-tokenize", SKIP, reason="no reference tokenizer here"))
     return checks
 
 
@@ -257,12 +267,12 @@ def _local_triton(
     thresholds: dict[str, float],
     progress: Progress,
     ids_real: bool,
-) -> list[dict[str, Any]]:
+) -> list[StageResult]:
     """Start the embedded tritonserver for `repository`, run the Triton checks, stop it."""
     served = runtimes.find((section or {}).get("runtime"))
     why = served.serving.embedded_reason if served is not None and served.serving is not None else None
     if why is not None:
-        return [StageResult(name, SKIP, reason=why).to_dict() for name in TRITON_STAGES]
+        return [StageResult(name, SKIP, reason=why) for name in TRITON_STAGES]
     from exporter.server import TritonServer
 
     try:
@@ -272,12 +282,12 @@ def _local_triton(
     except Exception as exc:  # noqa: BLE001 - the stage fails with the server's reason, others stand
         reason = f"could not start tritonserver: {_one_line(exc)}"
         progress.warn(reason)
-        return [StageResult("triton", ERROR, reason=reason).to_dict()]
+        return [StageResult("triton", ERROR, reason=reason)]
     try:
         url = server.grpc_url
         checks = _triton_checks(url, section, samples, progress, ids_real)
         runner = triton_runner(url, section)
-        return [*checks, compare_runner(runner, ref, samples, thresholds, progress, ids_real)]
+        return [*checks, _compare(runner, ref, samples, thresholds, progress, ids_real)]
     finally:
         with progress.step("stopping tritonserver"):
             server.stop()

@@ -18,7 +18,7 @@ import numpy as np
 
 from exporter.common import staged_file
 from exporter.manifest import TOWERS
-from exporter.metrics import compare_embeddings, cosine_rows, top1
+from exporter.metrics import compare_embeddings, cosine_rows, normalise, top1
 from exporter.samples import SampleSet
 
 MIN_COSINE_FP32 = 0.99999
@@ -106,9 +106,8 @@ def zero_shot_agreement(
         captions = texts[: samples.n_captions]
         if len(captions):
             out["captions"] = top1(images, captions)
-        prompts = np.asarray(texts[samples.n_captions :], np.float64)
-        prompts = prompts / np.maximum(np.linalg.norm(prompts, axis=-1, keepdims=True), 1e-12)
-        out["labels"] = top1(images, prompts.reshape(len(samples.labels), samples.templates, -1).mean(axis=1))
+        prompts = normalise(texts[samples.n_captions :]).reshape(len(samples.labels), samples.templates, -1)
+        out["labels"] = top1(images, prompts.mean(axis=1))
         return out
 
     want, got = picks(ref["image"], ref["text"]), picks(images, texts)
