@@ -345,14 +345,17 @@ class TritonServer:
         # Steps before ensembles: an ensemble loads only once its steps are there.
         ordered = sorted(names, key=lambda n: "platform: \"ensemble\"" in self._config_text(n))
         for name in ordered:
-            body: dict[str, Any] = {}
-            if name in gpu:
-                config, _ = _gpu_kinds_to_cpu(self._config_json(name))
-                body = {"parameters": {"config": json.dumps(config)}}
-            status, text = self._http("POST", f"/v2/repository/models/{name}/load", body or None, timeout=300.0)
+            status, text = self._load_model(name, gpu)
             if status != 200:
                 self._check_alive()
                 raise ClipTritonError(f"tritonserver could not load model {name}: {text}\n{self.log_tail()}")
+
+    def _load_model(self, name: str, gpu_models: set[str]) -> tuple[int, str]:
+        """Ask the server to load `name`; a model that asks for a GPU gets its config with CPU instances."""
+        body = None
+        if name in gpu_models:
+            body = {"parameters": {"config": json.dumps(_gpu_kinds_to_cpu(self._config_json(name))[0])}}
+        return self._http("POST", f"/v2/repository/models/{name}/load", body, timeout=300.0)
 
     def _config_text(self, name: str) -> str:
         path = self.repository / name / "config.pbtxt"
@@ -445,10 +448,7 @@ class TritonServer:
             deadline = time.monotonic() + 60.0
             while time.monotonic() < deadline and self._http("GET", f"/v2/models/{model}/ready")[0] == 200:
                 time.sleep(0.05)
-            body = None
-            if model in self._gpu_models():
-                body = {"parameters": {"config": json.dumps(_gpu_kinds_to_cpu(self._config_json(model))[0])}}
-            status, text = self._http("POST", f"/v2/repository/models/{model}/load", body, timeout=300.0)
+            status, text = self._load_model(model, set(self._gpu_models()))
             seconds = round(time.monotonic() - start, 2)
             self.restarts.append({"model": model, "stub_pid": pid, "status": status, "seconds": seconds})
             message = (
