@@ -30,6 +30,9 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_ASPECT_RATIO = 100.0
 DEFAULT_MAX_RESIZED_PIXELS = 16_000_000
 DEFAULT_MAX_CHARS = 100_000
+# Their names (RepositoryOptions fields, config parameters, manifest keys), by the python step reading them.
+IMAGE_LIMITS = ("max_bytes", "max_pixels", "max_aspect_ratio", "max_resized_pixels")  # the preprocess model
+TEXT_LIMITS = ("max_chars",)  # the tokenize model
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 # NVIDIA's Triton container releases and the TensorRT each ships (NVIDIA's support matrix).
@@ -76,6 +79,17 @@ class RepositoryOptions:
     max_chars: int = DEFAULT_MAX_CHARS
     copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
 
+    def limits(self) -> dict[str, Any]:
+        """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS)."""
+        return {name: getattr(self, name) for name in (*IMAGE_LIMITS, *TEXT_LIMITS)}
+
+
+def _limit_parameters(opts: RepositoryOptions, names: tuple[str, ...]) -> dict[str, str]:
+    """Config parameters for some limits, each written as its default's type (max_aspect_ratio: float)."""
+    defaults = RepositoryOptions().limits()
+    values = opts.limits()
+    return {n: repr(float(values[n])) if isinstance(defaults[n], float) else str(values[n]) for n in names}
+
 
 def model_names(prefix: str) -> dict[str, str]:
     return {
@@ -110,14 +124,9 @@ def _check_options(opts: RepositoryOptions) -> str:
         raise ClipTritonError("--queue-delay-us must be >= 0")
     if opts.instances < 1:
         raise ClipTritonError("--instances must be at least 1")
-    for flag, value in (
-        ("--max-pixels", opts.max_pixels),
-        ("--max-bytes", opts.max_bytes),
-        ("--max-aspect-ratio", opts.max_aspect_ratio),
-        ("--max-resized-pixels", opts.max_resized_pixels),
-        ("--max-chars", opts.max_chars),
-    ):
+    for name, value in opts.limits().items():
         if value < 0:
+            flag = "--" + name.replace("_", "-")
             raise ClipTritonError(f"{flag} must be >= 0 (0 turns the limit off), got {value}")
     return device
 
@@ -232,10 +241,7 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         {
             "preprocess": json.dumps(asdict(manifest.preprocess)),
             "output_name": img_in.name,
-            "max_pixels": str(opts.max_pixels),
-            "max_bytes": str(opts.max_bytes),
-            "max_aspect_ratio": repr(float(opts.max_aspect_ratio)),
-            "max_resized_pixels": str(opts.max_resized_pixels),
+            **_limit_parameters(opts, IMAGE_LIMITS),
         },
     )
     configs["image_preprocess"] = pre
@@ -250,7 +256,7 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
             "tokenizer": json.dumps(asdict(manifest.tokenizer)),
             "output_name": txt_in.name,
             "output_dtype": txt_in.dtype,
-            "max_chars": str(opts.max_chars),
+            **_limit_parameters(opts, TEXT_LIMITS),
         },
     )
     configs["text_tokenize"] = tok
@@ -472,13 +478,7 @@ def write_repository(
             "dynamic_batching": opts.dynamic_batching,
             "instances": opts.instances,
             "max_pixels": opts.max_pixels,
-            "limits": {
-                "max_bytes": opts.max_bytes,
-                "max_pixels": opts.max_pixels,
-                "max_aspect_ratio": opts.max_aspect_ratio,
-                "max_resized_pixels": opts.max_resized_pixels,
-                "max_chars": opts.max_chars,
-            },
+            "limits": opts.limits(),
             "models": names,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
