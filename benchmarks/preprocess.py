@@ -5,7 +5,7 @@ become the bottleneck (triton-inference-server/server#5317, #5865): measured her
 (one thread, as one python-backend instance runs).
 
 Paths for images (same Preprocessor, different decode):
-  exact   `Preprocessor.from_bytes` of model_repository/common/clip_preprocess.py (the default;
+  exact   `Preprocessor.from_bytes` of clients/clip_preprocess.py (the default;
           pixel-identical to open_clip)
   draft   JPEG only: `img.draft(mode, (2*S, 2*S))` before decoding, so libjpeg decodes at a
           1/2, 1/4 or 1/8 scale (DCT scaling) that still leaves at least 2x the target size;
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Settings, latency_stats, time_calls
-from exporter.common import Progress, repository_common_module
+from exporter.common import Progress
 
 # Photo-like sizes a client sends, on top of exporter.samples' odd sizes/modes/formats.
 # The 12-megapixel noise JPEG (~11 MB) is the worst case for decoding, not a typical photo.
@@ -43,8 +43,10 @@ EXTRA_IMAGES = [
 
 
 def clip_preprocess() -> ModuleType:
-    """model_repository/common/clip_preprocess.py: the preprocess model's own code."""
-    return repository_common_module("clip_preprocess")
+    """clients/clip_preprocess.py: the preprocess model's own code."""
+    from clients import clip_preprocess
+
+    return clip_preprocess
 
 
 def sample_images(quick: bool) -> list[tuple[str, bytes]]:

@@ -102,7 +102,7 @@ def _preprocess(pre: dict[str, Any]) -> list[str]:
         f"{len(images['images'])} sample images of several sizes, modes and formats; {pre['model']}'s config: "
         f"{cfg['size'][0]}x{cfg['size'][1]}, resize `{cfg['resize_mode']}`, `{cfg['interpolation']}`.",
         "",
-        "- `exact`: `Preprocessor.from_bytes` (model_repository/common/clip_preprocess.py), **the served default**.",
+        "- `exact`: `Preprocessor.from_bytes` (clients/clip_preprocess.py), **the served default**.",
         "- `draft`: JPEG only, `img.draft(mode, (2*S, 2*S))` before decoding (libjpeg DCT-domain downscale to "
         "1/2, 1/4 or 1/8 that keeps both edges >= 2x the target), then the exact resize + crop.",
         "- `reduce`: any format, full decode, `Image.reduce(k)` (integer box filter) down to >= 2x the "

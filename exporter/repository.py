@@ -16,19 +16,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from clients import clip_preprocess
 from exporter import runtimes
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
 from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, load_manifest
+from exporter.pixels import PIXELS_INPUT, save_normalize_graph
 
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
 DEFAULT_QUEUE_DELAY_US = 2000
 # Per-item limits of the python steps (docs/limits.md): written into their configs as parameters.
-# The same defaults as model_repository/common/clip_preprocess.py's ImageLimits (a test checks it).
-DEFAULT_MAX_PIXELS = 64_000_000
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_ASPECT_RATIO = 100.0
-DEFAULT_MAX_RESIZED_PIXELS = 16_000_000
+# The image ones are the preprocess model's own defaults (clients/clip_preprocess.py, copied into it).
+_IMAGE_DEFAULTS = clip_preprocess.ImageLimits()
+DEFAULT_MAX_PIXELS = _IMAGE_DEFAULTS.max_pixels
+DEFAULT_MAX_BYTES = _IMAGE_DEFAULTS.max_bytes
+DEFAULT_MAX_ASPECT_RATIO = _IMAGE_DEFAULTS.max_aspect_ratio
+DEFAULT_MAX_RESIZED_PIXELS = _IMAGE_DEFAULTS.max_resized_pixels
 DEFAULT_MAX_CHARS = 100_000
 # Their names (RepositoryOptions fields, config parameters, manifest keys), by the python step reading them.
 IMAGE_LIMITS = ("max_bytes", "max_pixels", "max_aspect_ratio", "max_resized_pixels")  # the preprocess model
@@ -70,7 +73,11 @@ class RepositoryOptions:
     max_batch: int | None = None  # default: the manifest's max_batch (capped by the engine profile)
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     dynamic_batching: bool = True  # off: each request runs as it comes (a latency floor to compare with)
-    instances: int = 1
+    instances: int = 1  # per encoder and per tokenize model
+    # The preprocess model: one instance whose thread pool spans the serving host's cores (0: found at
+    # load time, so a repository written on a laptop uses a 32-core server fully; docs/serving.md).
+    preprocess_instances: int = 1
+    preprocess_threads: int = 0
     device: str | None = None  # default: gpu for tensorrt/onnxruntime, cpu for python
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -94,8 +101,10 @@ def _limit_parameters(opts: RepositoryOptions, names: tuple[str, ...]) -> dict[s
 def model_names(prefix: str) -> dict[str, str]:
     return {
         "image_preprocess": f"{prefix}_image_preprocess",
+        "image_normalize": f"{prefix}_image_normalize",
         "image_encoder": f"{prefix}_image_encoder",
         "image": f"{prefix}_image",
+        "image_pixels": f"{prefix}_image_pixels",
         "text_tokenize": f"{prefix}_text_tokenize",
         "text_encoder": f"{prefix}_text_encoder",
         "text": f"{prefix}_text",
@@ -124,6 +133,10 @@ def _check_options(opts: RepositoryOptions) -> str:
         raise ClipTritonError("--queue-delay-us must be >= 0")
     if opts.instances < 1:
         raise ClipTritonError("--instances must be at least 1")
+    if opts.preprocess_instances < 1:
+        raise ClipTritonError("--preprocess-instances must be at least 1")
+    if opts.preprocess_threads < 0:
+        raise ClipTritonError("--preprocess-threads must be >= 0 (0: the serving host's cores)")
     for name, value in opts.limits().items():
         if value < 0:
             flag = "--" + name.replace("_", "-")
@@ -180,12 +193,14 @@ def _tensor(pb: Any, name: str, dtype: str, dims: list[int]) -> dict[str, Any]:
     return {"name": name, "data_type": pb.DataType.Value(dtype), "dims": dims}
 
 
-def _base_config(pb: Any, name: str, max_batch: int, opts: RepositoryOptions, kind: str | None) -> Any:
+def _base_config(
+    pb: Any, name: str, max_batch: int, opts: RepositoryOptions, kind: str, instances: int | None = None
+) -> Any:
     config = pb.ModelConfig(name=name, max_batch_size=max_batch)
     if opts.dynamic_batching:
         config.dynamic_batching.max_queue_delay_microseconds = opts.queue_delay_us
-    if kind is not None:
-        config.instance_group.add(count=opts.instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    count = opts.instances if instances is None else instances
+    config.instance_group.add(count=count, kind=pb.ModelInstanceGroup.Kind.Value(kind))
     return config
 
 
@@ -219,7 +234,7 @@ def _valid_range(manifest: Manifest, tower: str) -> str:
 
 
 def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str) -> dict[str, Any]:
-    """The six ModelConfig protobufs, keyed by role (see model_names)."""
+    """The eight ModelConfig protobufs, keyed by role (see model_names)."""
     pb = _pb()
     names = model_names(opts.prefix)
     encoder_kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
@@ -232,19 +247,21 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
     configs: dict[str, Any] = {}
 
     # Python steps: CPU work (PIL, BPE) whatever --device says; scale them with --instances.
-    pre = _base_config(pb, names["image_preprocess"], max_batch, opts, "KIND_CPU")
+    pre = _base_config(pb, names["image_preprocess"], max_batch, opts, "KIND_CPU", opts.preprocess_instances)
     pre.backend = "python"
     pre.input.add(**_tensor(pb, "image", "TYPE_STRING", [1]))
     pre.output.add(**_tensor(pb, img_in.name, _triton_type(img_in.dtype), img_dims))
-    _set_params(
-        pre,
-        {
-            "preprocess": json.dumps(asdict(manifest.preprocess)),
-            "output_name": img_in.name,
-            **_limit_parameters(opts, IMAGE_LIMITS),
-        },
-    )
+    preprocess_params = {"preprocess": json.dumps(asdict(manifest.preprocess)), **_limit_parameters(opts, IMAGE_LIMITS)}
+    _set_params(pre, {**preprocess_params, "output_name": img_in.name, "threads": str(opts.preprocess_threads)})
     configs["image_preprocess"] = pre
+
+    # The pixels entry point's first step: uint8 HWC -> the encoder's normalised CHW input, an ONNX
+    # graph (exporter/pixels.py) on ONNX Runtime beside the encoder: no python per image on that path.
+    norm = _base_config(pb, names["image_normalize"], max_batch, opts, encoder_kind)
+    norm.backend = "onnxruntime"
+    norm.input.add(**_tensor(pb, PIXELS_INPUT, "TYPE_UINT8", [h, w, 3]))
+    norm.output.add(**_tensor(pb, img_in.name, _triton_type(img_in.dtype), img_dims))
+    configs["image_normalize"] = norm
 
     tok = _base_config(pb, names["text_tokenize"], max_batch, opts, "KIND_CPU")
     tok.backend = "python"
@@ -275,14 +292,15 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         enc.output.add(**_tensor(pb, spec_out.name, _triton_type(spec_out.dtype), [dim]))
         configs[f"{tower}_encoder"] = enc
 
-    for tower, first, public_in, mid in (
-        ("image", "image_preprocess", "image", img_in),
-        ("text", "text_tokenize", "text", txt_in),
+    for role, tower, first, (public_in, public_type, public_dims), mid in (
+        ("image", "image", "image_preprocess", ("image", "TYPE_STRING", [1]), img_in),
+        ("image_pixels", "image", "image_normalize", (PIXELS_INPUT, "TYPE_UINT8", [h, w, 3]), img_in),
+        ("text", "text", "text_tokenize", ("text", "TYPE_STRING", [1]), txt_in),
     ):
         # Ensembles carry no instance_group (Triton rejects one; server#4341) and no batching of
         # their own: the steps batch.
-        ens = pb.ModelConfig(name=names[tower], platform="ensemble", max_batch_size=max_batch)
-        ens.input.add(**_tensor(pb, public_in, "TYPE_STRING", [1]))
+        ens = pb.ModelConfig(name=names[role], platform="ensemble", max_batch_size=max_batch)
+        ens.input.add(**_tensor(pb, public_in, public_type, public_dims))
         ens.output.add(**_tensor(pb, "embedding", "TYPE_FP32", [dim]))
         step1 = ens.ensemble_scheduling.step.add(model_name=names[first], model_version=-1)
         step1.input_map[public_in] = public_in
@@ -291,9 +309,10 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         step2 = ens.ensemble_scheduling.step.add(model_name=names[f"{tower}_encoder"], model_version=-1)
         step2.input_map[mid.name] = mid.name
         step2.output_map[spec_out.name] = "embedding"
-        # What clients need for zero-shot scores, readable from the server alone (no manifest).
-        _set_params(ens, _model_parameters(manifest))
-        configs[tower] = ens
+        # What clients need for zero-shot scores, readable from the server alone (no manifest); the
+        # pixels entry point adds the transform and limits a client must apply to crop as the server would.
+        _set_params(ens, {**_model_parameters(manifest), **(preprocess_params if role == "image_pixels" else {})})
+        configs[role] = ens
     return configs
 
 
@@ -328,6 +347,7 @@ def _triton_release(manifest: Manifest) -> tuple[str | None, str]:
 
 def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str, dest: Path) -> str:
     names = model_names(opts.prefix)
+    h, w = manifest.preprocess.size
     trt, release = _triton_release(manifest)
     weights = (
         f"pretrained tag `{manifest.pretrained}`"
@@ -362,8 +382,11 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
         "| model | input | output |",
         "|---|---|---|",
         f"| `{names['image']}` (ensemble) | `image` TYPE_STRING [1]: encoded JPEG/PNG/WebP/BMP/GIF bytes | {emb} |",
+        f"| `{names['image_pixels']}` (ensemble) | `{PIXELS_INPUT}` TYPE_UINT8 [{h},{w},3]: RGB, already resized "
+        f"and cropped (ClipClient(preprocess=\"client\")) | {emb} |",
         f"| `{names['text']}` (ensemble) | `text` TYPE_STRING [1]: UTF-8 | {emb} |",
         f"| `{names['image_preprocess']}` (python) | `image` | `{manifest.image.input.name}` FP32 [3,H,W] |",
+        f"| `{names['image_normalize']}` (onnxruntime) | `{PIXELS_INPUT}` | `{manifest.image.input.name}` FP32 |",
         f"| `{names['text_tokenize']}` (python) | `text` | `{manifest.text.input.name}` {ids} |",
         f"| `{names['image_encoder']}`, `{names['text_encoder']}` ({opts.runtime}) | ids / pixels | `embedding` |",
     ]
@@ -385,8 +408,15 @@ Written by `clip-triton repository` on {_dt.datetime.now(_dt.timezone.utc):%Y-%m
 - versions: {versions}
 - `manifest.json` (copied here) is the full record.
 
-## Models (the public API is the two ensembles)
+## Models (the public API is the three ensembles)
 {table}
+
+Two entry points for images, the same embeddings:
+- `{names['image']}` takes encoded bytes; the server decodes and resizes (python, a thread pool of
+  {opts.preprocess_threads or "all the host's"} threads per instance, {opts.preprocess_instances} instance(s)).
+- `{names['image_pixels']}` takes the crop itself: open_clip's transform up to and including the
+  crop, uint8 RGB. Its config's parameters (`preprocess`, limits) say how; `ClipClient(preprocess="client")`
+  runs the server's own code (clients/clip_preprocess.py). The server only normalises (ONNX) and encodes.
 
 Token ids are **INT32**, not INT64: open_clip pools the text tower with ArgMax over the ids, ONNX
 Runtime has no int64 ArgMax kernel and TensorRT before 10 took no int64 inputs. Images larger than
@@ -452,7 +482,11 @@ def write_repository(
                 parse_config(text)  # round trip: what we write is what Triton will read
                 (model_dir / "config.pbtxt").write_text(text)
                 if role == "image_preprocess":
-                    _copy_sources(version, "image_preprocess/model.py", ["clip_preprocess.py"])
+                    _copy_sources(version, "image_preprocess/model.py", [])
+                    shutil.copy2(clip_preprocess.__file__, version / "clip_preprocess.py")
+                elif role == "image_normalize":
+                    spec = manifest.image.input
+                    save_normalize_graph(version / "model.onnx", manifest.preprocess, spec.name, spec.dtype)
                 elif role == "text_tokenize":
                     _copy_sources(version, "text_tokenize/model.py", ["clip_tokenizer.py", BPE_FILE])
                     if manifest.tokenizer.kind == "hf":
@@ -477,6 +511,8 @@ def write_repository(
             "queue_delay_us": opts.queue_delay_us,
             "dynamic_batching": opts.dynamic_batching,
             "instances": opts.instances,
+            "preprocess_instances": opts.preprocess_instances,
+            "preprocess_threads": opts.preprocess_threads,
             "max_pixels": opts.max_pixels,
             "limits": opts.limits(),
             "models": names,

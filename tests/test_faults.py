@@ -160,10 +160,10 @@ def test_unreachable_hub_is_detected_once(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_repository_limit_defaults_are_the_preprocess_defaults() -> None:
+    from clients.clip_preprocess import ImageLimits
     from exporter import repository
-    from exporter.common import repository_common_module
 
-    limits = repository_common_module("clip_preprocess").ImageLimits()
+    limits = ImageLimits()
     assert (repository.DEFAULT_MAX_BYTES, repository.DEFAULT_MAX_PIXELS) == (limits.max_bytes, limits.max_pixels)
     assert repository.DEFAULT_MAX_ASPECT_RATIO == limits.max_aspect_ratio
     assert repository.DEFAULT_MAX_RESIZED_PIXELS == limits.max_resized_pixels

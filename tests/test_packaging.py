@@ -31,7 +31,8 @@ def test_wheel_ships_the_python_backend_sources(vitb32_export: Path, tmp_path: P
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(installed)
-    for path in ("common/clip_preprocess.py", "common/clip_tokenizer.py", "common/bpe_simple_vocab_16e6.txt.gz",
+    assert "clients/clip_preprocess.py" in names  # the preprocess model's code, shared with the client
+    for path in ("common/clip_tokenizer.py", "common/bpe_simple_vocab_16e6.txt.gz",
                  "image_preprocess/model.py", "text_tokenize/model.py", "onnx_encoder/model.py"):
         assert f"exporter/model_repository/{path}" in names
 

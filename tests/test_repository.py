@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +14,11 @@ import pytest
 from helpers import linked_copy, run_cli, scratch_dir
 from PIL import Image
 
+from clients.clip_preprocess import ImageInputError, Preprocessor, decode
 from exporter.common import ClipTritonError, staged_file
 from exporter.manifest import load_manifest, sha256_file
 from exporter.repository import RepositoryOptions, parse_config, write_repository
 from exporter.tokenization import clip_tokenizer, tokenizer_module
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repository" / "common"))
-from clip_preprocess import ImageInputError, Preprocessor, decode  # noqa: E402
 
 TEXTS = [
     "a photo of a cat",
@@ -188,25 +185,31 @@ def python_repo(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_repository_layout_and_configs_parse_back(python_repo: Path, vitb32_export: Path) -> None:
-    names = ["clip_image", "clip_image_encoder", "clip_image_preprocess", "clip_text", "clip_text_encoder",
-             "clip_text_tokenize"]
+    names = ["clip_image", "clip_image_encoder", "clip_image_normalize", "clip_image_pixels", "clip_image_preprocess",
+             "clip_text", "clip_text_encoder", "clip_text_tokenize"]
     assert sorted(p.name for p in python_repo.iterdir() if p.is_dir()) == names
     configs = {n: parse_config((python_repo / n / "config.pbtxt").read_text()) for n in names}
+    steps = {"clip_image": ["clip_image_preprocess", "clip_image_encoder"],
+             "clip_image_pixels": ["clip_image_normalize", "clip_image_encoder"],
+             "clip_text": ["clip_text_tokenize", "clip_text_encoder"]}
     for name, config in configs.items():
         assert config.name == name and config.max_batch_size == 16
-        if name in ("clip_image", "clip_text"):
+        if name in steps:
             assert config.platform == "ensemble" and not config.instance_group
-            assert [s.model_name for s in config.ensemble_scheduling.step] == [
-                f"{name}_{'image_preprocess' if name == 'clip_image' else 'text_tokenize'}".replace(
-                    "clip_image_image", "clip_image").replace("clip_text_text", "clip_text"),
-                f"{name}_encoder",
-            ]
+            assert [s.model_name for s in config.ensemble_scheduling.step] == steps[name]
             assert config.output[0].name == "embedding" and list(config.output[0].dims) == [512]
-            assert config.input[0].data_type == 13  # TYPE_STRING
-        else:
-            assert config.backend == "python"
-            assert config.dynamic_batching.max_queue_delay_microseconds == 2000
-            assert [(g.count, g.kind) for g in config.instance_group] == [(2, 2)]  # KIND_CPU
+            assert config.input[0].data_type == (2 if name == "clip_image_pixels" else 13)  # TYPE_UINT8, TYPE_STRING
+            continue
+        assert config.backend == ("onnxruntime" if name == "clip_image_normalize" else "python")
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+        # --instances 2 for the encoders and the tokenizer; the preprocess model's threads do its scaling.
+        count = 1 if name == "clip_image_preprocess" else 2
+        assert [(g.count, g.kind) for g in config.instance_group] == [(count, 2)]  # KIND_CPU
+    pixels = configs["clip_image_pixels"]
+    assert pixels.input[0].name == "pixels" and list(pixels.input[0].dims) == [224, 224, 3]
+    assert json.loads(pixels.parameters["preprocess"].string_value)["size"] == [224, 224]
+    assert pixels.parameters["max_bytes"].string_value == str(32 * 1024 * 1024)
+    assert configs["clip_image_preprocess"].parameters["threads"].string_value == "0"
     tok = configs["clip_text_tokenize"]
     assert tok.output[0].data_type == 8 and list(tok.output[0].dims) == [77]  # TYPE_INT32
     pre = json.loads(configs["clip_image_preprocess"].parameters["preprocess"].string_value)

@@ -2,8 +2,12 @@
 
 Configuration comes from the model config's parameters (written from the manifest by
 `clip-triton repository`): `preprocess` (JSON of the manifest's preprocess section),
-`output_name`, and the per-item limits `max_bytes`, `max_pixels`, `max_aspect_ratio`,
+`output_name`, `threads`, and the per-item limits `max_bytes`, `max_pixels`, `max_aspect_ratio`,
 `max_resized_pixels` (docs/limits.md). numpy + PIL only: no torch in the server.
+
+Throughput: the items of every request in a dynamic batch are decoded and resized on a thread
+pool (PIL releases the GIL while decoding and resampling), so one instance uses several cores
+(docs/serving.md). `threads` 0 means the cores this process may run on, divided among the instances.
 
 A bad image is the client's fault: its request alone fails, with INVALID_ARGUMENT. Anything else
 that goes wrong is INTERNAL, so a client never reports a server fault as "your image is bad".
@@ -12,6 +16,7 @@ that goes wrong is INTERNAL, so a client never reports a server fault as "your i
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -20,58 +25,95 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clip_preprocess import ImageInputError, ImageLimits, Preprocessor  # noqa: E402
 
 
-def _param(config, key, default=None):
-    value = config.get("parameters", {}).get(key, {}).get("string_value")
-    return default if value in (None, "") else value
+def _parameters(config):
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
+def _thread_count(requested, instances):
+    """`threads` > 0 as given; 0: this process's cores shared among the model's instances."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, instances))
+
+
+class _RequestFailed(Exception):
+    """One request's failure: the response error to send, with its status code (None: INTERNAL)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.preprocess = Preprocessor.from_config(json.loads(_param(config, "preprocess")))
+        params = _parameters(config)
+        self.preprocess = Preprocessor.from_config(json.loads(params["preprocess"]))
         self.input_name = config["input"][0]["name"]
-        self.output_name = _param(config, "output_name", config["output"][0]["name"])
-        defaults = ImageLimits()
-        self.limits = ImageLimits(
-            max_bytes=int(_param(config, "max_bytes", defaults.max_bytes)),
-            max_pixels=int(_param(config, "max_pixels", defaults.max_pixels)),
-            max_aspect_ratio=float(_param(config, "max_aspect_ratio", defaults.max_aspect_ratio)),
-            max_resized_pixels=int(_param(config, "max_resized_pixels", defaults.max_resized_pixels)),
-        )
+        self.output_name = params.get("output_name") or config["output"][0]["name"]
+        self.limits = ImageLimits.from_parameters(params)
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        self.threads = _thread_count(int(params.get("threads") or 0), instances)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess") if self.threads > 1 else None
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
 
-    def _one_request(self, request):
+    def _items(self, request):
         tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
         if tensor is None:
-            raise ImageInputError(f"missing input {self.input_name!r}")
-        items = tensor.as_numpy().reshape(-1)
-        out = np.empty((len(items), 3, *self.preprocess.size), dtype=np.float32)
-        for i, data in enumerate(items):
-            if not isinstance(data, bytes):
-                data = bytes(data)
-            try:
-                out[i] = self.preprocess.from_bytes(data, self.limits)
-            except ImageInputError as exc:
-                where = f"item {i}: " if len(items) > 1 else ""
-                raise ImageInputError(f"{self.input_name}: {where}{exc}") from None
+            raise _RequestFailed(f"missing input {self.input_name!r}", self.invalid_arg)
+        return [data if isinstance(data, bytes) else bytes(data) for data in tensor.as_numpy().reshape(-1)]
+
+    def _one_item(self, data):
+        """Pixels, or the exception for this item (raised later, in its own request's response)."""
+        try:
+            return self.preprocess.from_bytes(data, self.limits)
+        except Exception as exc:  # noqa: BLE001 - sorted out per request in execute()
+            return exc
+
+    def _request_pixels(self, results, count):
+        out = np.empty((count, 3, *self.preprocess.size), dtype=np.float32)
+        for i, result in enumerate(results):
+            if isinstance(result, ImageInputError):
+                where = f"item {i}: " if count > 1 else ""
+                raise _RequestFailed(f"{self.input_name}: {where}{result}", self.invalid_arg)
+            if isinstance(result, Exception):
+                raise _RequestFailed(f"{self.input_name}: preprocessing failed: {type(result).__name__}: {result}")
+            out[i] = result
         return out
 
-    def _error(self, message, code=None):
+    def _error(self, failure):
         # A fresh error object per response: the backend frees it with the response.
-        return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        message = str(failure)
+        return pb_utils.TritonError(message) if failure.code is None else pb_utils.TritonError(message, failure.code)
 
     def execute(self, requests):
-        # One response per request: a bad image fails its own request, never the batch.
-        responses = []
+        # Every item of every request in this batch goes to the pool at once; responses are then
+        # assembled request by request, so a bad image fails its own request, never the batch.
+        per_request = []
         for request in requests:
             try:
-                pixels = self._one_request(request)
-            except ImageInputError as exc:
-                responses.append(pb_utils.InferenceResponse(error=self._error(str(exc), self.invalid_arg)))
-                continue
+                per_request.append(self._items(request))
+            except _RequestFailed as failure:
+                per_request.append(failure)
             except Exception as exc:  # noqa: BLE001 - a server-side fault, still only this request's
-                message = f"{self.input_name}: preprocessing failed: {type(exc).__name__}: {exc}"
-                responses.append(pb_utils.InferenceResponse(error=self._error(message)))
+                per_request.append(_RequestFailed(f"{self.input_name}: reading the request failed: {exc}"))
+        flat = [data for items in per_request if isinstance(items, list) for data in items]
+        results = list(self.pool.map(self._one_item, flat)) if self.pool else [self._one_item(d) for d in flat]
+        responses, start = [], 0
+        for items in per_request:
+            if isinstance(items, _RequestFailed):
+                responses.append(pb_utils.InferenceResponse(error=self._error(items)))
+                continue
+            mine, start = results[start : start + len(items)], start + len(items)
+            try:
+                pixels = self._request_pixels(mine, len(items))
+            except _RequestFailed as failure:
+                responses.append(pb_utils.InferenceResponse(error=self._error(failure)))
                 continue
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, pixels)]))
         return responses
+
+    def finalize(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

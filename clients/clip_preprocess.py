@@ -1,5 +1,9 @@
 """Torch-free image preprocessing, pixel-identical to open_clip's eval transform.
 
+One file, two users: `clip-triton repository` copies it into the preprocess model (Triton imports
+it there as a loose module), and ClipClient(preprocess="client") runs it before sending pixels to
+the `<prefix>_image_pixels` ensemble. So the client crops exactly as the server would. numpy + PIL only.
+
 Mirrors open_clip/transform.py `image_transform(..., is_train=False)` on PIL images, step by step:
 torchvision's Resize/CenterCrop/pad on PIL are PIL calls (PIL resampling, which antialiases),
 so the same PIL calls in the same order give the same pixels. Order matters: open_clip resizes
@@ -10,15 +14,17 @@ and crops in the image's own mode and converts to RGB only afterwards.
                             -> CenterCrop
   longest:                  ResizeKeepRatio(size, longest=1, interpolation) -> CenterCropOrPad(fill_color)
   squash:                   Resize((h, w), interpolation)
-then convert(mode) -> float32 / 255 -> (x - mean) / std, CHW.
+then convert(mode)                                   -> `crop`: uint8 [H, W, 3], the pixels entry point's input
+then float32 / 255 -> (x - mean) / std, CHW          -> `normalize` (the pixels path runs the same
+                                                        arithmetic as an ONNX step on the server)
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -47,6 +53,13 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> ImageLimits:
+        """From a model config's parameters (string values); a missing or empty one keeps its default."""
+        defaults = cls()
+        given = {f.name: params.get(f.name) for f in fields(cls)}
+        return cls(**{k: type(getattr(defaults, k))(v) for k, v in given.items() if v not in (None, "")})
 
 
 def decode(
@@ -212,16 +225,30 @@ class Preprocessor:
                 f"over the limit of {limits.max_resized_pixels / 1e6:g} (model parameter max_resized_pixels)"
             )
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        img = self.geometry(img).convert(self.mode)
-        pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-        return ((pixels - self.mean) / self.std).astype(np.float32, copy=False)
+    def crop(self, img: Image.Image) -> np.ndarray:
+        """Resize, crop or pad, colour mode: uint8 [H, W, 3], what `<prefix>_image_pixels` takes."""
+        return np.asarray(self.geometry(img).convert(self.mode), dtype=np.uint8)
 
-    def from_bytes(self, data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> FP32 [3, H, W]: / 255, then (x - mean) / std, each step in float32."""
+        scaled = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+        return ((scaled - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return self.normalize(self.crop(img))
+
+    def decode(self, data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+        """Encoded bytes -> a loaded PIL image, every limit checked before the pixels are decoded."""
         limits = limits or ImageLimits()
         if limits.max_bytes and len(data) > limits.max_bytes:
             raise ImageInputError(
                 f"image too large: {len(data) / 2**20:.1f} MiB encoded, over the limit of "
                 f"{limits.max_bytes / 2**20:g} MiB (model parameter max_bytes)"
             )
-        return self(decode(data, limits.max_pixels, lambda w, h: self.check_cost(w, h, limits)))
+        return decode(data, limits.max_pixels, lambda w, h: self.check_cost(w, h, limits))
+
+    def crop_bytes(self, data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+        return self.crop(self.decode(data, limits))
+
+    def from_bytes(self, data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+        return self(self.decode(data, limits))
