@@ -40,6 +40,8 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 DEFAULT_LOGIT_SCALE = 100.0
 
+PREPROCESS_WHERE = ("server", "client")
+
 ProgressCallback = Callable[[int, int], None]
 """Called as `progress(done_items, total_items)` after each finished request."""
 
@@ -61,8 +63,13 @@ class ClientOptions:
     root_certificates: str | None = None  # PEM file paths, passed through to tritonclient
     private_key: str | None = None
     certificate_chain: str | None = None
+    # "server": send encoded bytes to <prefix>_image (the server decodes). "client": decode and crop here,
+    # with the server's own code (clients/clip_preprocess.py), and send uint8 pixels to <prefix>_image_pixels.
+    preprocess: str = "server"
 
     def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESS_WHERE:
+            raise ClipClientError(f"preprocess must be 'server' or 'client', got {self.preprocess!r}")
         if not self.url or "://" in self.url:
             raise ClipClientError(f"url must be HOST:PORT (no scheme), got {self.url!r}")
         if self.batch_size < 1:
@@ -98,6 +105,7 @@ class TowerInfo:
     model: str
     version: str
     input_name: str
+    input_datatype: str  # BYTES (encoded images, texts) or UINT8 (the pixels entry point)
     output_name: str
     output_datatype: str
     dim: int  # -1 if the server reports a dynamic size (then learnt from the first answer)
@@ -131,6 +139,16 @@ class RankedItem:
 # ---------------------------------------------------------------------------------------------- discovery
 
 
+PIXELS_INPUT = "pixels"
+
+
+def image_model(options: ClientOptions) -> tuple[str, str]:
+    """(ensemble, its input) the client sends images to: encoded bytes, or pixels cropped here."""
+    if options.preprocess == "client":
+        return f"{options.prefix}_image_pixels", PIXELS_INPUT
+    return f"{options.prefix}_image", "image"
+
+
 def resolve_options(url: str, options: ClientOptions | None, kwargs: dict[str, Any]) -> ClientOptions:
     """Both clients take either `options=` or keyword options (never both)."""
     if options is None:
@@ -155,8 +173,9 @@ def tower_info(metadata: Any, config: Any, input_preferred: str, version: str) -
     model = metadata.name
     inp = _pick(list(metadata.inputs), input_preferred, "input", model)
     out = _pick(list(metadata.outputs), "embedding", "output", model)
-    if inp.datatype != "BYTES":
-        raise ServerResponseError(f"model {model} input {inp.name} is {inp.datatype}; expected BYTES (encoded items)")
+    expected = "UINT8" if input_preferred == PIXELS_INPUT else "BYTES"
+    if inp.datatype != expected:
+        raise ServerResponseError(f"model {model} input {inp.name} is {inp.datatype}; expected {expected}")
     if out.datatype not in ("FP32", "FP16", "FP64"):
         raise ServerResponseError(f"model {model} output {out.name} is {out.datatype}; expected a float type")
     shape = list(out.shape)
@@ -165,6 +184,7 @@ def tower_info(metadata: Any, config: Any, input_preferred: str, version: str) -
         model=model,
         version=version,
         input_name=inp.name,
+        input_datatype=inp.datatype,
         output_name=out.name,
         output_datatype=out.datatype,
         dim=dim,
@@ -282,6 +302,33 @@ def encode_image(index: int, item: Any) -> bytes:
     )
 
 
+def pixel_encoder(info: ModelInfo) -> Callable[[int, Any], np.ndarray]:
+    """Item -> the uint8 [H, W, 3] crop the server's preprocess model would make, with the transform
+    and limits the `<prefix>_image_pixels` ensemble declares in its parameters."""
+    from clients.clip_preprocess import ImageInputError, ImageLimits, Preprocessor
+
+    raw = info.parameters.get("preprocess")
+    if not raw:
+        raise ServerResponseError(f"model {info.image.model} declares no 'preprocess' parameter to crop with")
+    try:
+        transform = Preprocessor.from_config(json.loads(raw))
+        limits = ImageLimits.from_parameters(info.parameters)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ServerResponseError(f"model {info.image.model} has an unusable 'preprocess' parameter: {exc}") from None
+
+    def encode(index: int, item: Any) -> np.ndarray:
+        if isinstance(item, str | os.PathLike | bytes | bytearray | memoryview):
+            data = encode_image(index, item)  # reads paths, checks bytes
+            try:
+                return transform.crop_bytes(data, limits)
+            except ImageInputError as exc:
+                raise InvalidItemError(index, item_label(item), str(exc)) from None
+        # PIL images and arrays: what encode_image would send, decoded as the server would decode it.
+        return encode(index, encode_image(index, item))
+
+    return encode
+
+
 def encode_text(index: int, text: Any) -> bytes:
     if not isinstance(text, str):
         raise InvalidItemError(index, text_label(text), "texts must be str")
@@ -319,8 +366,11 @@ def effective_batch(options: ClientOptions, tower: TowerInfo) -> int:
     return max(1, min(options.batch_size, tower.max_batch_size))
 
 
-def request_array(payloads: list[bytes], batched: bool) -> np.ndarray:
-    """The BYTES tensor for one request: [N, 1] for a batching model, [1] otherwise."""
+def request_array(payloads: list[Any], batched: bool) -> np.ndarray:
+    """One request's tensor: BYTES [N, 1] (or [1] for a model without batching), or the pixels
+    entry point's uint8 crops stacked to [N, H, W, 3] (or [H, W, 3])."""
+    if payloads and isinstance(payloads[0], np.ndarray):
+        return np.stack(payloads) if batched else payloads[0]
     array = np.empty(len(payloads), dtype=np.object_)
     array[:] = payloads  # assigning avoids numpy guessing a fixed-width bytes dtype
     return array.reshape(-1, 1) if batched else array

@@ -105,7 +105,7 @@ class AsyncClipClient:
     async def _discover(self) -> ModelInfo:
         prefix = self.options.prefix
         (image, image_cfg), (text, text_cfg) = await asyncio.gather(
-            self._tower(f"{prefix}_image", "image"), self._tower(f"{prefix}_text", "text")
+            self._tower(*_core.image_model(self.options)), self._tower(f"{prefix}_text", "text")
         )
         param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
         steps: dict[str, dict[str, str]] = {}
@@ -122,9 +122,9 @@ class AsyncClipClient:
 
     # -- embedding
 
-    async def _infer(self, tower: TowerInfo, payloads: list[bytes]) -> np.ndarray:
+    async def _infer(self, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
         array = _core.request_array(payloads, tower.max_batch_size > 0)
-        inp = self._aio.InferInput(tower.input_name, list(array.shape), "BYTES")
+        inp = self._aio.InferInput(tower.input_name, list(array.shape), tower.input_datatype)
         inp.set_data_from_numpy(array)
         out = self._aio.InferRequestedOutput(tower.output_name)
         result = await self._call("infer", tower.model, [inp], model_version=tower.version, outputs=[out])
@@ -140,7 +140,7 @@ class AsyncClipClient:
     async def _run_chunk(
         self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable, offload: bool
     ) -> np.ndarray:
-        def encode_all() -> list[bytes]:
+        def encode_all() -> list[Any]:
             return [encode(i, items[i]) for i in part]
 
         # File reads and PNG encoding block: keep them off the event loop.
@@ -201,8 +201,9 @@ class AsyncClipClient:
         """See ClipClient.embed_images."""
         items = list(items)
         _check_paths(items)
-        tower = (await self.model_info()).image
-        return await self._embed(tower, items, _core.encode_image, _core.item_label, progress, offload=True)
+        info = await self.model_info()
+        encode = _core.pixel_encoder(info) if self.options.preprocess == "client" else _core.encode_image
+        return await self._embed(info.image, items, encode, _core.item_label, progress, offload=True)
 
     async def embed_texts(self, texts: Iterable[str], *, progress: ProgressCallback | None = None) -> np.ndarray:
         """See ClipClient.embed_texts."""

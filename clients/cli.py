@@ -31,6 +31,14 @@ RootCerts = Annotated[Path | None, typer.Option(help="PEM root certificates (wit
 PrivateKey = Annotated[Path | None, typer.Option(help="PEM client private key (with --ssl).")]
 CertChain = Annotated[Path | None, typer.Option(help="PEM client certificate chain (with --ssl).")]
 Header = Annotated[list[str] | None, typer.Option("--header", help="KEY=VALUE gRPC metadata; repeatable.")]
+Preprocess = Annotated[
+    str,
+    typer.Option(
+        "--preprocess",
+        help="server: send encoded images (PREFIX_image decodes them); client: decode and crop here, with the "
+        "server's code, and send uint8 pixels to PREFIX_image_pixels.",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")]
 
@@ -57,6 +65,7 @@ def _client(
     private_key: Path | None,
     cert_chain: Path | None,
     header: list[str] | None,
+    preprocess: str = "server",
 ) -> ClipClient:
     from clients.sync import ClipClient
 
@@ -72,6 +81,7 @@ def _client(
         private_key=str(private_key) if private_key else None,
         certificate_chain=str(cert_chain) if cert_chain else None,
         headers=_headers(header),
+        preprocess=preprocess,
     )
 
 
@@ -114,6 +124,7 @@ def embed(
     private_key: PrivateKey = None,
     cert_chain: CertChain = None,
     header: Header = None,
+    preprocess: Preprocess = "server",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -127,7 +138,8 @@ def embed(
 
         check_writable_parent(out)
     client = _client(
-        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
+        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
+        preprocess,
     )
     with client:
         info = client.model_info
@@ -208,6 +220,7 @@ def classify(
     private_key: PrivateKey = None,
     cert_chain: CertChain = None,
     header: Header = None,
+    preprocess: Preprocess = "server",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -220,7 +233,8 @@ def classify(
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
     client = _client(
-        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
+        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
+        preprocess,
     )
     with client, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -262,6 +276,7 @@ def search(
     private_key: PrivateKey = None,
     cert_chain: CertChain = None,
     header: Header = None,
+    preprocess: Preprocess = "server",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -273,7 +288,8 @@ def search(
         raise UsageError(f"--top must be >= 1, got {top}")
     image_files(images)  # a missing folder fails before connecting
     client = _client(
-        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header
+        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
+        preprocess,
     )
     with client:
         index = index_folder(

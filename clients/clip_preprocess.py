@@ -25,6 +25,7 @@ import io
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,7 +36,8 @@ DEFAULT_MAX_ASPECT_RATIO = 100.0  # long side / short side: banners are ~10, lon
 # The resize step's output before the crop: a 1x60000 image resized to a 224 short side would be
 # 224 x 13.4 M pixels (3 GB, 18 s) to keep 224x224 of it. 16 MP costs ~50 MB and ~0.1 s.
 DEFAULT_MAX_RESIZED_PIXELS = 16_000_000
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+RESAMPLING = Image.Resampling
+RESAMPLE = {"bicubic": RESAMPLING.BICUBIC, "bilinear": RESAMPLING.BILINEAR, "nearest": RESAMPLING.NEAREST}
 
 
 class ImageInputError(ValueError):
@@ -127,7 +129,7 @@ def _keep_ratio_size(h: int, w: int, target_hw: list[int], longest: float) -> li
 def _pad(img: Image.Image, ltrb: list[int], fill: int) -> Image.Image:
     """torchvision F_pil.pad, constant mode (fill broadcast over the image's own bands)."""
     bands = len(img.getbands())
-    value: int | float | tuple = fill
+    value: Any = fill
     if bands > 1:
         value = tuple([fill] * bands)
     if img.mode != "F":
@@ -135,7 +137,8 @@ def _pad(img: Image.Image, ltrb: list[int], fill: int) -> Image.Image:
     if img.mode == "P":
         palette = img.getpalette()
         out = ImageOps.expand(img, border=tuple(ltrb), fill=value)
-        out.putpalette(palette)
+        if palette is not None:
+            out.putpalette(palette)
         return out
     return ImageOps.expand(img, border=tuple(ltrb), fill=value)
 
@@ -207,7 +210,7 @@ class Preprocessor:
         if self.resize_mode == "squash":
             return _resize(img, target, self.resample)
         # open_clip's ResizeKeepRatio (non-square targets) gets no interpolation: always bicubic.
-        resample = self.resample if self.size[0] == self.size[1] else Image.BICUBIC
+        resample = self.resample if self.size[0] == self.size[1] else RESAMPLING.BICUBIC
         return _center_crop_or_pad(_resize(img, target, resample), self.size, 0)
 
     def check_cost(self, width: int, height: int, limits: ImageLimits) -> None:

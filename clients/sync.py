@@ -90,7 +90,7 @@ class ClipClient:
 
     def _discover(self) -> ModelInfo:
         prefix = self.options.prefix
-        image, image_cfg = self._tower(f"{prefix}_image", "image")
+        image, image_cfg = self._tower(*_core.image_model(self.options))
         text, text_cfg = self._tower(f"{prefix}_text", "text")
         param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
         steps: dict[str, dict[str, str]] = {}
@@ -108,10 +108,10 @@ class ClipClient:
 
     # -- embedding
 
-    def _infer(self, tower: TowerInfo, payloads: list[bytes]) -> np.ndarray:
+    def _infer(self, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
         batched = tower.max_batch_size > 0
         array = _core.request_array(payloads, batched)
-        inp = self._grpc.InferInput(tower.input_name, list(array.shape), "BYTES")
+        inp = self._grpc.InferInput(tower.input_name, list(array.shape), tower.input_datatype)
         inp.set_data_from_numpy(array)
         out = self._grpc.InferRequestedOutput(tower.output_name)
         result = self._call(self._client.infer, tower.model, [inp], model_version=tower.version, outputs=[out])
@@ -184,12 +184,16 @@ class ClipClient:
     def embed_images(self, items: Iterable[Any], *, progress: ProgressCallback | None = None) -> np.ndarray:
         """Embed images: file paths, encoded bytes, PIL images or uint8 HxWx3 arrays (sent as PNG).
 
+        With `preprocess="client"` each is decoded and cropped here, exactly as the server's preprocess
+        model would, and sent as uint8 pixels to `<prefix>_image_pixels` (a quarter of FP32's bytes).
+
         Returns float32 [N, D], L2-normalised, in input order. Raises ItemError naming the failing item.
         """
         items = list(items)
         _check_paths(items)
-        tower = self.model_info.image
-        return self._embed(tower, items, _core.encode_image, _core.item_label, progress)
+        info = self.model_info
+        encode = _core.pixel_encoder(info) if self.options.preprocess == "client" else _core.encode_image
+        return self._embed(info.image, items, encode, _core.item_label, progress)
 
     def embed_texts(self, texts: Iterable[str], *, progress: ProgressCallback | None = None) -> np.ndarray:
         """Embed texts (tokenised on the server). Returns float32 [N, D], L2-normalised, in input order."""

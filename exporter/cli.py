@@ -208,7 +208,13 @@ def repository(
     dynamic_batching: Annotated[
         bool, typer.Option(help="Dynamic batching on every step (off: each request runs alone).")
     ] = True,
-    instances: Annotated[int, typer.Option(help="Instances per model (python steps and encoders).")] = 1,
+    instances: Annotated[int, typer.Option(help="Instances per encoder and tokenize model.")] = 1,
+    preprocess_instances: Annotated[
+        int, typer.Option(help="Instances of the image preprocess model (each runs its own thread pool).")
+    ] = 1,
+    preprocess_threads: Annotated[
+        int, typer.Option(help="Decode threads per preprocess instance (0: the serving host's cores / instances).")
+    ] = 0,
     device: Annotated[
         str | None, typer.Option(help="gpu or cpu instance groups (default: gpu, cpu for python).")
     ] = None,
@@ -241,6 +247,8 @@ def repository(
         queue_delay_us=queue_delay_us,
         dynamic_batching=dynamic_batching,
         instances=instances,
+        preprocess_instances=preprocess_instances,
+        preprocess_threads=preprocess_threads,
         device=device,
         max_pixels=max_pixels,
         max_bytes=max_bytes,

@@ -34,11 +34,11 @@ from exporter.parity_report import (
     write_reports,
 )
 from exporter.runtimes.torch import TorchRunner
-from exporter.runtimes.triton import TritonRunner, triton_runner
+from exporter.runtimes.triton import TritonPixelsRunner, TritonRunner, triton_runner, triton_runners
 from exporter.samples import SampleSet, build_samples
 
 DEFAULT_SAMPLES = 16
-TRITON_STAGES = ("triton-preprocess", "triton-tokenize", "triton")  # what a live server adds
+TRITON_STAGES = ("triton-preprocess", "triton-tokenize", "triton", TritonPixelsRunner.name)  # what a live server adds
 
 
 def _one_line(exc: BaseException) -> str:
@@ -208,12 +208,14 @@ def run_parity(
     reference.close()
 
     stages: list[StageResult] = []
-    for item in planned:  # the live server's runner (--url) is planned last; its checks go before it
+    checked = False
+    for item in planned:  # the live server's runners (--url) are planned last; its checks go before them
         if isinstance(item, runtimes.Skipped):
             stages.append(StageResult(item.name, SKIP, reason=item.reason))
             continue
-        if isinstance(item, TritonRunner) and url is not None:
+        if isinstance(item, TritonRunner) and url is not None and not checked:
             stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
+            checked = True
         stages.append(_compare(item, ref, sample_set, thresholds, progress, ids_real))
     if url is None and repository is None:
         stages.append(StageResult("triton", SKIP, reason="no --repository or --url given"))
@@ -285,9 +287,13 @@ def _local_triton(
         return [StageResult("triton", ERROR, reason=reason)]
     try:
         url = server.grpc_url
-        checks = _triton_checks(url, section, samples, progress, ids_real)
-        runner = triton_runner(url, section)
-        return [*checks, _compare(runner, ref, samples, thresholds, progress, ids_real)]
+        stages = _triton_checks(url, section, samples, progress, ids_real)
+        for item in triton_runners(url, section):
+            if isinstance(item, runtimes.Skipped):
+                stages.append(StageResult(item.name, SKIP, reason=item.reason))
+            else:
+                stages.append(_compare(item, ref, samples, thresholds, progress, ids_real))
+        return stages
     finally:
         with progress.step("stopping tritonserver"):
             server.stop()

@@ -230,6 +230,9 @@ def test_live_triton_passes_then_catches_a_wrong_normalisation(vitb32_export: Pa
         assert triton["threshold"] == 0.99999  # python runtime, fp32: the FP32 threshold
         assert triton["towers"]["image"]["min_cosine"] >= 0.99999
         assert triton["towers"]["text"]["min_cosine"] >= 0.99999
+        # The pixels entry point, fed by ClipClient(preprocess="client"): the same embeddings.
+        pixels = stage(result, "triton-pixels")
+        assert pixels["status"] == PASS and pixels["towers"]["image"]["min_cosine"] >= 0.99999
 
         manifest_path = export / "manifest.json"
         data = json.loads(manifest_path.read_text())

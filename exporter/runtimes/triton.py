@@ -1,8 +1,9 @@
 """A live Triton: the served ensembles over gRPC, from raw bytes and strings.
 
-Its runner sends what a client sends (encoded images, UTF-8 captions), so the server's own
-preprocessing and tokenisation are part of what parity judges. It is judged at the tolerance of
-the runtime the repository was written for (that runtime's `Serving.tolerance`).
+Its runners send what clients send, so the server's own preprocessing and tokenisation are part
+of what parity judges: `triton` sends encoded images and UTF-8 captions; `triton-pixels` sends the
+crops `ClipClient(preprocess="client")` makes (through that very client) to the pixels entry point.
+Both are judged at the tolerance of the runtime the repository was written for (`Serving.tolerance`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class TritonModels:
     text: str = "clip_text"
     preprocess: str = "clip_image_preprocess"
     tokenize: str = "clip_text_tokenize"
+    pixels: str | None = None  # the pixels entry point; None for repositories written before it existed
+    prefix: str = "clip"
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None) -> TritonModels:
@@ -35,6 +38,8 @@ class TritonModels:
             text=str(models.get("text") or f"{prefix}_text"),
             preprocess=str(models.get("image_preprocess") or models.get("preprocess") or f"{prefix}_image_preprocess"),
             tokenize=str(models.get("text_tokenize") or models.get("tokenize") or f"{prefix}_text_tokenize"),
+            pixels=str(models["image_pixels"]) if models.get("image_pixels") else None,
+            prefix=str(prefix),
         )
 
 
@@ -102,6 +107,23 @@ class TritonRunner(Runner):
             self.client = None
 
 
+class TritonPixelsRunner(TritonRunner):
+    """The pixels entry point: images cropped by ClipClient(preprocess="client"), texts as `triton`."""
+
+    name = "triton-pixels"
+
+    def describe(self) -> str:
+        return f"Triton gRPC {self.url} ({self.models.pixels} from client-side crops; {self.runtime}, {self.precision})"
+
+    def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
+        if tower != "image":
+            return super().embed(tower, batch)
+        from clients.sync import ClipClient
+
+        with ClipClient(self.url, prefix=self.models.prefix, preprocess="client", batch_size=len(batch)) as client:
+            return client.embed_images([bytes(r) for r in batch.raw])
+
+
 def triton_precision(section: dict[str, Any] | None) -> tuple[str, str | None]:
     """(tolerance class, runtime) of a repository from its manifest record."""
     section = section or {}
@@ -119,6 +141,16 @@ def triton_runner(url: str, section: dict[str, Any] | None) -> TritonRunner:
     return TritonRunner(url, TritonModels.from_section(section), precision, runtime)
 
 
+def triton_runners(url: str, section: dict[str, Any] | None) -> list[Runner | Skipped]:
+    """Both entry points of the repository a manifest `repository` section describes, served at `url`."""
+    bytes_runner = triton_runner(url, section)
+    if bytes_runner.models.pixels is None:
+        reason = "the repository has no pixels entry point (written by an older clip-triton)"
+        return [bytes_runner, Skipped(TritonPixelsRunner.name, reason)]
+    pixels = TritonPixelsRunner(url, bytes_runner.models, bytes_runner.precision, bytes_runner.runtime)
+    return [bytes_runner, pixels]
+
+
 class TritonRuntime(Runtime):
     name = "triton"
     label = "Triton Inference Server (gRPC, ensembles)"
@@ -126,7 +158,7 @@ class TritonRuntime(Runtime):
     def runners(self, ctx: RunContext) -> list[Runner | Skipped]:
         if ctx.url is None:
             return []
-        return [triton_runner(ctx.url, ctx.section if ctx.section is not None else ctx.manifest.repository)]
+        return triton_runners(ctx.url, ctx.section if ctx.section is not None else ctx.manifest.repository)
 
 
 RUNTIME = register(TritonRuntime())
