@@ -7,7 +7,8 @@ OUT ?= build
 MODEL ?= ViT-B-32
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-gpu lint bench bench-quick clean
+PERF_ENV ?= .venv-perf
+.PHONY: install perf-tools demo test test-slow test-gpu lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## NVIDIA's perf_analyzer (from the tritonclient 2.51.0 wheel) in its own virtualenv: never touches the project's.
+$(PERF_ENV)/.installed: $(STAMP) benchmarks/perf_analyzer.py
+	$(BIN)/python -m benchmarks.perf_analyzer install --env $(PERF_ENV)
+	touch $@
+
+perf-tools: $(PERF_ENV)/.installed
 
 ## Export a random-weight ViT-B-32, build + serve its Triton repository, query it over gRPC, run parity.
 demo: install
@@ -37,7 +45,7 @@ lint: install
 	MYPYPATH=$(TRT_STUBS) $(BIN)/mypy --follow-imports=silent exporter clients
 
 ## The README's test command: lint, then every tier but `slow` (gpu/tensorrt tests skip without hardware).
-test: lint
+test: lint perf-tools
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install
@@ -46,10 +54,10 @@ test-slow: install
 test-gpu: install
 	$(BIN)/pytest -m "gpu or tensorrt" $(PYTEST_ARGS)
 
-bench: install
+bench: install perf-tools
 	$(BIN)/python -m benchmarks.run --out benchmarks
 
-bench-quick: install
+bench-quick: install perf-tools
 	$(BIN)/python -m benchmarks.run --quick --out $(OUT)/bench-quick
 
 clean:

@@ -1,22 +1,27 @@
-"""End to end through the local Triton: an async gRPC load generator at fixed concurrency levels.
+"""End to end through the local Triton, measured with NVIDIA's perf_analyzer (benchmarks/perf_analyzer.py).
 
-Two repositories of the same export (runtime `python`: ONNX Runtime inside the python backend,
-the runtime the embedded CPU server runs), served one after the other:
-  dynamic_batching   as `clip-triton repository` writes it (dynamic batching on every step)
-  no_batching        the same, written with `--no-dynamic-batching` (no `dynamic_batching`
-                     block in any config.pbtxt)
-For each public ensemble (`clip_image`: encoded JPEG bytes, `clip_text`: a caption) and each
-concurrency level: `concurrency` coroutines each send one item per request back to back, for
-a fixed duration or a bounded request count, over loopback (tritonclient.grpc.aio). Reported:
-throughput, p50/p95/p99 latency, errors, and the average batch the encoder step executed (from
-Triton's own statistics: inferences / executions).
-
-The client runs on the same cores as the server: on a 2-core machine it takes its share.
+Repositories of one export (runtime `python`: ONNX Runtime inside the python backend, the
+runtime the embedded CPU server runs), served one after the other:
+  dynamic_batching      as `clip-triton repository` writes it (the preprocess model's thread pool
+                        spans the host's cores)
+  no_batching           the same, written with `--no-dynamic-batching`
+  preprocess_1_thread   dynamic batching, `--preprocess-threads 1`: one decode at a time per
+                        instance, as before the thread pool (only its preprocess model is measured)
+Per variant, perf_analyzer drives each model at each concurrency level, one item per request:
+  clip_image          encoded photos of mixed sizes (JPEG, PNG, WebP; 0.3 to 2 MP)
+  clip_image_pixels   the same photos cropped by the client (uint8 [H, W, 3])
+  clip_text           captions
+  clip_image_encoder, clip_text_encoder   the encoders alone, from the pixels / ids the
+                      server's own steps produce: the ceiling the ensembles are compared with
+  clip_image_preprocess   preprocessing alone (concurrency 1/8/32): served images/s
+Once, as a cross-check, the project's own generator (tritonclient.grpc.aio) runs clip_image at the
+same levels, so both tools' numbers stand side by side. The client shares the server's cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,28 +29,40 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Settings, latency_stats
+from benchmarks.perf_analyzer import PerfAnalyzer, PerfAnalyzerError, locate, write_inputs
 from exporter.common import Progress
 
-VARIANTS = ("dynamic_batching", "no_batching")
-CLIENT_IMAGES = [("shapes", 640, 480), ("gradient", 800, 600), ("noise", 512, 384), ("checker", 1024, 768)]
+VARIANTS = ("dynamic_batching", "no_batching", "preprocess_1_thread")
+# Photo-like sizes and formats (what a client sends): 0.3 to 2 megapixels.
+CLIENT_IMAGES = [
+    ("shapes", 640, 480, "JPEG"),
+    ("gradient", 1280, 720, "JPEG"),
+    ("shapes", 1920, 1080, "JPEG"),
+    ("checker", 1024, 768, "WEBP"),
+    ("text", 800, 600, "PNG"),
+    ("noise", 512, 384, "JPEG"),
+]
+PREPROCESS_CONCURRENCY = [1, 8, 32]
 
 
 def _payloads(tower: str) -> list[bytes]:
     from exporter.samples import builtin_texts, render_image
 
     if tower == "image":
-        return [render_image(p, w, h, "RGB", "JPEG", seed=i) for i, (p, w, h) in enumerate(CLIENT_IMAGES)]
+        return [render_image(p, w, h, "RGB", fmt, seed=i) for i, (p, w, h, fmt) in enumerate(CLIENT_IMAGES)]
     return [t.encode() for t in builtin_texts(64) if t.strip()]
 
 
 def write_repositories(export_dir: Path, work: Path) -> dict[str, Path]:
     from exporter.repository import RepositoryOptions, write_repository
 
-    repos = {}
-    for variant in VARIANTS:
-        opts = RepositoryOptions(runtime="python", dynamic_batching=variant == "dynamic_batching")
-        repos[variant] = write_repository(export_dir, work / f"repo-{variant}", opts, force=True)
-    return repos
+    options = {
+        "dynamic_batching": RepositoryOptions(runtime="python"),
+        "no_batching": RepositoryOptions(runtime="python", dynamic_batching=False),
+        "preprocess_1_thread": RepositoryOptions(runtime="python", preprocess_threads=1),
+    }
+    return {variant: write_repository(export_dir, work / f"repo-{variant}", options[variant], force=True)
+            for variant in VARIANTS}
 
 
 def _encoder_counts(stats: Any, model: str) -> tuple[int, int]:
@@ -104,6 +121,107 @@ async def _level(
     return stats
 
 
+def _input_files(url: str, names: dict[str, str], work: Path) -> dict[str, tuple[str, Path]]:
+    """model -> (its input name, perf_analyzer input file). The encoders get the very pixels and
+    ids the server's preprocess and tokenize steps make from the same photos and captions."""
+    import tritonclient.grpc as grpcclient
+
+    from clients.clip_preprocess import Preprocessor
+
+    client = grpcclient.InferenceServerClient(url)
+    photos, captions = _payloads("image"), _payloads("text")[:16]
+    files: dict[str, tuple[str, Path]] = {}
+
+    def step_outputs(model: str, input_name: str, items: list[bytes]) -> tuple[str, list[np.ndarray]]:
+        output = client.get_model_metadata(model).outputs[0].name
+        arrays = []
+        for item in items:
+            tensor = grpcclient.InferInput(input_name, [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[item]], dtype=np.object_))
+            arrays.append(client.infer(model, [tensor]).as_numpy(output)[0])
+        return output, arrays
+
+    pixels_name, pixels = step_outputs(names["image_preprocess"], "image", photos)
+    ids_name, ids = step_outputs(names["text_tokenize"], "text", captions)
+    config = client.get_model_config(names["image_pixels"]).config
+    import json
+
+    crop = Preprocessor.from_config(json.loads(config.parameters["preprocess"].string_value))
+    crops = [crop.crop_bytes(photo) for photo in photos]
+    plan = {
+        names["image"]: ("image", photos),
+        names["image_pixels"]: ("pixels", crops),
+        names["text"]: ("text", captions),
+        names["image_encoder"]: (pixels_name, pixels),
+        names["text_encoder"]: (ids_name, ids),
+        names["image_preprocess"]: ("image", photos),
+    }
+    for model, (input_name, items) in plan.items():
+        files[model] = (input_name, write_inputs(work / f"pa-input-{model}.json", input_name, items))
+    client.close()
+    return files
+
+
+def _line(model: str, level: dict[str, Any]) -> str:
+    return (f"  {model} concurrency {level['concurrency']}: {level['throughput']:.1f} infer/s, "
+            f"p50 {level['median_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms")
+
+
+def bench_repository(
+    repo: Path, variant: str, tool: PerfAnalyzer, settings: Settings, work: Path, progress: Progress
+) -> dict[str, Any]:
+    from exporter.repository import model_names
+    from exporter.server import TritonServer
+
+    names = model_names("clip")
+    if variant == "preprocess_1_thread":
+        plan = {names["image_preprocess"]: PREPROCESS_CONCURRENCY}
+    else:
+        plan = {names[role]: settings.concurrency for role in ("image", "image_pixels", "text", "image_encoder",
+                                                                "text_encoder")}
+        if variant == "dynamic_batching":
+            plan[names["image_preprocess"]] = PREPROCESS_CONCURRENCY
+    window_ms, trials = (1000, 3) if settings.quick else (3000, 3)
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    server = TritonServer(repo, log_path=work / f"tritonserver-{variant}.log")
+    server.start(timeout=300)
+    results["server_start_s"] = round(time.perf_counter() - start, 1)
+    try:
+        inputs = _input_files(server.grpc_url, names, work)
+        for model, levels in plan.items():
+            entry: dict[str, Any] = {"levels": []}
+            for concurrency in levels:
+                try:
+                    level = tool.measure(server.grpc_url, model, inputs[model][1], concurrency, work,
+                                         window_ms=window_ms, trials=trials)
+                except PerfAnalyzerError as exc:
+                    entry.setdefault("errors", []).append(str(exc))
+                    progress.warn(str(exc))
+                    continue
+                entry["levels"].append(level)
+                progress.info(_line(model, level))
+            results[model] = entry
+        if variant == "dynamic_batching":
+            results["aio_generator"] = _aio_levels(server.grpc_url, names, settings, progress)
+    finally:
+        server.stop()
+    return results
+
+
+def _aio_levels(url: str, names: dict[str, str], settings: Settings, progress: Progress) -> dict[str, Any]:
+    """The project's own generator on clip_image, at perf_analyzer's levels: the cross-check."""
+    model, payloads = names["image"], _payloads("image")
+    asyncio.run(_warmup(url, model, "image", payloads, settings.warmup_s))
+    levels = []
+    for concurrency in settings.concurrency:
+        stats = asyncio.run(_level(url, model, "image", payloads, concurrency, settings.duration_s,
+                                   settings.max_requests, names["image_encoder"]))
+        levels.append(stats)
+        progress.info(_line(f"{model} (aio generator)", stats))
+    return {"model": model, "levels": levels}
+
+
 async def _warmup(url: str, model: str, input_name: str, payloads: list[bytes], seconds: float) -> None:
     import tritonclient.grpc.aio as grpcclient
 
@@ -119,41 +237,12 @@ async def _warmup(url: str, model: str, input_name: str, payloads: list[bytes], 
                 return
 
 
-def bench_repository(repo: Path, settings: Settings, log: Path, progress: Progress) -> dict[str, Any]:
-    from exporter.repository import model_names
-    from exporter.server import TritonServer
-
-    names = model_names("clip")
-    results: dict[str, Any] = {}
-    start = time.perf_counter()
-    server = TritonServer(repo, log_path=log)
-    server.start(timeout=300)
-    results["server_start_s"] = round(time.perf_counter() - start, 1)
-    try:
-        for tower, input_name in (("image", "image"), ("text", "text")):
-            model, encoder = names[tower], names[f"{tower}_encoder"]
-            payloads = _payloads(tower)
-            asyncio.run(_warmup(server.grpc_url, model, input_name, payloads, settings.warmup_s))
-            levels = []
-            for concurrency in settings.concurrency:
-                stats = asyncio.run(
-                    _level(server.grpc_url, model, input_name, payloads, concurrency, settings.duration_s,
-                           settings.max_requests, encoder)
-                )
-                levels.append(stats)
-                batch = stats["encoder_avg_batch"]
-                progress.info(
-                    f"  {model} concurrency {concurrency}: {stats['throughput']:.1f} req/s, p50 "
-                    f"{stats['median_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms, errors {stats['errors']}, "
-                    f"encoder batch {batch:.1f}" if batch else f"  {model} concurrency {concurrency}: no executions"
-                )
-            results[model] = {"levels": levels}
-    finally:
-        server.stop()
-    return results
-
-
 def run(settings: Settings, export_dir: Path | None, work: Path, progress: Progress) -> dict[str, Any]:
+    try:
+        tool = locate()
+    except PerfAnalyzerError as exc:
+        progress.warn(str(exc))
+        return {"skipped": str(exc)}
     if export_dir is None:
         from exporter.loading import load_model
         from exporter.onnx_export import export_model
@@ -164,17 +253,26 @@ def run(settings: Settings, export_dir: Path | None, work: Path, progress: Progr
     from exporter.repository import DEFAULT_QUEUE_DELAY_US
 
     repos = write_repositories(export_dir, work)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     out: dict[str, Any] = {
         "model": settings.load_model,
         "runtime": "python (ONNX Runtime CPU inside the python backend), FP32",
+        "tool": tool.version(),
         "concurrency": settings.concurrency,
+        "preprocess_concurrency": PREPROCESS_CONCURRENCY,
+        "window_ms": 1000 if settings.quick else 3000,
         "duration_s": settings.duration_s,
         "max_requests": settings.max_requests,
         "queue_delay_us": DEFAULT_QUEUE_DELAY_US,
         "instances_per_step": 1,
+        "cores": cores,
+        "preprocess_threads": {"dynamic_batching": cores, "no_batching": cores, "preprocess_1_thread": 1},
         "variants": {},
     }
     for variant, repo in repos.items():
-        with progress.step(f"Triton, {variant}: levels {settings.concurrency}, {settings.duration_s:g} s each"):
-            out["variants"][variant] = bench_repository(repo, settings, work / f"tritonserver-{variant}.log", progress)
+        with progress.step(f"Triton, {variant}: perf_analyzer"):
+            data = bench_repository(repo, variant, tool, settings, work, progress)
+        if "aio_generator" in data:
+            out["aio_generator"] = data.pop("aio_generator")
+        out["variants"][variant] = data
     return out

@@ -32,10 +32,11 @@ from exporter.runtimes.onnxruntime import parse_providers  # noqa: E402
 
 SECTIONS = ("encoders", "preprocess", "load")
 NOT_MEASURED = [
-    "perf_analyzer: the PyPI `perf-analyzer` wheels need glibc 2.38 (not on this machine); the copy inside "
-    "the tritonclient 2.51.0 wheel runs only after symlinking libb64.so.0d and libcudart.so.12 from "
-    "nvidia_pytriton.libs onto LD_LIBRARY_PATH. Rather than depend on that, the load generator here "
-    "(tritonclient.grpc.aio) does the same job: fixed concurrency, fixed duration, latency percentiles.",
+    "perf_analyzer from PyPI's `perf-analyzer` wheels: they need glibc 2.38 (not on this machine). The copy "
+    "inside the tritonclient 2.51.0 wheel (the embedded server's release) is used instead, from its own "
+    "virtualenv (`make perf-tools`, benchmarks/perf_analyzer.py).",
+    "GPU encoders and GPU-side decoding (DALI): no GPU here; the projection in the preprocessing section "
+    "uses the measured per-core figure.",
 ]
 
 

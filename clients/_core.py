@@ -105,11 +105,11 @@ class TowerInfo:
     model: str
     version: str
     input_name: str
-    input_datatype: str  # BYTES (encoded images, texts) or UINT8 (the pixels entry point)
     output_name: str
     output_datatype: str
     dim: int  # -1 if the server reports a dynamic size (then learnt from the first answer)
     max_batch_size: int  # 0: the model takes no batch dimension
+    input_datatype: str = "BYTES"  # or UINT8: the pixels entry point
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,29 @@ def test_load_generator_against_served_model(served_vitb32) -> None:  # noqa: AN
         assert stats["encoder_avg_batch"] is not None and stats["encoder_avg_batch"] >= 1.0
 
 
+@pytest.mark.server
+def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) -> None:  # noqa: ANN001
+    """NVIDIA's perf_analyzer (make perf-tools) against the real server, with the inputs load.py writes:
+    every model answers, and the figures are parsed from its CSV report."""
+    from benchmarks.perf_analyzer import PerfAnalyzerError, locate
+    from exporter.repository import model_names
+
+    try:
+        tool = locate()
+    except PerfAnalyzerError as exc:
+        pytest.fail(f"{exc} (make test installs it)")
+    assert tool.version().startswith("Perf Analyzer Version 2.51")
+    server, _repo, _export = served_vitb32
+    names = model_names("clip")
+    inputs = load._input_files(server.grpc_url, names, tmp_path)
+    assert set(inputs) == {names[r] for r in ("image", "image_pixels", "text", "image_encoder", "text_encoder",
+                                               "image_preprocess")}
+    for model in (names["image_pixels"], names["text"]):
+        level = tool.measure(server.grpc_url, model, inputs[model][1], 2, tmp_path, window_ms=500, trials=3)
+        assert level["concurrency"] == 2 and level["throughput"] > 0
+        assert 0 < level["median_ms"] <= level["p99_ms"]
+
+
 def test_no_batching_copy_has_no_dynamic_batching(vitb32_export: Path, tmp_path: Path) -> None:
     from exporter.repository import parse_config
 
@@ -129,4 +152,6 @@ def test_no_batching_copy_has_no_dynamic_batching(vitb32_export: Path, tmp_path:
             config = parse_config(path.read_text())
             if config.platform == "ensemble":
                 continue
-            assert config.HasField("dynamic_batching") == (variant == "dynamic_batching"), (variant, path)
+            assert config.HasField("dynamic_batching") == (variant != "no_batching"), (variant, path)
+    threads = parse_config((repos["preprocess_1_thread"] / "clip_image_preprocess" / "config.pbtxt").read_text())
+    assert threads.parameters["threads"].string_value == "1"
