@@ -181,7 +181,7 @@ def bench_repository(
                                                                 "text_encoder")}
         if variant == "dynamic_batching":
             plan[names["image_preprocess"]] = PREPROCESS_CONCURRENCY
-    window_ms, trials = (1000, 3) if settings.quick else (3000, 3)
+    per_window, floor = (2, 16) if settings.quick else (4, 48)  # requests per window: max(floor, per_window x c)
     results: dict[str, Any] = {}
     start = time.perf_counter()
     server = TritonServer(repo, log_path=work / f"tritonserver-{variant}.log")
@@ -194,7 +194,7 @@ def bench_repository(
             for concurrency in levels:
                 try:
                     level = tool.measure(server.grpc_url, model, inputs[model][1], concurrency, work,
-                                         window_ms=window_ms, trials=trials)
+                                         window_requests=max(floor, per_window * concurrency))
                 except PerfAnalyzerError as exc:
                     entry.setdefault("errors", []).append(str(exc))
                     progress.warn(str(exc))
@@ -260,7 +260,7 @@ def run(settings: Settings, export_dir: Path | None, work: Path, progress: Progr
         "tool": tool.version(),
         "concurrency": settings.concurrency,
         "preprocess_concurrency": PREPROCESS_CONCURRENCY,
-        "window_ms": 1000 if settings.quick else 3000,
+        "window_requests": "max(16, 2 x concurrency)" if settings.quick else "max(48, 4 x concurrency)",
         "duration_s": settings.duration_s,
         "max_requests": settings.max_requests,
         "queue_delay_us": DEFAULT_QUEUE_DELAY_US,

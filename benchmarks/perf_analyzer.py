@@ -55,17 +55,20 @@ class PerfAnalyzer:
         return (out.stdout.strip() or out.stderr.strip()).splitlines()[0] if out.returncode == 0 else ""
 
     def measure(
-        self, url: str, model: str, inputs: Path, concurrency: int, work: Path, *, window_ms: int, trials: int
+        self, url: str, model: str, inputs: Path, concurrency: int, work: Path, *, window_requests: int,
+        trials: int = 3,
     ) -> dict[str, Any]:
         """One concurrency level over gRPC, one item per request: throughput and client latencies (ms).
 
-        Each level is `trials` (at least 3) windows of `window_ms` (stability 100 %: it stops after those windows
-        whatever the spread, so a noisy 2-core machine cannot make it loop)."""
+        Windows are counted in requests, not milliseconds (`count_windows`): at 64 in flight on a CPU
+        encoder one request takes seconds, longer than any fixed window. `trials` (at least 3) windows
+        are taken whatever their spread (stability 1000 %), so a noisy 2-core machine cannot make it loop."""
         report = work / f"pa-{model}-c{concurrency}.csv"
         cmd = [
             str(self.binary), "-m", model, "-u", url, "-i", "grpc", "-b", "1", "--input-data", str(inputs),
-            "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(window_ms),
-            "--max-trials", str(max(trials, 3)), "--stability-percentage", "100", "-f", str(report),
+            "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-mode", "count_windows",
+            "--measurement-request-count", str(window_requests), "--max-trials", str(max(trials, 3)),
+            "--stability-percentage", "1000", "-f", str(report),
         ]
         run = subprocess.run(cmd, capture_output=True, text=True, env=self._env(), timeout=600)
         if run.returncode != 0 or not report.is_file():

@@ -30,6 +30,8 @@ def _machine(results: dict[str, Any]) -> list[str]:
     ]
     if results.get("note"):
         lines.append(f"- note: **{results['note']}**")
+    for section, date in (results.get("carried_over") or {}).items():
+        lines.append(f"- section `{section}`: not re-run by this command; its results are from the run of {date}")
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
     enc = results.get("encoders")
     if enc:
@@ -218,7 +220,8 @@ def _load(load: dict[str, Any]) -> list[str]:
     lines += [
         f"{load['model']}, runtime {load['runtime']}; one instance per step; dynamic batching queue delay "
         f"{load['queue_delay_us']} µs when on. Load: NVIDIA's perf_analyzer ({load['tool']}, `make perf-tools`), "
-        f"one item per request, {load['window_ms']} ms windows x 3 per level, over gRPC; client latencies. "
+        f"one item per request, 3 windows of {load['window_requests']} requests per level (count_windows), "
+        "over gRPC; client latencies. "
         "`no_batching` is the same repository written with `--no-dynamic-batching`. The encoders alone get "
         "the pixels / ids the server's own steps make. perf_analyzer shares the CPU cores with the server.",
         "",

@@ -146,6 +146,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def carry_over(results: dict[str, Any], previous: Path) -> None:
+    """Sections this run did not measure keep the previous run's results, marked with its date, so
+    `--sections load` refreshes one table without dropping the others from RESULTS.md."""
+    if not previous.is_file():
+        return
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    for section in SECTIONS:
+        if section not in results and section in old:
+            results[section] = old[section]
+            results.setdefault("carried_over", {})[section] = old.get("carried_over", {}).get(section, old.get("date"))
+
+
 def write(results: dict[str, Any], out: Path, plots: bool) -> list[Path]:
     from benchmarks.report import render
 
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         results = run(args)
+        carry_over(results, args.out / "results.json")
         files = write(results, args.out, not args.no_plots)
     except ClipTritonError as exc:
         print(f"error: {exc}", file=sys.stderr)

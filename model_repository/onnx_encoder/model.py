@@ -53,7 +53,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{args['model_name']}: no ONNX graph at {path}")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        threads = int(_param(config, "intra_op_threads", 0))
+        # Triton's onnxruntime backend reads intra_op_thread_count; intra_op_threads is this file's older name.
+        threads = int(_param(config, "intra_op_thread_count", _param(config, "intra_op_threads", 0)))
         if threads:
             options.intra_op_num_threads = threads
         # ONNX Runtime's CPU optimiser crashes on FP16 ViT graphs (docs/engines.md), so FP16
