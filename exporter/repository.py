@@ -519,6 +519,13 @@ def write_repository(
             "max_pixels": opts.max_pixels,
             "limits": opts.limits(),
             "models": names,
+            # The public API: what a client sends to each ensemble (docs/serving.md).
+            "entry_points": {
+                names["image"]: "image: encoded image bytes (TYPE_STRING [1])",
+                names["image_pixels"]: f"{PIXELS_INPUT}: the crop, uint8 RGB [{manifest.preprocess.size[0]}, "
+                f"{manifest.preprocess.size[1]}, 3] (ClipClient(preprocess='client'))",
+                names["text"]: "text: UTF-8 (TYPE_STRING [1])",
+            },
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         manifest.repository = record

@@ -211,6 +211,8 @@ def test_repository_layout_and_configs_parse_back(python_repo: Path, vitb32_expo
     assert pixels.parameters["max_bytes"].string_value == str(32 * 1024 * 1024)
     assert configs["clip_image_preprocess"].parameters["threads"].string_value == "0"
     assert configs["clip_image_normalize"].parameters["intra_op_thread_count"].string_value == "1"
+    assert sorted(load_manifest(python_repo).repository["entry_points"]) == ["clip_image", "clip_image_pixels",
+                                                                              "clip_text"]
     tok = configs["clip_text_tokenize"]
     assert tok.output[0].data_type == 8 and list(tok.output[0].dims) == [77]  # TYPE_INT32
     pre = json.loads(configs["clip_image_preprocess"].parameters["preprocess"].string_value)
