@@ -38,7 +38,7 @@ def _thread_count(requested, instances):
 
 
 class _RequestFailed(Exception):
-    """One request's failure: the response error to send, with its status code (None: INTERNAL)."""
+    """One request's failure (a value, never raised): the error to send and its code (None: INTERNAL)."""
 
     def __init__(self, message, code=None):
         super().__init__(message)
@@ -59,26 +59,30 @@ class TritonPythonModel:
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
 
     def _items(self, request):
+        """The request's encoded images, or the _RequestFailed to answer it with."""
         tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
         if tensor is None:
-            raise _RequestFailed(f"missing input {self.input_name!r}", self.invalid_arg)
+            return _RequestFailed(f"missing input {self.input_name!r}", self.invalid_arg)
         return [data if isinstance(data, bytes) else bytes(data) for data in tensor.as_numpy().reshape(-1)]
 
     def _one_item(self, data):
-        """Pixels, or the exception for this item (raised later, in its own request's response)."""
+        """Pixels, or the exception for this item (answered later, in its own request's response)."""
         try:
             return self.preprocess.from_bytes(data, self.limits)
         except Exception as exc:  # noqa: BLE001 - sorted out per request in execute()
-            return exc
+            # Keep the error, never its traceback: its frames hold the payload (up to max_bytes, or a
+            # 300 MB hostile one), and an error kept with its frames kept every such payload alive.
+            return exc.with_traceback(None)
 
-    def _request_pixels(self, results, count):
-        out = np.empty((count, 3, *self.preprocess.size), dtype=np.float32)
+    def _request_pixels(self, results):
+        """One request's pixels [N, 3, H, W], or the _RequestFailed naming its first bad item."""
+        out = np.empty((len(results), 3, *self.preprocess.size), dtype=np.float32)
         for i, result in enumerate(results):
             if isinstance(result, ImageInputError):
-                where = f"item {i}: " if count > 1 else ""
-                raise _RequestFailed(f"{self.input_name}: {where}{result}", self.invalid_arg)
+                where = f"item {i}: " if len(results) > 1 else ""
+                return _RequestFailed(f"{self.input_name}: {where}{result}", self.invalid_arg)
             if isinstance(result, Exception):
-                raise _RequestFailed(f"{self.input_name}: preprocessing failed: {type(result).__name__}: {result}")
+                return _RequestFailed(f"{self.input_name}: preprocessing failed: {type(result).__name__}: {result}")
             out[i] = result
         return out
 
@@ -87,31 +91,27 @@ class TritonPythonModel:
         message = str(failure)
         return pb_utils.TritonError(message) if failure.code is None else pb_utils.TritonError(message, failure.code)
 
+    def _read(self, request):
+        try:
+            return self._items(request)
+        except Exception as exc:  # noqa: BLE001 - a server-side fault, still only this request's
+            return _RequestFailed(f"{self.input_name}: reading the request failed: {exc}")
+
     def execute(self, requests):
         # Every item of every request in this batch goes to the pool at once; responses are then
         # assembled request by request, so a bad image fails its own request, never the batch.
-        per_request = []
-        for request in requests:
-            try:
-                per_request.append(self._items(request))
-            except _RequestFailed as failure:
-                per_request.append(failure)
-            except Exception as exc:  # noqa: BLE001 - a server-side fault, still only this request's
-                per_request.append(_RequestFailed(f"{self.input_name}: reading the request failed: {exc}"))
+        # Failures are passed as values, not raised: no traceback outlives this call holding payloads.
+        per_request = [self._read(request) for request in requests]
         flat = [data for items in per_request if isinstance(items, list) for data in items]
         results = list(self.pool.map(self._one_item, flat)) if self.pool else [self._one_item(d) for d in flat]
         responses, start = [], 0
         for items in per_request:
+            if isinstance(items, list):
+                items, start = self._request_pixels(results[start : start + len(items)]), start + len(items)
             if isinstance(items, _RequestFailed):
                 responses.append(pb_utils.InferenceResponse(error=self._error(items)))
-                continue
-            mine, start = results[start : start + len(items)], start + len(items)
-            try:
-                pixels = self._request_pixels(mine, len(items))
-            except _RequestFailed as failure:
-                responses.append(pb_utils.InferenceResponse(error=self._error(failure)))
-                continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, pixels)]))
+            else:
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, items)]))
         return responses
 
     def finalize(self):
