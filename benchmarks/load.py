@@ -124,42 +124,34 @@ async def _level(
 def _input_files(url: str, names: dict[str, str], work: Path) -> dict[str, tuple[str, Path]]:
     """model -> (its input name, perf_analyzer input file). The encoders get the very pixels and
     ids the server's preprocess and tokenize steps make from the same photos and captions."""
-    import tritonclient.grpc as grpcclient
-
-    from clients.clip_preprocess import Preprocessor
-
-    client = grpcclient.InferenceServerClient(url)
-    photos, captions = _payloads("image"), _payloads("text")[:16]
-    files: dict[str, tuple[str, Path]] = {}
-
-    def step_outputs(model: str, input_name: str, items: list[bytes]) -> tuple[str, list[np.ndarray]]:
-        output = client.get_model_metadata(model).outputs[0].name
-        arrays = []
-        for item in items:
-            tensor = grpcclient.InferInput(input_name, [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[item]], dtype=np.object_))
-            arrays.append(client.infer(model, [tensor]).as_numpy(output)[0])
-        return output, arrays
-
-    pixels_name, pixels = step_outputs(names["image_preprocess"], "image", photos)
-    ids_name, ids = step_outputs(names["text_tokenize"], "text", captions)
-    config = client.get_model_config(names["image_pixels"]).config
     import json
 
+    from clients.clip_preprocess import Preprocessor
+    from exporter.runtimes.triton import triton_runner
+
+    photos, captions = _payloads("image"), _payloads("text")[:16]
+    server = triton_runner(url, {"prefix": "clip", "models": names})
+    server.open()
+    try:
+        steps = {}
+        for step, items in ((names["image_preprocess"], photos), (names["text_tokenize"], captions)):
+            steps[step] = (server.model_io(step)[1], list(server.infer_raw(step, items)))
+        config = server.client.get_model_config(names["image_pixels"]).config
+    finally:
+        server.close()
     crop = Preprocessor.from_config(json.loads(config.parameters["preprocess"].string_value))
-    crops = [crop.crop_bytes(photo) for photo in photos]
+    pixels_name, pixels = steps[names["image_preprocess"]]
+    ids_name, ids = steps[names["text_tokenize"]]
     plan = {
         names["image"]: ("image", photos),
-        names["image_pixels"]: ("pixels", crops),
+        names["image_pixels"]: ("pixels", [crop.crop_bytes(photo) for photo in photos]),
         names["text"]: ("text", captions),
         names["image_encoder"]: (pixels_name, pixels),
         names["text_encoder"]: (ids_name, ids),
         names["image_preprocess"]: ("image", photos),
     }
-    for model, (input_name, items) in plan.items():
-        files[model] = (input_name, write_inputs(work / f"pa-input-{model}.json", input_name, items))
-    client.close()
-    return files
+    return {model: (input_name, write_inputs(work / f"pa-input-{model}.json", input_name, items))
+            for model, (input_name, items) in plan.items()}
 
 
 def _line(model: str, level: dict[str, Any]) -> str:

@@ -100,8 +100,8 @@ def write_inputs(path: Path, name: str, items: list[Any]) -> Path:
     """Requests cycle through `items` (each one item: encoded bytes / a string, or an array without batch)."""
     entries = []
     for item in items:
-        value = [item.encode() if isinstance(item, str) else item] if isinstance(item, str | bytes) else item
-        entries.append({name: tensor_entry(value)})
+        item = item.encode() if isinstance(item, str) else item
+        entries.append({name: tensor_entry([item] if isinstance(item, bytes) else item)})
     path.write_text(json.dumps({"data": entries}))
     return path
 

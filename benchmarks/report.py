@@ -161,15 +161,14 @@ def _best(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     return max(levels, key=lambda lv: lv["throughput"]) if levels else None
 
 
-def _level_table(levels: list[dict[str, Any]], server: bool) -> list[str]:
-    head = "| concurrency | infer/s | p50 ms | p90 ms | p99 ms |" + (" server queue ms | server compute ms |" if server
-                                                                   else " requests | errors |")
-    lines = [head, "|---:" * 7 + "|"]
+def _level_table(levels: list[dict[str, Any]]) -> list[str]:
+    """perf_analyzer's levels: throughput, client latencies, server queue and compute."""
+    lines = ["| concurrency | infer/s | p50 ms | p90 ms | p99 ms | server queue ms | server compute ms |",
+             "|---:" * 7 + "|"]
     for lv in levels:
-        tail = (f" {_f(lv['server_queue_ms'])} | {_f(lv['server_compute_ms'])} |" if server
-                else f" {lv['requests']} | {lv['errors']} |")
         lines.append(f"| {lv['concurrency']} | {_f(lv['throughput'])} | {_f(lv['median_ms'])} | "
-                     f"{_f(lv.get('p90_ms'))} | {_f(lv['p99_ms'])} |{tail}")
+                     f"{_f(lv['p90_ms'])} | {_f(lv['p99_ms'])} | {_f(lv['server_queue_ms'])} | "
+                     f"{_f(lv['server_compute_ms'])} |")
     return lines
 
 
@@ -246,7 +245,7 @@ def _load(load: dict[str, Any]) -> list[str]:
             if not isinstance(entry, dict) or not entry.get("levels"):
                 continue
             lines += [f"**{model}, {variant}** (server start {data['server_start_s']} s)", ""]
-            lines += _level_table(entry["levels"], server=True)
+            lines += _level_table(entry["levels"])
             for error in entry.get("errors", [])[:2]:
                 lines += ["", f"- error: {error}"]
             lines.append("")

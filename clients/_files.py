@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +22,16 @@ def check_writable_parent(dest: Path) -> None:
 
 @contextmanager
 def staged_path(dest: Path) -> Iterator[Path]:
-    """A temporary path beside `dest` that replaces it only when the block succeeds."""
+    """A temporary path beside `dest` that replaces it only when the block succeeds (the exporter's
+    atomic writes use it too: exporter.common.staged_file)."""
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         yield tmp
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dest)

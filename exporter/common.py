@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+from clients._files import staged_path
+
 # The python-backend sources copied into every repository (model_repository/ in the source tree).
 # A wheel ships them inside the package, as exporter/model_repository (pyproject's package-dir).
 _PACKAGED_SOURCES = Path(__file__).resolve().parent / "model_repository"
@@ -190,17 +192,6 @@ def link_or_copy(src: Path, dest: Path, copy: bool = False) -> None:
     shutil.copy2(src, dest)
 
 
-@contextlib.contextmanager
-def staged_file(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; it replaces `dest` only if the block succeeds."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
+# A temporary path beside `dest` that replaces it only if the block succeeds: the client library's
+# (clients/_files.py), which stands alone, so the one implementation lives there.
+staged_file = staged_path

@@ -99,6 +99,20 @@ def _compare(
     return result
 
 
+def _stage(
+    item: runtimes.Runner | runtimes.Skipped,
+    ref: dict[str, np.ndarray],
+    samples: SampleSet,
+    thresholds: dict[str, float],
+    progress: Progress,
+    text_ids_real: bool,
+) -> StageResult:
+    """A planned runner's result: judged if it runs here, a SKIP with its reason if not."""
+    if isinstance(item, runtimes.Skipped):
+        return StageResult(item.name, SKIP, reason=item.reason)
+    return _compare(item, ref, samples, thresholds, progress, text_ids_real)
+
+
 def check_triton_preprocessing(runner: TritonRunner, samples: SampleSet, progress: Progress) -> list[dict[str, Any]]:
     """Server-side preprocess and tokenize models vs open_clip: equality, not closeness (JSON form)."""
     return [r.to_dict() for r in _preprocessing_checks(runner, samples, progress)]
@@ -210,13 +224,10 @@ def run_parity(
     stages: list[StageResult] = []
     checked = False
     for item in planned:  # the live server's runners (--url) are planned last; its checks go before them
-        if isinstance(item, runtimes.Skipped):
-            stages.append(StageResult(item.name, SKIP, reason=item.reason))
-            continue
         if isinstance(item, TritonRunner) and url is not None and not checked:
             stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
             checked = True
-        stages.append(_compare(item, ref, sample_set, thresholds, progress, ids_real))
+        stages.append(_stage(item, ref, sample_set, thresholds, progress, ids_real))
     if url is None and repository is None:
         stages.append(StageResult("triton", SKIP, reason="no --repository or --url given"))
     elif repository is not None:
@@ -287,13 +298,9 @@ def _local_triton(
         return [StageResult("triton", ERROR, reason=reason)]
     try:
         url = server.grpc_url
-        stages = _triton_checks(url, section, samples, progress, ids_real)
-        for item in triton_runners(url, section):
-            if isinstance(item, runtimes.Skipped):
-                stages.append(StageResult(item.name, SKIP, reason=item.reason))
-            else:
-                stages.append(_compare(item, ref, samples, thresholds, progress, ids_real))
-        return stages
+        checks = _triton_checks(url, section, samples, progress, ids_real)
+        return checks + [_stage(item, ref, samples, thresholds, progress, ids_real)
+                         for item in triton_runners(url, section)]
     finally:
         with progress.step("stopping tritonserver"):
             server.stop()

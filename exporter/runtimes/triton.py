@@ -111,17 +111,28 @@ class TritonPixelsRunner(TritonRunner):
     """The pixels entry point: images cropped by ClipClient(preprocess="client"), texts as `triton`."""
 
     name = "triton-pixels"
+    pixels_client: Any = None
 
     def describe(self) -> str:
         return f"Triton gRPC {self.url} ({self.models.pixels} from client-side crops; {self.runtime}, {self.precision})"
 
+    def open(self) -> None:
+        from clients.sync import ClipClient
+
+        super().open()
+        # One client for the run: it reads the transform and limits from the server once.
+        self.pixels_client = ClipClient(self.url, prefix=self.models.prefix, preprocess="client")
+
     def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
         if tower != "image":
             return super().embed(tower, batch)
-        from clients.sync import ClipClient
+        return self.pixels_client.embed_images([bytes(r) for r in batch.raw])
 
-        with ClipClient(self.url, prefix=self.models.prefix, preprocess="client", batch_size=len(batch)) as client:
-            return client.embed_images([bytes(r) for r in batch.raw])
+    def close(self) -> None:
+        if self.pixels_client is not None:
+            self.pixels_client.close()
+            self.pixels_client = None
+        super().close()
 
 
 def triton_precision(section: dict[str, Any] | None) -> tuple[str, str | None]:
