@@ -21,6 +21,7 @@ from exporter import runtimes
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
 from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, load_manifest
 from exporter.pixels import PIXELS_INPUT, save_normalize_graph
+from exporter.releases import DEFAULT_RELEASE, TritonRelease, get_release, release_for_tensorrt
 
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
@@ -37,17 +38,6 @@ DEFAULT_MAX_CHARS = 100_000
 IMAGE_LIMITS = ("max_bytes", "max_pixels", "max_aspect_ratio", "max_resized_pixels")  # the preprocess model
 TEXT_LIMITS = ("max_chars",)  # the tokenize model
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-
-# NVIDIA's Triton container releases and the TensorRT each ships (NVIDIA's support matrix).
-TRITON_RELEASE_FOR_TRT = {
-    "10.3": "24.08",
-    "10.4": "24.09",
-    "10.5": "24.10",
-    "10.6": "24.11",
-    "10.7": "24.12",
-    "10.8": "25.02",
-    "10.9": "25.03",
-}
 
 NP_TO_TRITON = {
     "float32": "TYPE_FP32",
@@ -85,6 +75,9 @@ class RepositoryOptions:
     max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
     max_chars: int = DEFAULT_MAX_CHARS
     copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
+    # The NVIDIA container it is written for (exporter/releases.py): default, the one shipping the
+    # engines' TensorRT, else the newest known. Decides the Python of the bundled wheels (docs/deploy.md).
+    triton_release: str | None = None
 
     def limits(self) -> dict[str, Any]:
         """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS)."""
@@ -339,19 +332,41 @@ def _copy_sources(dest: Path, model_file: str, commons: list[str]) -> None:
         shutil.copy2(REPOSITORY_SOURCES / "common" / name, dest / name)
 
 
-def _triton_release(manifest: Manifest) -> tuple[str | None, str]:
+def engines_tensorrt(manifest: Manifest) -> str | None:
+    """The TensorRT version that built this export's plans (None: no engines)."""
     engines = manifest.engines or {}
     trt = engines.get("tensorrt") or manifest.versions.get("tensorrt")
-    if not isinstance(trt, str):
-        return None, "<YY.MM>"
-    major_minor = ".".join(trt.split(".")[:2])
-    return trt, TRITON_RELEASE_FOR_TRT.get(major_minor, "<YY.MM>")
+    return trt if isinstance(trt, str) else None
+
+
+def target_release(manifest: Manifest, requested: str | None = None) -> TritonRelease:
+    """The Triton container a repository is written for: `requested`, else the release shipping the
+    engines' TensorRT, else the newest known release. A request that contradicts the engines is refused."""
+    trt = engines_tensorrt(manifest)
+    matched = release_for_tensorrt(trt) if trt else None
+    if requested:
+        row = get_release(requested)
+        if trt and row.tensorrt_major_minor != ".".join(trt.split(".")[:2]):
+            raise ClipTritonError(
+                f"Triton {row.release} ships TensorRT {row.tensorrt}, but the engines were built with TensorRT "
+                f"{trt}" + (f"; use --triton-release {matched.release}" if matched else "")
+            )
+        return row
+    return matched or DEFAULT_RELEASE
+
+
+def repository_release(repo_manifest: Manifest) -> TritonRelease:
+    """The release a written repository targets (recorded by `write_repository`; older repositories:
+    derived from the engines as `target_release` would)."""
+    recorded = (repo_manifest.repository or {}).get("triton_release")
+    return get_release(recorded) if isinstance(recorded, str) else target_release(repo_manifest)
 
 
 def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str, dest: Path) -> str:
     names = model_names(opts.prefix)
     h, w = manifest.preprocess.size
-    trt, release = _triton_release(manifest)
+    trt = engines_tensorrt(manifest)
+    release = target_release(manifest, opts.triton_release).release
     weights = (
         f"pretrained tag `{manifest.pretrained}`"
         if manifest.pretrained

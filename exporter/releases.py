@@ -1,0 +1,69 @@
+"""NVIDIA's Triton container releases: the TensorRT and Python each ships (docs/deploy.md).
+
+One table, three users: `clip-triton repository` picks the release whose TensorRT built the engines
+(a plan runs only on the TensorRT version that built it) and fetches the python models' wheels for
+that release's Python; `clip-triton deploy` names the matching image; the repository README says it.
+Sources: NVIDIA's Triton container release notes, one per release (cited in docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exporter.common import ClipTritonError
+
+IMAGE = "nvcr.io/nvidia/tritonserver"
+
+
+@dataclass(frozen=True)
+class TritonRelease:
+    release: str  # YY.MM, the container tag without "-py3"
+    triton: str  # tritonserver version inside it
+    tensorrt: str  # TensorRT version it ships
+    python: str  # the container's python3 X.Y (the python backend stub is built for it)
+    ubuntu: str
+
+    @property
+    def image(self) -> str:
+        return f"{IMAGE}:{self.release}-py3"
+
+    @property
+    def tensorrt_major_minor(self) -> str:
+        return ".".join(self.tensorrt.split(".")[:2])
+
+
+# Oldest first. Verified against NVIDIA's release notes (docs/deploy.md lists the source of each row).
+RELEASES: tuple[TritonRelease, ...] = (
+    TritonRelease("24.08", "2.49.0", "10.3.0.26", "3.10", "22.04"),
+    TritonRelease("24.09", "2.50.0", "10.4.0.26", "3.10", "22.04"),
+    TritonRelease("24.10", "2.51.0", "10.5.0.18", "3.10", "22.04"),
+    TritonRelease("24.11", "2.52.0", "10.6.0.26", "3.10", "22.04"),
+    TritonRelease("24.12", "2.53.0", "10.7.0.23", "3.10", "22.04"),
+    TritonRelease("25.01", "2.54.0", "10.8.0.43", "3.12", "24.04"),
+    TritonRelease("25.02", "2.55.0", "10.8.0.43", "3.12", "24.04"),
+    TritonRelease("25.03", "2.56.0", "10.9.0.34", "3.12", "24.04"),
+)
+
+# Used when no engine pins the release (onnxruntime / python runtimes): the newest in the table.
+DEFAULT_RELEASE = RELEASES[-1]
+
+
+def get_release(release: str) -> TritonRelease:
+    """The row for a YY.MM tag; a one-line error naming the known ones otherwise."""
+    tag = release.removesuffix("-py3")
+    for row in RELEASES:
+        if row.release == tag:
+            return row
+    known = ", ".join(r.release for r in RELEASES)
+    raise ClipTritonError(f"unknown Triton release {release!r}; known: {known}")
+
+
+def release_for_tensorrt(version: str) -> TritonRelease | None:
+    """The container to serve plans built with TensorRT `version`: the same full version if a
+    release ships it, else the newest release with the same major.minor; None if none does."""
+    exact = [r for r in RELEASES if r.tensorrt == version]
+    if exact:
+        return exact[-1]
+    major_minor = ".".join(version.split(".")[:2])
+    same = [r for r in RELEASES if r.tensorrt_major_minor == major_minor]
+    return same[-1] if same else None
