@@ -78,6 +78,10 @@ class RepositoryOptions:
     # The NVIDIA container it is written for (exporter/releases.py): default, the one shipping the
     # engines' TensorRT, else the newest known. Decides the Python of the bundled wheels (docs/deploy.md).
     triton_release: str | None = None
+    # Bundle the python models' wheels (Pillow, tokenizers, ...) inside the repository, pinned, for the
+    # target release's Python, so a stock container serves it with nothing installed at start.
+    python_deps: bool = True
+    deps_python: str | None = None  # override the release's Python X.Y (e.g. to serve locally)
 
     def limits(self) -> dict[str, Any]:
         """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS)."""
