@@ -1,9 +1,10 @@
-"""NVIDIA's Triton container releases: the TensorRT and Python each ships (docs/deploy.md).
+"""NVIDIA's Triton container releases: the TensorRT and Python each ships (docs/releases.md).
 
 One table, three users: `clip-triton repository` picks the release whose TensorRT built the engines
 (a plan runs only on the TensorRT version that built it) and fetches the python models' wheels for
 that release's Python; `clip-triton deploy` names the matching image; the repository README says it.
-Sources: NVIDIA's Triton container release notes, one per release (cited in docs/deploy.md).
+Sources, per row, and what could not be verified: docs/releases.md. Releases after 25.03 exist
+(25.04 ... 26.08) but stay out until a source confirms the TensorRT version each one ships.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ class TritonRelease:
         return ".".join(self.tensorrt.split(".")[:2])
 
 
-# Oldest first. Verified against NVIDIA's release notes (docs/deploy.md lists the source of each row).
+# Oldest first; docs/releases.md gives each row's sources and what is unverified. tritonserver
+# version: build.py's TRITON_VERSION_MAP / DEFAULT_TRITON_VERSION_MAP on the r<YY.MM> branch of
+# triton-inference-server/server. Python and Ubuntu: that branch's build.py (ubuntu:22.04 -> 24.04
+# from r24.11, PR #7783) and qa/L0_backend_python/test.sh, which asserts `python3 --version` (3.10
+# through r24.10, 3.12 from r24.11). TensorRT: kept from the original table; NVIDIA's release-note
+# component lists were not readable in the copies searched, so only some rows are corroborated.
 RELEASES: tuple[TritonRelease, ...] = (
     TritonRelease("24.08", "2.49.0", "10.3.0.26", "3.10", "22.04"),
     TritonRelease("24.09", "2.50.0", "10.4.0.26", "3.10", "22.04"),
     TritonRelease("24.10", "2.51.0", "10.5.0.18", "3.10", "22.04"),
-    TritonRelease("24.11", "2.52.0", "10.6.0.26", "3.10", "22.04"),
-    TritonRelease("24.12", "2.53.0", "10.7.0.23", "3.10", "22.04"),
+    TritonRelease("24.11", "2.52.0", "10.6.0.26", "3.12", "24.04"),  # first Ubuntu 24.04 release
+    TritonRelease("24.12", "2.53.0", "10.7.0.23", "3.12", "24.04"),
     TritonRelease("25.01", "2.54.0", "10.8.0.43", "3.12", "24.04"),
     TritonRelease("25.02", "2.55.0", "10.8.0.43", "3.12", "24.04"),
     TritonRelease("25.03", "2.56.0", "10.9.0.34", "3.12", "24.04"),
