@@ -3,8 +3,9 @@
 One table, three users: `clip-triton repository` picks the release whose TensorRT built the engines
 (a plan runs only on the TensorRT version that built it) and fetches the python models' wheels for
 that release's Python; `clip-triton deploy` names the matching image; the repository README says it.
-Sources, per row, and what could not be verified: docs/releases.md. Releases after 25.03 exist
-(25.04 ... 26.08) but stay out until a source confirms the TensorRT version each one ships.
+Sources, per row, and what could not be verified: docs/releases.md. Releases 25.04 ... 26.08 are
+listed with their verified tritonserver / Python / Ubuntu but no TensorRT (not confirmed): they serve
+repositories without engines (the default target is the newest), and engines never match them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ IMAGE = "nvcr.io/nvidia/tritonserver"
 class TritonRelease:
     release: str  # YY.MM, the container tag without "-py3"
     triton: str  # tritonserver version inside it
-    tensorrt: str  # TensorRT version it ships
+    tensorrt: str | None  # TensorRT version it ships (None: not confirmed by a source, docs/releases.md)
     python: str  # the container's python3 X.Y (the python backend stub is built for it)
     ubuntu: str
 
@@ -29,8 +30,8 @@ class TritonRelease:
         return f"{IMAGE}:{self.release}-py3"
 
     @property
-    def tensorrt_major_minor(self) -> str:
-        return ".".join(self.tensorrt.split(".")[:2])
+    def tensorrt_major_minor(self) -> str | None:
+        return ".".join(self.tensorrt.split(".")[:2]) if self.tensorrt else None
 
 
 # Oldest first; docs/releases.md gives each row's sources and what is unverified. tritonserver
@@ -48,6 +49,24 @@ RELEASES: tuple[TritonRelease, ...] = (
     TritonRelease("25.01", "2.54.0", "10.8.0.43", "3.12", "24.04"),
     TritonRelease("25.02", "2.55.0", "10.8.0.43", "3.12", "24.04"),
     TritonRelease("25.03", "2.56.0", "10.9.0.34", "3.12", "24.04"),
+    # TensorRT unconfirmed from here on (docs/releases.md); 25.08+ are CUDA 13.
+    TritonRelease("25.04", "2.57.0", None, "3.12", "24.04"),
+    TritonRelease("25.05", "2.58.0", None, "3.12", "24.04"),
+    TritonRelease("25.06", "2.59.0", None, "3.12", "24.04"),
+    TritonRelease("25.07", "2.59.1", None, "3.12", "24.04"),
+    TritonRelease("25.08", "2.60.0", None, "3.12", "24.04"),
+    TritonRelease("25.09", "2.61.0", None, "3.12", "24.04"),
+    TritonRelease("25.10", "2.62.0", None, "3.12", "24.04"),
+    TritonRelease("25.11", "2.63.0", None, "3.12", "24.04"),
+    TritonRelease("25.12", "2.64.0", None, "3.12", "24.04"),
+    TritonRelease("26.01", "2.65.0", None, "3.12", "24.04"),
+    TritonRelease("26.02", "2.66.0", None, "3.12", "24.04"),
+    TritonRelease("26.03", "2.67.0", None, "3.12", "24.04"),
+    TritonRelease("26.04", "2.68.0", None, "3.12", "24.04"),
+    TritonRelease("26.05", "2.69.0", None, "3.12", "24.04"),
+    TritonRelease("26.06", "2.70.0", None, "3.12", "24.04"),
+    TritonRelease("26.07", "2.71.0", None, "3.12", "24.04"),
+    TritonRelease("26.08", "2.72.0", None, "3.12", "24.04"),
 )
 
 # Used when no engine pins the release (onnxruntime / python runtimes): the newest in the table.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clients import clip_preprocess
-from exporter import runtimes
+from exporter import python_deps, runtimes
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
 from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, load_manifest
 from exporter.pixels import PIXELS_INPUT, save_normalize_graph
@@ -38,6 +38,7 @@ DEFAULT_MAX_CHARS = 100_000
 IMAGE_LIMITS = ("max_bytes", "max_pixels", "max_aspect_ratio", "max_resized_pixels")  # the preprocess model
 TEXT_LIMITS = ("max_chars",)  # the tokenize model
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+DEPS_LOADER = "bundled_deps.py"  # beside each python model.py: puts its deps/ on sys.path
 
 NP_TO_TRITON = {
     "float32": "TYPE_FP32",
@@ -82,6 +83,7 @@ class RepositoryOptions:
     # target release's Python, so a stock container serves it with nothing installed at start.
     python_deps: bool = True
     deps_python: str | None = None  # override the release's Python X.Y (e.g. to serve locally)
+    deps_arch: str = "x86_64"  # or aarch64 (NVIDIA's arm64 / sbsa containers)
 
     def limits(self) -> dict[str, Any]:
         """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS)."""
@@ -345,17 +347,23 @@ def engines_tensorrt(manifest: Manifest) -> str | None:
 
 def target_release(manifest: Manifest, requested: str | None = None) -> TritonRelease:
     """The Triton container a repository is written for: `requested`, else the release shipping the
-    engines' TensorRT, else the newest known release. A request that contradicts the engines is refused."""
+    engines' TensorRT, else the newest known release (docs/releases.md). A request that contradicts
+    the engines is refused; engines whose TensorRT no confirmed release ships need a request."""
     trt = engines_tensorrt(manifest)
     matched = release_for_tensorrt(trt) if trt else None
     if requested:
         row = get_release(requested)
-        if trt and row.tensorrt_major_minor != ".".join(trt.split(".")[:2]):
+        if trt and row.tensorrt is not None and row.tensorrt_major_minor != ".".join(trt.split(".")[:2]):
             raise ClipTritonError(
                 f"Triton {row.release} ships TensorRT {row.tensorrt}, but the engines were built with TensorRT "
                 f"{trt}" + (f"; use --triton-release {matched.release}" if matched else "")
             )
         return row
+    if trt and matched is None:
+        raise ClipTritonError(
+            f"the engines were built with TensorRT {trt}, which no release in exporter/releases.py is confirmed "
+            "to ship (docs/releases.md): pass --triton-release YY.MM of the container you built them in"
+        )
     return matched or DEFAULT_RELEASE
 
 
@@ -370,7 +378,6 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
     names = model_names(opts.prefix)
     h, w = manifest.preprocess.size
     trt = engines_tensorrt(manifest)
-    release = target_release(manifest, opts.triton_release).release
     weights = (
         f"pretrained tag `{manifest.pretrained}`"
         if manifest.pretrained
@@ -392,11 +399,12 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
             if rec and "min_cosine" in rec:
                 parity_lines.append(f"- {section}, {tower}: min cosine {rec['min_cosine']:.7f}")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest.versions.items()))
-    release_note = (
-        f"TensorRT {trt} was recorded for the engines; run the Triton release that ships it "
-        f"(`{release}`; see NVIDIA's frameworks support matrix), or the plans will not deserialize."
+    row = target_release(manifest, opts.triton_release)
+    shipped = f"tritonserver {row.triton}, TensorRT {row.tensorrt}, Python {row.python}"
+    release_note = f"Written for `{row.image}` ({shipped})" + (
+        f": it ships the TensorRT that built the engines ({trt}); another release will not deserialize the plans."
         if trt
-        else "Pick the Triton release whose TensorRT / ONNX Runtime matches your build (NVIDIA's support matrix)."
+        else "; another release works if its Python matches the bundled wheels (rewrite with --triton-release)."
     )
     emb = f"`embedding` FP32 [{manifest.embed_dim}], L2-normalised"
     ids = f"{manifest.text.input.dtype.upper()} [{manifest.tokenizer.context_length}]"
@@ -405,7 +413,7 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
         "|---|---|---|",
         f"| `{names['image']}` (ensemble) | `image` TYPE_STRING [1]: encoded JPEG/PNG/WebP/BMP/GIF bytes | {emb} |",
         f"| `{names['image_pixels']}` (ensemble) | `{PIXELS_INPUT}` TYPE_UINT8 [{h},{w},3]: RGB, already resized "
-        f"and cropped (ClipClient(preprocess=\"client\")) | {emb} |",
+        f'and cropped (ClipClient(preprocess="client")) | {emb} |',
         f"| `{names['text']}` (ensemble) | `text` TYPE_STRING [1]: UTF-8 | {emb} |",
         f"| `{names['image_preprocess']}` (python) | `image` | `{manifest.image.input.name}` FP32 [3,H,W] |",
         f"| `{names['image_normalize']}` (onnxruntime) | `{PIXELS_INPUT}` | `{manifest.image.input.name}` FP32 |",
@@ -413,7 +421,16 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
         f"| `{names['image_encoder']}`, `{names['text_encoder']}` ({opts.runtime}) | ids / pixels | `embedding` |",
     ]
     table = "\n".join(rows)
-    pip = " ".join(("ftfy", "regex", "tokenizers", "pillow", *runtimes.serving(opts.runtime).pip))
+    pip = " ".join(sorted({p for wanted in _python_packages(manifest, opts).values() for p in wanted}))
+    start = "tritonserver --model-repository=/models --grpc-infer-allocation-pool-size=0"
+    if opts.python_deps:
+        deps_note = (
+            f"The python models carry their wheels (`<model>/1/deps/`: {pip}, pinned, for Python "
+            f"{opts.deps_python or row.python}): nothing is installed at start, and the container needs no network."
+        )
+    else:
+        start = f'bash -c "pip install {pip} && {start}"'
+        deps_note = f"Written with --no-python-deps: the python models need `{pip}` installed in the container."
     batching = (
         f"dynamic batching queue delay: {opts.queue_delay_us} µs" if opts.dynamic_batching else "dynamic batching off"
     )
@@ -434,9 +451,9 @@ Written by `clip-triton repository` on {_dt.datetime.now(_dt.timezone.utc):%Y-%m
 {table}
 
 Two entry points for images, the same embeddings:
-- `{names['image']}` takes encoded bytes; the server decodes and resizes (python, a thread pool of
+- `{names["image"]}` takes encoded bytes; the server decodes and resizes (python, a thread pool of
   {opts.preprocess_threads or "all the host's"} threads per instance, {opts.preprocess_instances} instance(s)).
-- `{names['image_pixels']}` takes the crop itself: open_clip's transform up to and including the
+- `{names["image_pixels"]}` takes the crop itself: open_clip's transform up to and including the
   crop, uint8 RGB. Its config's parameters (`preprocess`, limits) say how; `ClipClient(preprocess="client")`
   runs the server's own code (clients/clip_preprocess.py). The server only normalises (ONNX) and encodes.
 
@@ -446,7 +463,7 @@ Runtime has no int64 ArgMax kernel and TensorRT before 10 took no int64 inputs. 
 The python steps (preprocess, tokenize) run on CPU instances whatever the device.
 
 ## Parity (from the manifest)
-{chr(10).join(parity_lines) or '- none recorded yet: run `clip-triton parity`'}
+{chr(10).join(parity_lines) or "- none recorded yet: run `clip-triton parity`"}
 
 ## Serve it
 Locally, no Docker, no GPU (the tritonserver shipped in nvidia-pytriton; python runtime or
@@ -456,12 +473,44 @@ onnxruntime runtime on CPU):
 
 On a GPU host, NVIDIA's Triton container. {release_note}
 
-    docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
-      -v "$PWD/{dest.name}":/models nvcr.io/nvidia/tritonserver:{release}-py3 \\
-      bash -c "pip install {pip} && tritonserver --model-repository=/models"
+    docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 -e MALLOC_ARENA_MAX=2 \\
+      -v "$PWD/{dest.name}":/models:ro {row.image} \\
+      {start}
 
-The python models need `{pip}` in the container (numpy < 2 for the python backend's BYTES tensors).
+{deps_note}
+Kubernetes or KServe: `clip-triton deploy --repository {dest.name} --out manifests/` writes the manifests.
 """
+
+
+def _python_packages(manifest: Manifest, opts: RepositoryOptions) -> dict[str, list[str]]:
+    """Role -> the packages its python model imports (beyond numpy, which the container has)."""
+    packages = {
+        "image_preprocess": ["pillow"],
+        "text_tokenize": ["ftfy", "regex", *(["tokenizers"] if manifest.tokenizer.kind == "hf" else [])],
+    }
+    serving = runtimes.serving(opts.runtime)
+    if serving.python_source is not None:
+        for role in ("image_encoder", "text_encoder"):
+            packages[role] = list(serving.pip)
+    return packages
+
+
+def _bundle_python_deps(
+    repo: Path,
+    names: dict[str, str],
+    packages: dict[str, list[str]],
+    target: python_deps.Target | None,
+    progress: Progress,
+) -> dict[str, Any] | None:
+    """Fetch each python model's pinned wheels for `target` and place them in `<model>/1/deps`."""
+    if target is None:
+        return None
+    placed: dict[str, dict[str, str]] = {}
+    with progress.step(f"fetching the python models' wheels for Python {target.python} ({target.arch})"):
+        for role, wanted in packages.items():
+            cached = python_deps.fetch(python_deps.pins(wanted), target)
+            placed[names[role]] = python_deps.place(cached, repo / names[role] / "1")
+    return {"python": target.python, "arch": target.arch, "models": placed}
 
 
 def write_repository(
@@ -491,6 +540,8 @@ def write_repository(
     if export_dir.resolve() == out.resolve() or export_dir.resolve() in out.resolve().parents:
         raise ClipTritonError("--out must not be the export folder or inside it")
     files = _encoder_files(export_dir, manifest, opts)
+    release = target_release(manifest, opts.triton_release)
+    target = python_deps.Target.for_release(release, opts.deps_python, opts.deps_arch) if opts.python_deps else None
     max_batch = _max_batch(manifest, opts)
     configs = build_configs(manifest, opts, max_batch, device)
     names = model_names(opts.prefix)
@@ -504,13 +555,13 @@ def write_repository(
                 parse_config(text)  # round trip: what we write is what Triton will read
                 (model_dir / "config.pbtxt").write_text(text)
                 if role == "image_preprocess":
-                    _copy_sources(version, "image_preprocess/model.py", [])
+                    _copy_sources(version, "image_preprocess/model.py", [DEPS_LOADER])
                     shutil.copy2(clip_preprocess.__file__, version / "clip_preprocess.py")
                 elif role == "image_normalize":
                     spec = manifest.image.input
                     save_normalize_graph(version / "model.onnx", manifest.preprocess, spec.name, spec.dtype)
                 elif role == "text_tokenize":
-                    _copy_sources(version, "text_tokenize/model.py", ["clip_tokenizer.py", BPE_FILE])
+                    _copy_sources(version, "text_tokenize/model.py", ["clip_tokenizer.py", BPE_FILE, DEPS_LOADER])
                     if manifest.tokenizer.kind == "hf":
                         hf = manifest.tokenizer.hf_file or ""
                         shutil.copy2(export_dir / hf, version / hf)
@@ -522,7 +573,8 @@ def write_repository(
                     else:
                         link_or_copy(src, version / serving.model_file, opts.copy_files)
                     if serving.python_source is not None:
-                        _copy_sources(version, serving.python_source, [])
+                        _copy_sources(version, serving.python_source, [DEPS_LOADER])
+        bundled = _bundle_python_deps(tmp, names, _python_packages(manifest, opts), target, progress)
         record = {
             "runtime": opts.runtime,
             "precision": opts.precision,
@@ -538,6 +590,10 @@ def write_repository(
             "max_pixels": opts.max_pixels,
             "limits": opts.limits(),
             "models": names,
+            "triton_release": release.release,
+            "triton_image": release.image,
+            # Per python model, the wheels it carries (None: --no-python-deps; docs/deploy.md).
+            "python_deps": bundled,
             # The public API: what a client sends to each ensemble (docs/serving.md).
             "entry_points": {
                 names["image"]: "image: encoded image bytes (TYPE_STRING [1])",

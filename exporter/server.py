@@ -15,6 +15,8 @@ groups are overridden to KIND_CPU at load (explicit model control, load with a c
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -62,6 +64,20 @@ def cache_root() -> Path:
     return Path(base) / "clip-triton"
 
 
+# backends/onnxruntime/model.py: the repository's onnx_encoder model, run as a backend. A native
+# backend carries its own ONNX Runtime; this stand-in takes the launching environment's, appended
+# after the serving interpreter's own packages (which may lack it: tests/test_deploy_deps.py).
+_BACKEND_WRAPPER = """\"\"\"The embedded server's stand-in for Triton's onnxruntime backend (exporter/server.py).\"\"\"
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("CLIP_TRITON_BACKEND_SITE"):
+    sys.path.append(os.environ["CLIP_TRITON_BACKEND_SITE"])
+from onnx_encoder import TritonPythonModel  # noqa: E402,F401
+"""
+
+
 def prepare_server_dir(root: Path | None = None) -> Path:
     """A private copy of the server folder with this interpreter's stub and our onnxruntime backend.
 
@@ -72,14 +88,20 @@ def prepare_server_dir(root: Path | None = None) -> Path:
     stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise MissingDependencyError(f"nvidia-pytriton ships no python backend stub for Python {version}")
-    runner = REPOSITORY_SOURCES / "onnx_encoder" / "model.py"
+    backend_files = {
+        "onnx_encoder.py": REPOSITORY_SOURCES / "onnx_encoder" / "model.py",
+        "bundled_deps.py": REPOSITORY_SOURCES / "common" / "bundled_deps.py",
+    }
     try:
         import importlib.metadata as md
 
         tag = md.version("nvidia-pytriton")
     except Exception:  # noqa: BLE001
         tag = "unknown"
-    runner_tag = str(int(runner.stat().st_mtime)) if runner.is_file() else "none"
+    digest = hashlib.sha256(_BACKEND_WRAPPER.encode())
+    for path in backend_files.values():
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    runner_tag = digest.hexdigest()[:12]  # a changed runner source gets a fresh copy
     root = Path(root) if root is not None else cache_root()
     dest = root / f"tritonserver-{tag}-py{version}-{runner_tag}"
     if (dest / "bin" / "tritonserver").is_file():
@@ -90,9 +112,11 @@ def prepare_server_dir(root: Path | None = None) -> Path:
         work = tmp / "tritonserver"
         shutil.copytree(src, work, ignore=shutil.ignore_patterns("python_backend_stubs"), symlinks=True)
         shutil.copy2(stub, work / "backends" / "python" / "triton_python_backend_stub")
-        if runner.is_file():
-            (work / "backends" / "onnxruntime").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(runner, work / "backends" / "onnxruntime" / "model.py")
+        backend = work / "backends" / "onnxruntime"
+        backend.mkdir(parents=True, exist_ok=True)
+        for name, path in backend_files.items():
+            shutil.copy2(path, backend / name)
+        (backend / "model.py").write_text(_BACKEND_WRAPPER)
         (work / "caches").mkdir(exist_ok=True)
         try:
             work.rename(dest)
@@ -110,12 +134,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _server_env() -> dict[str, str]:
+def _backend_site() -> str:
+    """The site folder holding this environment's onnxruntime (for the stand-in backend), or ""."""
+    spec = importlib.util.find_spec("onnxruntime")
+    origin = spec.origin if spec is not None else None
+    return str(Path(origin).parent.parent) if origin else ""
+
+
+def _server_env(python: Path | None = None) -> dict[str, str]:
+    """`python`: the interpreter whose packages the python models import (default: this one); it
+    must be this interpreter's X.Y, the version of the stub (docs/design.md, "The local server")."""
     env = dict(os.environ)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     libs = [str(_libs_dir()), libdir, env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(python or sys.executable).parent}:{env.get('PATH', '')}"
+    env["CLIP_TRITON_BACKEND_SITE"] = _backend_site()
+    # Bundled wheels built for the container's Python, not this one, are skipped here (bundled_deps.py).
+    env["CLIP_TRITON_EMBEDDED_SERVER"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # glibc gives each gRPC thread its own heap arena and keeps freed large payloads there; two
     # arenas return them (measured: +1.9 GB RSS after ten refused 300 MB requests without, none with).
@@ -145,6 +181,8 @@ class TritonServer:
     or None for every model of the repository.
     `supervise`: watch the python-backend stubs and reload a model whose stub died (Triton 2.51
     never restarts one and keeps reporting the model READY: docs/limits.md).
+    `python`: the interpreter (same X.Y as this one) whose packages the python models import;
+    default this one. A repository with bundled wheels needs only numpy there (docs/deploy.md).
 
     The server runs in its own process group: stopping it (or finding it dead) also ends its stubs,
     and its /dev/shm regions are removed; regions and stubs of a server that was killed before it
@@ -161,8 +199,10 @@ class TritonServer:
         models: list[str] | None = None,
         supervise: bool = False,
         supervise_interval: float = 1.0,
+        python: Path | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.python = Path(python) if python is not None else None
         self._requested = (grpc_port, http_port, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
         self.log_path = Path(log_path) if log_path is not None else None
@@ -253,7 +293,7 @@ class TritonServer:
                 stdout=self._log_handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=_server_env(),
+                env=_server_env(self.python),
                 cwd=str(server_dir),
                 preexec_fn=_child_setup if sys.platform.startswith("linux") else None,
             )

@@ -21,7 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bundled_deps import use_bundled_deps  # noqa: E402
+
+use_bundled_deps(HERE)  # Pillow, when the repository carries its wheels (docs/deploy.md)
 from clip_preprocess import ImageInputError, ImageLimits, Preprocessor  # noqa: E402
 
 

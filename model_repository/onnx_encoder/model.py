@@ -15,9 +15,16 @@ shared by several responses is a use-after-free (garbage messages, then a crashe
 
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bundled_deps import use_bundled_deps  # noqa: E402
+
+use_bundled_deps(HERE)  # onnxruntime, when the repository carries its wheels (docs/deploy.md)
 
 
 def _param(config, key, default=None):

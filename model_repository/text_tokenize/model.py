@@ -16,6 +16,9 @@ import triton_python_backend_utils as pb_utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bundled_deps import use_bundled_deps  # noqa: E402
+
+use_bundled_deps(HERE)  # ftfy, regex, tokenizers, when the repository carries their wheels (docs/deploy.md)
 from clip_tokenizer import make_tokenizer  # noqa: E402
 
 
@@ -68,7 +71,7 @@ class TritonPythonModel:
                 except UnicodeDecodeError as exc:
                     raise TextInputError(
                         f"{self.input_name}: {where}text is not valid UTF-8 "
-                        f"(byte {exc.start}: {bytes(raw)[exc.start:exc.start + 1]!r})"
+                        f"(byte {exc.start}: {bytes(raw)[exc.start : exc.start + 1]!r})"
                     ) from None
             if len(text) > self.max_chars:
                 raise TextInputError(
