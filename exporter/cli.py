@@ -274,6 +274,87 @@ def serve(
     serve_forever(repository, grpc_port, http_port, metrics_port, echo=typer.echo)
 
 
+@app.command()
+def deploy(
+    repository: Annotated[Path, typer.Option(help="Triton model repository (from `clip-triton repository`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the manifests (`kubectl apply -f OUT`).")],
+    target: Annotated[
+        str, typer.Option(help="k8s (Deployment, Service, HPA, PDB) or kserve (InferenceService).")
+    ] = "k8s",
+    name: Annotated[str | None, typer.Option(help="Object name (default: <prefix>-triton).")] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="Namespace written into every object (default: none).")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="Triton image (default: the release the repository targets).")
+    ] = None,
+    cpu: Annotated[
+        bool, typer.Option("--cpu", help="CPU pods (the repository must be written with --device cpu).")
+    ] = False,
+    pvc: Annotated[
+        str | None, typer.Option(help="k8s: PersistentVolumeClaim holding the repository (read-only).")
+    ] = None,
+    pvc_subpath: Annotated[str | None, typer.Option(help="k8s: the repository's folder inside the PVC.")] = None,
+    storage_uri: Annotated[
+        str | None, typer.Option(help="The repository in an object store: k8s s3:// gs:// as://; kserve also pvc://.")
+    ] = None,
+    credentials_secret: Annotated[
+        str | None, typer.Option(help="k8s: Secret with the object store's credentials (passed as environment).")
+    ] = None,
+    service_account: Annotated[
+        str | None, typer.Option(help="kserve: ServiceAccount whose secrets hold the storage credentials.")
+    ] = None,
+    gpu_count: Annotated[int, typer.Option(help="GPUs per pod.")] = 1,
+    min_replicas: Annotated[int, typer.Option(help="Fewest pods (also the PDB's floor).")] = 2,
+    max_replicas: Annotated[int, typer.Option(help="Most pods (equal to --min-replicas: no autoscaler).")] = 4,
+    queue_time_target_us: Annotated[
+        int | None, typer.Option(help="HPA target: average queue µs per request (default: 5x the batching delay).")
+    ] = None,
+    cpus: Annotated[
+        str | None, typer.Option(help="CPU request = limit (default: 4 GPU pod, 8 CPU pod).")
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="Memory request = limit (default: sized from the encoders).")
+    ] = None,
+    shm_size: Annotated[str, typer.Option(help="/dev/shm size (memory-backed; counts against --memory).")] = "2Gi",
+    node_selector: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE node label, repeatable (GPU default: nvidia.com/gpu.present=true)."),
+    ] = None,
+    kserve_protocol: Annotated[
+        str, typer.Option(help="kserve: the one port Knative routes to, grpc or http.")
+    ] = "grpc",
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write Kubernetes (Deployment, Service, HPA, PDB) or KServe manifests for a repository."""
+    from exporter.deploy import DeployOptions, write_deploy
+
+    opts = DeployOptions(
+        target=target,
+        name=name,
+        namespace=namespace,
+        image=image,
+        cpu=cpu,
+        pvc=pvc,
+        pvc_subpath=pvc_subpath,
+        storage_uri=storage_uri,
+        credentials_secret=credentials_secret,
+        service_account=service_account,
+        gpu_count=gpu_count,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        queue_time_target_us=queue_time_target_us,
+        cpus=cpus,
+        memory=memory,
+        shm_size=shm_size,
+        node_selector=list(node_selector or []),
+        kserve_protocol=kserve_protocol,
+    )
+    write_deploy(repository, out, opts, force=force, progress=Progress("deploy", quiet))
+    typer.echo(f"wrote {target} manifests to {out}; apply them with: kubectl apply -f {out}")
+
+
 SamplesOpt = Annotated[int, typer.Option(help="Built-in images and captions to compare (plus --images/--texts).")]
 MinFp32 = Annotated[float, typer.Option(help="Min cosine vs PyTorch for FP32 stages.")]
 MinFp16 = Annotated[float, typer.Option(help="Min cosine vs PyTorch for FP16 and TensorRT stages.")]

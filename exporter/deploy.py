@@ -1,0 +1,729 @@
+"""`clip-triton deploy`: Kubernetes or KServe manifests for a repository written by `clip-triton repository`.
+
+Every default and the reason for it is in docs/deploy.md; the tests validate each document against the
+Kubernetes and KServe schemas. The manifests never install anything at start: the repository carries
+its python models' dependencies.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exporter import runtimes
+from exporter.common import ClipTritonError, Progress, staged_dir
+from exporter.releases import TritonRelease
+from exporter.repository import repository_manifest, repository_release
+
+TARGETS = ("k8s", "kserve")
+KSERVE_PROTOCOLS = ("grpc", "http")
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+# KServe's Triton runtime listens here (its stock ServingRuntime's ports; Knative routes to one of them).
+KSERVE_HTTP_PORT, KSERVE_GRPC_PORT = 8080, 9000
+TRITON_UID = 1000  # the Triton image's triton-server user
+MODELS_MOUNT = "/models"
+CREDENTIALS_MOUNT = "/var/run/secrets/clip-triton/storage"
+# Triton reads these object stores itself (--model-repository=s3://...); KServe's storage initializer
+# downloads more kinds into /mnt/models before Triton starts.
+K8S_URI_SCHEMES = ("s3://", "gs://", "as://")
+KSERVE_URI_SCHEMES = ("s3://", "gs://", "pvc://", "https://", "hdfs://", "webhdfs://", "hf://", "oci://")
+# Triton's k8s-onprem Helm chart scales on this prometheus-adapter metric (docs/deploy.md).
+QUEUE_METRIC = "avg_time_queue_us"
+# Ensembles (no queue of their own) are named after these roles; encoders after *_encoder.
+ENSEMBLE_ROLES = ("image", "image_pixels", "text")
+
+# startupProbe budget (docs/deploy.md): a fixed part for the container and the python stubs, plus the
+# encoders' load time, plus their download when Triton pulls the repository from an object store.
+STARTUP_BASE_S = 120
+STARTUP_LOAD_S_PER_GIB = 60
+STARTUP_DOWNLOAD_MIB_S = 25
+STARTUP_PERIOD_S = 10
+GIB = 1024**3
+
+_RFC1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names: a letter first
+_RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_RFC1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+
+
+@dataclass
+class DeployOptions:
+    target: str = "k8s"
+    name: str | None = None  # default: <prefix>-triton
+    namespace: str | None = None  # default: none written (kubectl's current namespace)
+    image: str | None = None  # default: the release the repository targets
+    cpu: bool = False  # insist on a CPU pod (the repository must be written with --device cpu)
+    pvc: str | None = None
+    pvc_subpath: str | None = None
+    storage_uri: str | None = None
+    credentials_secret: str | None = None
+    service_account: str | None = None
+    gpu_count: int = 1
+    min_replicas: int = 2
+    max_replicas: int = 4
+    queue_time_target_us: int | None = None  # default: from the repository's batching delay
+    cpus: str | None = None  # default: 4 (GPU pod) or 8 (CPU pod)
+    memory: str | None = None  # default: from the encoder sizes and the /dev/shm size
+    shm_size: str = "2Gi"
+    node_selector: list[str] = field(default_factory=list)  # KEY=VALUE; default on GPU: the GPU label
+    kserve_protocol: str = "grpc"
+
+
+@dataclass
+class RepositoryFacts:
+    """What the manifests need from a written repository."""
+
+    path: Path
+    model_name: str
+    prefix: str
+    runtime: str
+    device: str
+    models: dict[str, str]
+    queue_delay_us: int
+    dynamic_batching: bool
+    release: TritonRelease
+    encoder_bytes: int
+    repository_bytes: int
+    compute_capability: str | None  # of the GPU that built TensorRT plans (a plan runs only there)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def repository_facts(repo: Path) -> RepositoryFacts:
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise ClipTritonError(f"{repo} is not a folder; pass the folder written by `clip-triton repository`")
+    manifest = repository_manifest(repo)
+    record = manifest.repository if manifest is not None else None
+    if manifest is None or not record or not isinstance(record.get("models"), dict):
+        raise ClipTritonError(
+            f"{repo} is not a clip-triton model repository (no manifest.json with a repository record); "
+            "write one with `clip-triton repository`"
+        )
+    models: dict[str, str] = record["models"]
+    encoders = [repo / models[role] for role in ("image_encoder", "text_encoder") if role in models]
+    missing = [p.name for p in encoders if not (p / "config.pbtxt").is_file()]
+    if missing or not encoders:
+        raise ClipTritonError(f"{repo} is incomplete: encoder model folder(s) missing: {', '.join(missing)}")
+    engines = manifest.engines or {}
+    # Only a repository serving plans is bound to the GPU family that built them.
+    serves_plans = runtimes.serving(str(record.get("runtime"))).fmt == "plan"
+    capability = engines.get("compute_capability") if serves_plans else None
+    return RepositoryFacts(
+        path=repo,
+        model_name=manifest.model_name,
+        prefix=str(record.get("prefix", "clip")),
+        runtime=str(record.get("runtime")),
+        device=str(record.get("device", "gpu")),
+        models=models,
+        queue_delay_us=int(record.get("queue_delay_us", 0)),
+        dynamic_batching=bool(record.get("dynamic_batching", True)),
+        release=repository_release(manifest),
+        encoder_bytes=sum(_tree_bytes(p) for p in encoders),
+        repository_bytes=_tree_bytes(repo),
+        compute_capability=str(capability) if capability else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- sizing
+
+
+def startup_budget_s(encoder_bytes: int, download_bytes: int = 0) -> int:
+    """Seconds the startupProbe allows before Kubernetes restarts a loading Triton (docs/deploy.md):
+    120 s + 60 s per GiB of encoder files + the download at 25 MiB/s, rounded up to the probe period."""
+    load = STARTUP_LOAD_S_PER_GIB * encoder_bytes / GIB
+    download = download_bytes / (STARTUP_DOWNLOAD_MIB_S * 1024**2)
+    raw = STARTUP_BASE_S + load + download
+    return int(math.ceil(raw / STARTUP_PERIOD_S) * STARTUP_PERIOD_S)
+
+
+def _gib(quantity: str) -> float:
+    """A binary or decimal memory quantity in GiB (for the sums below; validated beforehand)."""
+    m = re.match(r"^([0-9.]+)([A-Za-z]*)$", quantity)
+    assert m is not None
+    scale = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 1024, "Mi": 1024**2, "Gi": GIB, "Ti": 1024**4}
+    return float(m.group(1)) * scale.get(m.group(2), 1) / GIB
+
+
+def default_memory(facts: RepositoryFacts, on_gpu: bool, shm_size: str) -> str:
+    """Memory request (= limit): 4 GiB for Triton and the python stubs, the encoders once in host memory
+    (twice on CPU: weights plus ONNX Runtime's buffers), and /dev/shm, which counts against the pod."""
+    encoders = facts.encoder_bytes / GIB * (1 if on_gpu else 2)
+    return f"{math.ceil(4 + encoders + _gib(shm_size))}Gi"
+
+
+def default_queue_target_us(facts: RepositoryFacts) -> int:
+    """Scale out when requests wait well past what the dynamic batcher holds them on purpose: the batcher
+    alone adds up to queue_delay_us per model at low load, so 5x that (at least 5 ms)."""
+    delay = facts.queue_delay_us if facts.dynamic_batching else 0
+    return max(5 * delay, 5000)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, bool]:
+    """Validate the options against the repository; returns (name, on_gpu)."""
+    if opts.target not in TARGETS:
+        raise ClipTritonError(f"--target must be one of {', '.join(TARGETS)}, got {opts.target!r}")
+    name = opts.name or f"{facts.prefix.lower().replace('_', '-')}-triton"
+    if len(name) > 63 or not _RFC1035.match(name):
+        raise ClipTritonError(
+            f"--name {name!r} is not a valid Kubernetes name (lower-case letters, digits and '-', a letter "
+            "first, at most 63 characters)" + ("" if opts.name else "; pass --name")
+        )
+    if opts.namespace is not None and (len(opts.namespace) > 63 or not _RFC1123_LABEL.match(opts.namespace)):
+        raise ClipTritonError(f"--namespace {opts.namespace!r} is not a valid namespace name")
+    for flag, value in (
+        ("--pvc", opts.pvc),
+        ("--credentials-secret", opts.credentials_secret),
+        ("--service-account", opts.service_account),
+    ):
+        if value is not None and (len(value) > 253 or not _RFC1123_SUBDOMAIN.match(value)):
+            raise ClipTritonError(f"{flag} {value!r} is not a valid Kubernetes object name")
+    if opts.pvc and opts.storage_uri:
+        raise ClipTritonError("pass either --pvc or --storage-uri, not both")
+    if opts.target == "k8s":
+        if not opts.pvc and not opts.storage_uri:
+            raise ClipTritonError("the k8s target needs the repository's location: --pvc NAME or --storage-uri URI")
+        if opts.storage_uri and not opts.storage_uri.startswith(K8S_URI_SCHEMES):
+            raise ClipTritonError(
+                f"--storage-uri must start with {', '.join(K8S_URI_SCHEMES)} (what tritonserver reads itself), "
+                f"got {opts.storage_uri!r}"
+            )
+        if opts.service_account:
+            raise ClipTritonError("--service-account is for the kserve target (k8s: --credentials-secret)")
+    else:
+        if opts.pvc:
+            raise ClipTritonError("the kserve target takes the repository as --storage-uri pvc://NAME/PATH, not --pvc")
+        if not opts.storage_uri:
+            raise ClipTritonError(
+                "the kserve target needs --storage-uri (s3://, gs://, pvc://NAME/PATH, https://, ...): "
+                "KServe downloads the repository into the pod"
+            )
+        if not opts.storage_uri.startswith(KSERVE_URI_SCHEMES):
+            raise ClipTritonError(
+                f"--storage-uri must start with one of {', '.join(KSERVE_URI_SCHEMES)}, got {opts.storage_uri!r}"
+            )
+        if opts.credentials_secret:
+            raise ClipTritonError(
+                "KServe takes storage credentials from a service account (--service-account), not --credentials-secret"
+            )
+        if opts.kserve_protocol not in KSERVE_PROTOCOLS:
+            raise ClipTritonError(f"--kserve-protocol must be grpc or http, got {opts.kserve_protocol!r}")
+    if opts.pvc_subpath is not None and (not opts.pvc or opts.pvc_subpath.startswith("/") or ".." in opts.pvc_subpath):
+        raise ClipTritonError("--pvc-subpath needs --pvc and must be a relative path inside the volume")
+    if opts.storage_uri and len(opts.storage_uri.split("://", 1)[1].strip("/")) == 0:
+        raise ClipTritonError(f"--storage-uri {opts.storage_uri!r} names no bucket or path")
+    if opts.min_replicas < 1:
+        raise ClipTritonError("--min-replicas must be at least 1 (GPU pods take minutes to start from zero)")
+    if opts.max_replicas < opts.min_replicas:
+        raise ClipTritonError("--max-replicas must be >= --min-replicas")
+    if opts.gpu_count < 1:
+        raise ClipTritonError("--gpu-count must be at least 1 (for a CPU pod pass --cpu)")
+    if opts.queue_time_target_us is not None and opts.queue_time_target_us < 1:
+        raise ClipTritonError("--queue-time-target-us must be positive")
+    for flag, value in (("--cpus", opts.cpus), ("--memory", opts.memory), ("--shm-size", opts.shm_size)):
+        if value is not None and not _QUANTITY.match(value):
+            raise ClipTritonError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 8Gi)")
+    for item in opts.node_selector:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value) or len(value) > 63:
+            raise ClipTritonError(f"--node-selector {item!r} must be KEY=VALUE with a valid label key and value")
+    on_gpu = facts.device == "gpu" and not opts.cpu
+    if opts.cpu and facts.device == "gpu":
+        raise ClipTritonError(
+            f"{facts.path} was written for GPU ({facts.runtime}, KIND_GPU instance groups), which Triton cannot "
+            "load without a GPU: write it with `clip-triton repository --device cpu` for a CPU deployment"
+        )
+    return name, on_gpu
+
+
+# ----------------------------------------------------------------------------------------- documents
+
+
+def _labels(name: str, release: TritonRelease) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "clip-triton",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "inference-server",
+        "app.kubernetes.io/version": release.release,
+    }
+
+
+def _selector(name: str) -> dict[str, str]:
+    # Only labels that never change between releases: a Deployment's selector is immutable.
+    return {"app.kubernetes.io/name": "clip-triton", "app.kubernetes.io/instance": name}
+
+
+def _meta(name: str, opts: DeployOptions, labels: dict[str, str], **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if opts.namespace:
+        meta["namespace"] = opts.namespace
+    meta["labels"] = labels
+    meta.update(extra)
+    return meta
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRITON_UID,
+        "runAsGroup": TRITON_UID,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRITON_UID,
+        "runAsGroup": TRITON_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(facts: RepositoryFacts, opts: DeployOptions, on_gpu: bool) -> dict[str, Any]:
+    # requests == limits: Guaranteed QoS (evicted last), and with the kubelet's static CPU manager whole
+    # cores, which the preprocess model's thread pool sizes itself to (sched_getaffinity).
+    cpus = opts.cpus or ("4" if on_gpu else "8")
+    memory = opts.memory or default_memory(facts, on_gpu, opts.shm_size)
+    amounts: dict[str, Any] = {"cpu": cpus, "memory": memory}
+    if on_gpu:
+        amounts["nvidia.com/gpu"] = str(opts.gpu_count)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _node_selector(opts: DeployOptions, on_gpu: bool) -> dict[str, str]:
+    if opts.node_selector:
+        return dict(item.split("=", 1) for item in opts.node_selector)  # type: ignore[misc]
+    # Set by NVIDIA's GPU feature discovery (part of the GPU operator) on every node with a GPU.
+    return {"nvidia.com/gpu.present": "true"} if on_gpu else {}
+
+
+def _gpu_tolerations(on_gpu: bool) -> list[dict[str, Any]]:
+    # GPU node pools are commonly tainted nvidia.com/gpu (GKE adds it itself); tolerating a taint that
+    # is absent is harmless.
+    return [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if on_gpu else []
+
+
+def _plan_affinity(facts: RepositoryFacts, on_gpu: bool) -> dict[str, Any] | None:
+    """TensorRT plans run only on the compute capability that built them: require it (GFD's labels)."""
+    if not on_gpu or not facts.compute_capability or "." not in facts.compute_capability:
+        return None
+    major, minor = facts.compute_capability.split(".", 1)
+    terms = [
+        {"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": [major]},
+        {"key": "nvidia.com/gpu.compute.minor", "operator": "In", "values": [minor]},
+    ]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": terms}]}
+        }
+    }
+
+
+def _shm_volume(opts: DeployOptions) -> dict[str, Any]:
+    # The python backend moves every tensor through /dev/shm; the runtime's default is 64 MB.
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}
+
+
+def _triton_env() -> list[dict[str, Any]]:
+    # glibc keeps freed request payloads in one arena per thread (docs/limits.md, "Memory").
+    return [{"name": "MALLOC_ARENA_MAX", "value": "2"}]
+
+
+def _triton_args(repository: str, http: int, grpc: int) -> list[str]:
+    return [
+        f"--model-repository={repository}",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={METRICS_PORT}",
+        # Pooled gRPC request objects keep the capacity of the largest payload they carried (docs/limits.md).
+        "--grpc-infer-allocation-pool-size=0",
+        "--exit-on-error=true",  # a model that fails to load fails the pod, visibly
+        "--strict-readiness=true",  # ready only when every model is
+    ]
+
+
+def _download_bytes(facts: RepositoryFacts, opts: DeployOptions) -> int:
+    return facts.repository_bytes if opts.storage_uri and not opts.storage_uri.startswith("pvc://") else 0
+
+
+def _tmp_size(facts: RepositoryFacts, opts: DeployOptions) -> str:
+    # Triton copies an object-store repository into a temporary folder before loading it.
+    return f"{math.ceil(1 + 1.25 * _download_bytes(facts, opts) / GIB)}Gi"
+
+
+def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu: bool) -> dict[str, list[dict]]:
+    """Deployment, Service, PodDisruptionBudget and (when it can scale) the HPA, by file name."""
+    release = facts.release
+    labels = _labels(name, release)
+    budget = startup_budget_s(facts.encoder_bytes, _download_bytes(facts, opts))
+    repository = opts.storage_uri.rstrip("/") if opts.storage_uri else MODELS_MOUNT
+    volumes: list[dict[str, Any]] = [
+        _shm_volume(opts),
+        {"name": "tmp", "emptyDir": {"sizeLimit": _tmp_size(facts, opts)}},
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    if opts.pvc:
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": opts.pvc, "readOnly": True}})
+        mount: dict[str, Any] = {"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}
+        if opts.pvc_subpath:
+            mount["subPath"] = opts.pvc_subpath
+        mounts.append(mount)
+    container: dict[str, Any] = {
+        "name": "triton",
+        "image": opts.image or release.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["tritonserver"],
+        "args": _triton_args(repository, HTTP_PORT, GRPC_PORT),
+        "env": _triton_env(),
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": STARTUP_PERIOD_S,
+            "timeoutSeconds": 5,
+            "failureThreshold": budget // STARTUP_PERIOD_S,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 15,
+            "timeoutSeconds": 5,
+            "failureThreshold": 4,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        # Let endpoints drop the pod before Triton stops accepting requests.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "10"]}}},
+        "resources": _resources(facts, opts, on_gpu),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    if opts.credentials_secret:
+        # S3 / Azure read their variables from the environment; a GCS key file is read from the mount
+        # (put GOOGLE_APPLICATION_CREDENTIALS=<mount>/<key> into the same secret; docs/deploy.md).
+        container["envFrom"] = [{"secretRef": {"name": opts.credentials_secret}}]
+        volumes.append({"name": "storage-credentials", "secret": {"secretName": opts.credentials_secret}})
+        mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True})
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # Triton never calls the Kubernetes API
+        "securityContext": _pod_security(),
+        "terminationGracePeriodSeconds": 60,  # preStop 10 s + Triton's 30 s exit timeout for in-flight requests
+        "containers": [container],
+        "volumes": volumes,
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": _selector(name)},
+            }
+        ],
+    }
+    selector = _node_selector(opts, on_gpu)
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    if on_gpu:
+        pod_spec["tolerations"] = _gpu_tolerations(on_gpu)
+    affinity = _plan_affinity(facts, on_gpu)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    autoscale = opts.max_replicas > opts.min_replicas
+    deployment_spec: dict[str, Any] = {}
+    if not autoscale:
+        deployment_spec["replicas"] = opts.min_replicas  # with an HPA, the HPA owns the count
+    deployment_spec.update(
+        {
+            "selector": {"matchLabels": _selector(name)},
+            # A new pod serves before an old one goes; a rollout may take the whole startup budget.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "progressDeadlineSeconds": max(600, budget + 300),
+            "revisionHistoryLimit": 5,
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        }
+    )
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(
+            name,
+            opts,
+            labels,
+            annotations={
+                "clip-triton/model": facts.model_name,
+                "clip-triton/runtime": facts.runtime,
+                "clip-triton/triton-release": release.release,
+                "clip-triton/startup-budget-seconds": str(budget),
+            },
+        ),
+        "spec": deployment_spec,
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, opts, labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": _selector(name),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+                {
+                    "name": "grpc",
+                    "port": GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "kubernetes.io/h2c",
+                },
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(name, opts, labels),
+        # maxUnavailable, not minAvailable: a one-replica deployment must still let nodes drain.
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(name)}},
+    }
+    docs: dict[str, list[dict]] = {
+        "10-deployment.yaml": [deployment],
+        "20-service.yaml": [service],
+        "30-poddisruptionbudget.yaml": [pdb],
+    }
+    if autoscale:
+        target = opts.queue_time_target_us or default_queue_target_us(facts)
+        docs["40-horizontalpodautoscaler.yaml"] = [
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": _meta(name, opts, labels),
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                    "minReplicas": opts.min_replicas,
+                    "maxReplicas": opts.max_replicas,
+                    "metrics": [
+                        {
+                            "type": "Pods",
+                            "pods": {
+                                "metric": {"name": QUEUE_METRIC},
+                                "target": {"type": "AverageValue", "averageValue": str(target)},
+                            },
+                        }
+                    ],
+                    # GPU pods take minutes to become ready: add capacity early, remove it slowly.
+                    "behavior": {
+                        "scaleUp": {
+                            "stabilizationWindowSeconds": 60,
+                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}],
+                        },
+                        "scaleDown": {
+                            "stabilizationWindowSeconds": 600,
+                            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}],
+                        },
+                    },
+                },
+            }
+        ]
+    return docs
+
+
+def prometheus_adapter_values() -> dict[str, Any]:
+    """Values for the prometheus-community/prometheus-adapter chart: the rule that turns Triton's
+    counters into avg_time_queue_us per pod (docs/deploy.md compares it with Triton's own chart)."""
+    window = "1m"  # two scrapes at Prometheus' usual 30 s interval
+    queue = f"sum(increase(nv_inference_queue_duration_us{{<<.LabelMatchers>>}}[{window}])) by (<<.GroupBy>>)"
+    done = f"sum(increase(nv_inference_request_success{{<<.LabelMatchers>>}}[{window}])) by (<<.GroupBy>>)"
+    return {
+        "rules": {
+            "custom": [
+                {
+                    "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
+                    "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+                    "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_METRIC},
+                    # +1 keeps an idle pod at 0 instead of 0/0.
+                    "metricsQuery": f"{queue} / (1 + {done})",
+                }
+            ]
+        }
+    }
+
+
+def kserve_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu: bool) -> dict[str, list[dict]]:
+    """A ServingRuntime of our own (the stock one has no /dev/shm volume, memory flags or sized resources)
+    and the InferenceService that names it."""
+    release = facts.release
+    labels = _labels(name, release)
+    runtime_name = f"{name}-runtime"
+    grpc = opts.kserve_protocol == "grpc"
+    budget = startup_budget_s(facts.encoder_bytes, _download_bytes(facts, opts))
+    runtime_container: dict[str, Any] = {
+        "name": "kserve-container",  # the name KServe merges the InferenceService's model container into
+        "image": opts.image or release.image,
+        "command": ["tritonserver"],
+        "args": _triton_args("/mnt/models", KSERVE_HTTP_PORT, KSERVE_GRPC_PORT),
+        "env": _triton_env(),
+        "securityContext": _container_security(),
+        "resources": _resources(facts, opts, on_gpu),
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    runtime_spec: dict[str, Any] = {
+        "annotations": {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"},
+        "supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": False}],
+        "protocolVersions": ["v2", "grpc-v2"],
+        "containers": [runtime_container],
+        "volumes": [_shm_volume(opts)],
+    }
+    selector = _node_selector(opts, on_gpu)
+    if selector:
+        runtime_spec["nodeSelector"] = selector
+    if on_gpu:
+        runtime_spec["tolerations"] = _gpu_tolerations(on_gpu)
+    affinity = _plan_affinity(facts, on_gpu)
+    if affinity:
+        runtime_spec["affinity"] = affinity
+    runtime = {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ServingRuntime",
+        "metadata": _meta(runtime_name, opts, labels),
+        "spec": runtime_spec,
+    }
+    assert opts.storage_uri is not None
+    model: dict[str, Any] = {
+        "modelFormat": {"name": "triton", "version": "2"},
+        "runtime": runtime_name,
+        "protocolVersion": "v2",
+        "storageUri": opts.storage_uri,
+        # Knative routes to exactly one port; for gRPC it must be named h2c.
+        "ports": [
+            {"name": "h2c", "containerPort": KSERVE_GRPC_PORT, "protocol": "TCP"}
+            if grpc
+            else {"name": "http1", "containerPort": KSERVE_HTTP_PORT, "protocol": "TCP"}
+        ],
+        "resources": _resources(facts, opts, on_gpu),
+    }
+    if not opts.image:
+        # KServe puts runtimeVersion in place of the runtime image's tag: "YY.MM-py3", as NGC tags it.
+        model["runtimeVersion"] = f"{release.release}-py3"
+    predictor: dict[str, Any] = {
+        "minReplicas": opts.min_replicas,  # never 0: a GPU pod takes minutes to come back
+        "maxReplicas": opts.max_replicas,
+        "securityContext": _pod_security(),
+        "model": model,
+    }
+    if opts.service_account:
+        predictor["serviceAccountName"] = opts.service_account
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": _meta(
+            name,
+            opts,
+            labels,
+            # Knative gives up on a revision that is not ready within its progress deadline (10 min).
+            annotations={"serving.knative.dev/progress-deadline": f"{max(600, budget + 300)}s"},
+        ),
+        "spec": {"predictor": predictor},
+    }
+    return {"10-servingruntime.yaml": [runtime], "20-inferenceservice.yaml": [isvc]}
+
+
+def deploy_documents(facts: RepositoryFacts, opts: DeployOptions) -> dict[str, list[dict]]:
+    """Every Kubernetes document to write, by file name (validated options)."""
+    name, on_gpu = check_options(facts, opts)
+    if opts.target == "k8s":
+        return k8s_documents(facts, opts, name, on_gpu)
+    return kserve_documents(facts, opts, name, on_gpu)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared dicts out in full: no &anchors / *aliases, which reviewers and some tools trip on."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _dump(docs: list[dict]) -> str:
+    return "---\n".join(
+        yaml.dump(d, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False, width=1000) for d in docs
+    )
+
+
+def _readme(facts: RepositoryFacts, opts: DeployOptions, files: list[str], on_gpu: bool) -> str:
+    where = opts.storage_uri or f"PersistentVolumeClaim {opts.pvc}" + (
+        f" (subPath {opts.pvc_subpath})" if opts.pvc_subpath else ""
+    )
+    lines = [
+        f"# {facts.model_name} on Triton ({opts.target})",
+        "",
+        f"Written by `clip-triton deploy` for the {facts.runtime} repository at {facts.path}, "
+        f"Triton release {facts.release.release} (`{opts.image or facts.release.image}`), "
+        f"{'GPU' if on_gpu else 'CPU'} pods. The repository is read from {where}: copy it there first.",
+        "",
+        "```",
+        "kubectl apply -f ." if not opts.namespace else f"kubectl apply -n {opts.namespace} -f .",
+        "```",
+        "",
+        "Files: " + ", ".join(files) + ".",
+    ]
+    if "prometheus-adapter/values.yaml" in files:
+        lines += [
+            "",
+            "The HorizontalPodAutoscaler scales on the custom metric `avg_time_queue_us`, served by "
+            "prometheus-adapter with the rule in prometheus-adapter/values.yaml (not a Kubernetes object: "
+            "merge it into your adapter's values). See clip-triton's docs/deploy.md.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_deploy(
+    repo: Path, out: Path, opts: DeployOptions, *, force: bool = False, progress: Progress | None = None
+) -> list[str]:
+    """Validate, then write the manifests into `out` (atomically); returns the files written."""
+    progress = progress or Progress("deploy", quiet=True)
+    facts = repository_facts(repo)
+    docs = deploy_documents(facts, opts)
+    _, on_gpu = check_options(facts, opts)
+    files = sorted(docs)
+    if opts.target == "k8s" and "40-horizontalpodautoscaler.yaml" in docs:
+        files.append("prometheus-adapter/values.yaml")
+    with staged_dir(out, force=force) as tmp:
+        for filename, documents in docs.items():
+            (tmp / filename).write_text(_dump(documents))
+        if "prometheus-adapter/values.yaml" in files:
+            # Its own folder: `kubectl apply -f DIR` does not descend into it.
+            (tmp / "prometheus-adapter").mkdir()
+            (tmp / "prometheus-adapter" / "values.yaml").write_text(_dump([prometheus_adapter_values()]))
+        (tmp / "README.md").write_text(_readme(facts, opts, files, on_gpu))
+    progress.info(f"{opts.target} manifests for {facts.path} in {out}: {', '.join(files)}")
+    return files

@@ -1,0 +1,367 @@
+"""`clip-triton deploy`: every manifest it writes validates against the Kubernetes and KServe schemas.
+
+Core kinds: kubernetes-validate's offline schemas for KUBERNETES_VERSIONS, strict (unknown fields fail).
+KServe kinds: the openAPIV3Schema of KServe's own CRDs (tests/schemas/, vendored; README there), made
+strict the way `kubectl apply`'s server-side field validation is. No cluster is involved.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from helpers import run_cli
+
+from exporter.common import ClipTritonError
+from exporter.deploy import (
+    DeployOptions,
+    deploy_documents,
+    repository_facts,
+    startup_budget_s,
+    write_deploy,
+)
+from exporter.repository import RepositoryOptions, write_repository
+
+# The oldest Kubernetes minor the manifests claim (every field used is GA there) and the newest the pinned
+# kubernetes-validate (1.37.x) ships schemas for.
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+SCHEMAS = Path(__file__).parent / "schemas"
+CRDS = {
+    "InferenceService": SCHEMAS / "kserve-inferenceservices-crd.yaml",
+    "ServingRuntime": SCHEMAS / "kserve-servingruntimes-crd.yaml",
+}
+
+
+# --------------------------------------------------------------------------------------------- validators
+
+
+def _strict(schema: Any) -> Any:
+    """An OpenAPI v3 CRD schema that refuses unknown fields, as the API server does with strict field
+    validation: every object with declared properties and no other rule gets additionalProperties: false."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+_crd_validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
+
+
+def _crd_validator(kind: str, api_version: str) -> jsonschema.protocols.Validator:
+    key = (kind, api_version)
+    if key not in _crd_validators:
+        crd = yaml.safe_load(CRDS[kind].read_text())
+        group = crd["spec"]["group"]
+        version = next(v for v in crd["spec"]["versions"] if f"{group}/{v['name']}" == api_version)
+        schema = _strict(version["schema"]["openAPIV3Schema"])
+        _crd_validators[key] = jsonschema.Draft7Validator(schema)
+    return _crd_validators[key]
+
+
+def validate(doc: dict) -> None:
+    """Raise jsonschema.ValidationError (or a SchemaNotFoundError) unless `doc` is valid."""
+    if doc["kind"] in CRDS:
+        _crd_validator(doc["kind"], doc["apiVersion"]).validate(doc)
+        # The CRD leaves metadata to the API server: check it as any object's ObjectMeta.
+        for version in KUBERNETES_VERSIONS:
+            probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}
+            kubernetes_validate.validate(probe, version, strict=True)
+        return
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def load_dir(out: Path) -> dict[str, list[dict]]:
+    """Every manifest `kubectl apply -f OUT` would read (top-level .yaml files), by file name."""
+    return {p.name: list(yaml.safe_load_all(p.read_text())) for p in sorted(out.glob("*.yaml"))}
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def repos(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CPU repository (python runtime) and a GPU one (onnxruntime), without bundled wheels (fast)."""
+    base = tmp_path_factory.mktemp("deploy")
+    cpu = write_repository(vitb32_export, base / "repo", RepositoryOptions(runtime="python", python_deps=False))
+    gpu = write_repository(
+        vitb32_export, base / "repo-gpu", RepositoryOptions(runtime="onnxruntime", device="gpu", python_deps=False)
+    )
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def _by_kind(docs: dict[str, list[dict]]) -> dict[str, dict]:
+    return {d["kind"]: d for documents in docs.values() for d in documents}
+
+
+# --------------------------------------------------------------------------------------- the validators
+
+
+def test_validators_refuse_broken_documents(repos: dict[str, Path]) -> None:
+    """The validators themselves: an unknown field or a wrong type must fail, for every kind."""
+    facts = repository_facts(repos["gpu"])
+    k8s = _by_kind(deploy_documents(facts, DeployOptions(pvc="models")))
+    kserve = _by_kind(deploy_documents(facts, DeployOptions(target="kserve", storage_uri="s3://b/clip")))
+    for doc in [*k8s.values(), *kserve.values()]:
+        validate(doc)  # as generated: valid
+        unknown = copy.deepcopy(doc)
+        unknown["spec"]["notAField"] = 1
+        with pytest.raises(jsonschema.ValidationError):
+            validate(unknown)
+        bad_meta = copy.deepcopy(doc)
+        bad_meta["metadata"]["labelz"] = {}
+        with pytest.raises(jsonschema.ValidationError):
+            validate(bad_meta)
+    deployment = copy.deepcopy(k8s["Deployment"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8000"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(deployment)
+    deep = copy.deepcopy(k8s["Deployment"])
+    deep["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRot"] = True
+    with pytest.raises(jsonschema.ValidationError):
+        validate(deep)
+    isvc = copy.deepcopy(kserve["InferenceService"])
+    isvc["spec"]["predictor"]["minReplicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(isvc)
+    runtime = copy.deepcopy(kserve["ServingRuntime"])
+    runtime["spec"]["containers"][0]["volumeMount"] = []  # a typo of volumeMounts
+    with pytest.raises(jsonschema.ValidationError):
+        validate(runtime)
+
+
+# ----------------------------------------------------------------------------------------------- k8s
+
+
+@pytest.mark.parametrize(
+    "device,args",
+    [
+        ("gpu", ["--pvc", "clip-models", "--namespace", "ml"]),
+        ("gpu", ["--storage-uri", "s3://bucket/clip/repo", "--credentials-secret", "s3-creds", "--gpu-count", "2"]),
+        ("cpu", ["--pvc", "clip-models", "--pvc-subpath", "vitb32/repo", "--cpu"]),
+        ("cpu", ["--storage-uri", "gs://bucket/repo", "--min-replicas", "3", "--max-replicas", "3"]),
+    ],
+)
+def test_k8s_manifests_validate(repos: dict[str, Path], tmp_path: Path, device: str, args: list[str]) -> None:
+    out = tmp_path / "deploy"
+    result = run_cli("deploy", "--repository", str(repos[device]), "--out", str(out), "--quiet", *args)
+    assert result.returncode == 0, result.stderr
+    docs = load_dir(out)
+    for documents in docs.values():
+        for doc in documents:
+            validate(doc)
+    kinds = _by_kind(docs)
+    facts = repository_facts(repos[device])
+    autoscale = "--max-replicas" not in args
+    assert set(kinds) == {"Deployment", "Service", "PodDisruptionBudget"} | (
+        {"HorizontalPodAutoscaler"} if autoscale else set()
+    )
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == facts.release.image == f"nvcr.io/nvidia/tritonserver:{facts.release.release}-py3"
+    assert "--grpc-infer-allocation-pool-size=0" in container["args"]
+    assert {"name": "MALLOC_ARENA_MAX", "value": "2"} in container["env"]
+    assert not any("pip" in str(part) for part in container["command"] + container["args"])
+    # Non-root, as the Triton image's triton-server user.
+    sec = container["securityContext"]
+    assert sec["runAsNonRoot"] and sec["runAsUser"] == 1000 and sec["allowPrivilegeEscalation"] is False
+    assert sec["capabilities"]["drop"] == ["ALL"] and sec["seccompProfile"]["type"] == "RuntimeDefault"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    limits = container["resources"]["limits"]
+    assert container["resources"]["requests"] == limits
+    if device == "gpu":
+        gpus = "2" if "--gpu-count" in args else "1"
+        assert limits["nvidia.com/gpu"] == gpus
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    else:
+        assert "nvidia.com/gpu" not in limits and "nodeSelector" not in pod and "tolerations" not in pod
+    # The repository: a read-only PVC at /models, or the object store passed to tritonserver itself.
+    if "--pvc" in args:
+        assert "--model-repository=/models" in container["args"]
+        claim = next(v for v in pod["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+        assert claim == {"claimName": "clip-models", "readOnly": True}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+        assert mount["readOnly"] and mount["mountPath"] == "/models"
+        assert mount.get("subPath") == ("vitb32/repo" if "--pvc-subpath" in args else None)
+    else:
+        uri = args[args.index("--storage-uri") + 1]
+        assert f"--model-repository={uri}" in container["args"]
+    if "--credentials-secret" in args:
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    # The startupProbe allows the budget computed from the encoder files (and the download).
+    download = facts.repository_bytes if "--storage-uri" in args else 0
+    budget = startup_budget_s(facts.encoder_bytes, download)
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] == budget >= 120
+    service = kinds["Service"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert service["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    if "--namespace" in args:
+        assert all(d["metadata"]["namespace"] == "ml" for d in kinds.values())
+    adapter = out / "prometheus-adapter" / "values.yaml"
+    if autoscale:
+        hpa = kinds["HorizontalPodAutoscaler"]["spec"]
+        assert "replicas" not in kinds["Deployment"]["spec"]  # the HPA owns the count
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 4)
+        (metric,) = hpa["metrics"]
+        assert metric["pods"]["metric"]["name"] == "avg_time_queue_us"
+        assert metric["pods"]["target"]["averageValue"] == str(max(5 * facts.queue_delay_us, 5000))
+        rule = yaml.safe_load(adapter.read_text())["rules"]["custom"][0]
+        assert rule["name"]["as"] == "avg_time_queue_us"
+        assert "nv_inference_queue_duration_us" in rule["metricsQuery"]
+        assert "nv_inference_request_success" in rule["metricsQuery"]
+    else:
+        assert kinds["Deployment"]["spec"]["replicas"] == 3 and not adapter.exists()
+
+
+def test_tensorrt_plans_pin_the_compute_capability(repos: dict[str, Path]) -> None:
+    """A plan runs only on the GPU family that built it: the pod requires GFD's compute labels."""
+    facts = dataclasses.replace(repository_facts(repos["gpu"]), runtime="tensorrt", compute_capability="8.9")
+    for opts in (DeployOptions(pvc="m"), DeployOptions(target="kserve", storage_uri="pvc://m/repo")):
+        kinds = _by_kind(deploy_documents(facts, opts))
+        for doc in kinds.values():
+            validate(doc)
+        holder = (
+            kinds["Deployment"]["spec"]["template"]["spec"]
+            if "Deployment" in kinds
+            else kinds["ServingRuntime"]["spec"]
+        )
+        terms = holder["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        expressions = {e["key"]: e["values"] for e in terms["nodeSelectorTerms"][0]["matchExpressions"]}
+        assert expressions == {"nvidia.com/gpu.compute.major": ["8"], "nvidia.com/gpu.compute.minor": ["9"]}
+
+
+def test_startup_budget_formula() -> None:
+    gib = 1024**3
+    assert startup_budget_s(0) == 120
+    assert startup_budget_s(10 * gib) == 720  # 120 + 60 s/GiB
+    assert startup_budget_s(gib, download_bytes=25 * 1024**2 * 100) == 280  # + 100 s of download at 25 MiB/s
+    assert startup_budget_s(1) % 10 == 0  # rounded up to the probe period
+
+
+# -------------------------------------------------------------------------------------------- kserve
+
+
+@pytest.mark.parametrize(
+    "device,args",
+    [
+        ("gpu", ["--storage-uri", "s3://bucket/clip/repo", "--service-account", "kserve-s3", "--namespace", "ml"]),
+        ("cpu", ["--storage-uri", "pvc://clip-models/repo", "--kserve-protocol", "http"]),
+        ("gpu", ["--storage-uri", "gs://bucket/repo", "--image", "registry.example.com/triton:custom"]),
+    ],
+)
+def test_kserve_manifests_validate(repos: dict[str, Path], tmp_path: Path, device: str, args: list[str]) -> None:
+    out = tmp_path / "deploy"
+    result = run_cli(
+        "deploy", "--repository", str(repos[device]), "--out", str(out), "--target", "kserve", "--quiet", *args
+    )
+    assert result.returncode == 0, result.stderr
+    docs = load_dir(out)
+    assert list(docs) == ["10-servingruntime.yaml", "20-inferenceservice.yaml"]  # the runtime applies first
+    for documents in docs.values():
+        for doc in documents:
+            validate(doc)
+    kinds = _by_kind(docs)
+    facts = repository_facts(repos[device])
+    runtime, isvc = kinds["ServingRuntime"], kinds["InferenceService"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "triton" and model["protocolVersion"] == "v2"
+    assert model["storageUri"] == args[args.index("--storage-uri") + 1]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    (port,) = model["ports"]
+    assert port == (
+        {"name": "http1", "containerPort": 8080, "protocol": "TCP"}
+        if "http" in args
+        else {"name": "h2c", "containerPort": 9000, "protocol": "TCP"}
+    )
+    if "--image" in args:
+        assert "runtimeVersion" not in model  # it would replace the custom image's tag
+        assert runtime["spec"]["containers"][0]["image"] == "registry.example.com/triton:custom"
+    else:
+        assert model["runtimeVersion"] == f"{facts.release.release}-py3"
+        assert runtime["spec"]["containers"][0]["image"] == facts.release.image
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    assert "--model-repository=/mnt/models" in container["args"]
+    assert "--grpc-port=9000" in container["args"] and "--http-port=8080" in container["args"]
+    assert "--grpc-infer-allocation-pool-size=0" in container["args"]
+    assert {"name": "MALLOC_ARENA_MAX", "value": "2"} in container["env"]
+    assert container["securityContext"]["runAsUser"] == 1000
+    assert runtime["spec"]["volumes"][0]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "triton", "version": "2", "autoSelect": False} in runtime["spec"]["supportedModelFormats"]
+    assert isvc["spec"]["predictor"]["minReplicas"] >= 1
+    if "--service-account" in args:
+        assert isvc["spec"]["predictor"]["serviceAccountName"] == "kserve-s3"
+    if device == "gpu":
+        assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert runtime["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "which,args,message",
+    [
+        ("notrepo", ["--pvc", "m"], "is not a clip-triton model repository"),
+        ("missing", ["--pvc", "m"], "is not a folder"),
+        ("cpu", ["--pvc", "m", "--name", "Bad_Name"], "is not a valid Kubernetes name"),
+        ("cpu", ["--pvc", "m", "--name", "9lives"], "is not a valid Kubernetes name"),
+        ("cpu", ["--pvc", "m", "--name", "a" * 64], "is not a valid Kubernetes name"),
+        ("cpu", ["--pvc", "m", "--namespace", "ML"], "not a valid namespace"),
+        ("cpu", ["--target", "kserve"], "needs --storage-uri"),
+        ("cpu", ["--target", "kserve", "--pvc", "m"], "--storage-uri pvc://"),
+        ("cpu", [], "--pvc NAME or --storage-uri"),
+        ("cpu", ["--storage-uri", "http://host/repo"], "must start with s3://"),
+        ("cpu", ["--pvc", "m", "--storage-uri", "s3://b/r"], "not both"),
+        ("gpu", ["--pvc", "m", "--cpu"], "--device cpu"),
+        ("cpu", ["--pvc", "m", "--max-replicas", "1"], "--max-replicas must be >="),
+        ("cpu", ["--pvc", "m", "--memory", "lots"], "not a Kubernetes quantity"),
+        ("cpu", ["--pvc", "m", "--node-selector", "novalue"], "KEY=VALUE"),
+        ("cpu", ["--pvc", "m", "--target", "helm"], "--target must be one of"),
+        ("cpu", ["--pvc", "m", "--pvc-subpath", "../up"], "relative path"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    repos: dict[str, Path], tmp_path: Path, which: str, args: list[str], message: str
+) -> None:
+    paths = {**repos, "notrepo": tmp_path / "empty", "missing": tmp_path / "absent"}
+    paths["notrepo"].mkdir()
+    out = tmp_path / "deploy"
+    result = run_cli("deploy", "--repository", str(paths[which]), "--out", str(out), *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".deploy")] == []  # no staged leftovers
+
+
+def test_existing_output_needs_force(repos: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    write_deploy(repos["cpu"], out, DeployOptions(pvc="m"))
+    before = (out / "10-deployment.yaml").read_text()
+    with pytest.raises(ClipTritonError, match="--force"):
+        write_deploy(repos["cpu"], out, DeployOptions(pvc="other"))
+    assert (out / "10-deployment.yaml").read_text() == before
+    write_deploy(repos["cpu"], out, DeployOptions(pvc="other"), force=True)
+    assert "claimName: other" in (out / "10-deployment.yaml").read_text()
