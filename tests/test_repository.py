@@ -268,7 +268,7 @@ def test_tensorrt_needs_plans_and_caps_max_batch(vitb32_export: Path, tmp_path: 
     manifest.save(fake)
     for name in ("image_encoder.plan", "text_encoder.plan"):
         (fake / name).write_bytes(b"plan bytes are not read by this stage")
-    repo = write_repository(fake, tmp_path / "trt", RepositoryOptions())
+    repo = write_repository(fake, tmp_path / "trt", RepositoryOptions(python_deps=False))
     enc = parse_config((repo / "clip_image_encoder" / "config.pbtxt").read_text())
     assert enc.platform == "tensorrt_plan" and enc.max_batch_size == 32
     assert (repo / "clip_image_encoder" / "1" / "model.plan").is_file()
