@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from clients.errors import (
     ClipClientError,
     InvalidItemError,
     ItemError,
+    ModelMismatchError,
     ModelNotFoundError,
     RequestError,
     ServerFaultError,
@@ -50,14 +52,15 @@ ProgressCallback = Callable[[int, int], None]
 class ClientOptions:
     """Connection and scheduling options shared by ClipClient and AsyncClipClient."""
 
+    # One endpoint HOST:PORT, or several replicas of one model: "a:8001,b:8001" (or a list, joined here).
     url: str = "127.0.0.1:8001"
     prefix: str = "clip"
     model_version: str = ""  # "" = the server's latest/only version
     batch_size: int = 16  # items per request; capped by the model's max_batch_size
     concurrency: int = 4  # requests in flight at once
     timeout: float | None = 60.0  # seconds per request (gRPC deadline)
-    retries: int = 3  # extra attempts on UNAVAILABLE
-    backoff: float = 0.25  # first retry delay in seconds, doubled each time (capped at 4 s)
+    retries: int = 3  # extra attempts per endpoint while every endpoint is unavailable
+    backoff: float = 0.25  # first re-probe delay in seconds, doubled each time (capped at 4 s)
     headers: dict[str, str] = field(default_factory=dict)
     ssl: bool = False
     root_certificates: str | None = None  # PEM file paths, passed through to tritonclient
@@ -70,8 +73,7 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS_WHERE:
             raise ClipClientError(f"preprocess must be 'server' or 'client', got {self.preprocess!r}")
-        if not self.url or "://" in self.url:
-            raise ClipClientError(f"url must be HOST:PORT (no scheme), got {self.url!r}")
+        object.__setattr__(self, "url", ",".join(parse_urls(self.url)))
         if self.batch_size < 1:
             raise ClipClientError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.concurrency < 1:
@@ -85,9 +87,13 @@ class ClientOptions:
             if value is not None and not Path(value).is_file():
                 raise ClipClientError(f"{name} file not found: {value}")
 
-    def grpc_kwargs(self) -> dict[str, Any]:
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(self.url.split(","))
+
+    def grpc_kwargs(self, url: str) -> dict[str, Any]:
         return {
-            "url": self.url,
+            "url": url,
             "ssl": self.ssl,
             "root_certificates": self.root_certificates,
             "private_key": self.private_key,
@@ -96,6 +102,24 @@ class ClientOptions:
 
     def retry_delay(self, attempt: int) -> float:
         return min(self.backoff * (2**attempt), 4.0)
+
+
+def parse_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """'a:8001,b:8001' or ['a:8001', 'b:8001'] -> ('a:8001', 'b:8001'): stripped, duplicates dropped."""
+    parts = [url] if isinstance(url, str) else list(url)
+    urls: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ClipClientError(f"url must be HOST:PORT strings, got {part!r}")
+        for one in part.split(","):
+            one = one.strip()
+            if "://" in one or (one and ":" not in one):
+                raise ClipClientError(f"url must be HOST:PORT (no scheme), got {one!r}")
+            if one and one not in urls:
+                urls.append(one)
+    if not urls:
+        raise ClipClientError(f"url must name at least one HOST:PORT endpoint, got {url!r}")
+    return tuple(urls)
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,25 @@ class ModelInfo:
     def dim(self) -> int:
         return self.image.dim
 
+    @property
+    def key(self) -> str:
+        """What must match between replicas: the encoders' checksums (recorded by `clip-triton repository`),
+        the crop, the towers. Unlike `identity` it ignores deployment knobs (thread counts, limits)."""
+        params = self.parameters
+        if not (params.get("image_encoder_sha256") and params.get("text_encoder_sha256")):
+            return self.identity  # not written by clip-triton: compare everything the server told us
+        keep = ("image_encoder_sha256", "text_encoder_sha256", "preprocess", "logit_scale", "logit_bias")
+        towers = [(t.model, t.input_name, t.output_name, t.dim) for t in (self.image, self.text)]
+        blob = json.dumps({"params": {k: params.get(k, "") for k in keep}, "towers": towers}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def describe(self) -> str:
+        """A short name for error messages: model name and the image encoder's checksum."""
+        params = self.parameters
+        sha = params.get("image_encoder_sha256", "")
+        name = params.get("model_name", self.prefix)
+        return f"{name} (image encoder sha256 {sha[:12]})" if sha else f"{name} (identity {self.identity[:12]})"
+
 
 @dataclass(frozen=True)
 class RankedItem:
@@ -149,10 +192,12 @@ def image_model(options: ClientOptions) -> tuple[str, str]:
     return f"{options.prefix}_image", "image"
 
 
-def resolve_options(url: str, options: ClientOptions | None, kwargs: dict[str, Any]) -> ClientOptions:
+def resolve_options(
+    url: str | Sequence[str], options: ClientOptions | None, kwargs: dict[str, Any]
+) -> ClientOptions:
     """Both clients take either `options=` or keyword options (never both)."""
     if options is None:
-        return ClientOptions(url=url, **kwargs)
+        return ClientOptions(url=",".join(parse_urls(url)), **kwargs)
     if kwargs:
         raise TypeError("pass either options= or keyword options, not both")
     return options
@@ -412,12 +457,8 @@ def message_of(exc: Exception) -> str:
     return " ".join(text.split())  # one line
 
 
-def is_retryable(exc: Exception) -> bool:
-    return status_of(exc) == "UNAVAILABLE"
-
-
 def transport_error(
-    exc: Exception, options: ClientOptions, model: str, *, running: bool = True
+    exc: Exception, url: str, options: ClientOptions, model: str, *, running: bool = True
 ) -> ClipClientError | None:
     """Map errors not caused by the items (server down, timeout, missing model); None for item-level ones.
 
@@ -426,41 +467,181 @@ def transport_error(
     """
     status, msg = status_of(exc), message_of(exc)
     if status == "UNAVAILABLE":
-        tries = options.retries + 1
-        return ServerUnavailableError(f"server {options.url} unavailable after {tries} attempt(s): {msg}")
+        return ServerUnavailableError(f"{UNAVAILABLE.format(url=url)}{msg}")
     if status == "DEADLINE_EXCEEDED":
-        return ClientTimeoutError(f"request to {model} at {options.url} timed out after {options.timeout}s")
+        return ClientTimeoutError(f"request to {model} at {url} timed out after {options.timeout}s")
     if status in ("CANCELLED", "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED"):
-        return RequestError(f"{model} at {options.url}: {status.lower()}: {msg}")
+        return RequestError(f"{model} at {url}: {status.lower()}: {msg}")
     lowered = msg.lower()
     if status == "NOT_FOUND" or "unknown model" in lowered or "is not found" in lowered:
         if running:
-            return ServerUnavailableError(f"server {options.url} stopped serving {model} (shutting down?): {msg}")
-        return ModelNotFoundError(f"server {options.url} does not serve {model}: {msg}")
+            return ServerUnavailableError(f"server {url} stopped serving {model} (shutting down?): {msg}")
+        return ModelNotFoundError(f"server {url} does not serve {model}: {msg}")
     if "not ready" in lowered or "server is stopping" in lowered or "shutting down" in lowered:
-        return ServerUnavailableError(f"server {options.url}: {msg}")
+        return ServerUnavailableError(f"server {url}: {msg}")
     return None
 
 
-def item_error(
-    exc: Exception, options: ClientOptions, model: str, index: int, label: str, ready: bool
-) -> ClipClientError:
+UNAVAILABLE = "server {url} unavailable: "  # the pool's summary drops it to add the attempt count
+
+
+def item_error(exc: Exception, url: str, model: str, index: int, label: str, ready: bool) -> ClipClientError:
     """A one-item request failed: the item's fault only when the server says INVALID_ARGUMENT."""
     if not ready:
         return ServerUnavailableError(
-            f"server {options.url} stopped serving {model} (at item {index}, {label}): {message_of(exc)}"
+            f"server {url} stopped serving {model} (at item {index}, {label}): {message_of(exc)}"
         )
     if status_of(exc) == "INVALID_ARGUMENT":
         return ItemError(index, label, f"rejected by {model}: {message_of(exc)}")
-    return ServerFaultError(index, label, f"{model} at {options.url}: {status_of(exc).lower() or 'error'}: "
-                            f"{message_of(exc)}")
+    return ServerFaultError(index, label, f"{model} at {url}: {status_of(exc).lower() or 'error'}: {message_of(exc)}")
 
 
-def discovery_error(exc: Exception, options: ClientOptions, model: str) -> ClipClientError:
-    mapped = transport_error(exc, options, model, running=False)
+def discovery_error(exc: Exception, url: str, options: ClientOptions, model: str) -> ClipClientError:
+    mapped = transport_error(exc, url, options, model, running=False)
     if mapped is not None:
         return mapped
-    return ModelNotFoundError(f"cannot read {model}'s metadata from {options.url}: {message_of(exc)}")
+    return ModelNotFoundError(f"cannot read {model}'s metadata from {url}: {message_of(exc)}")
+
+
+# ---------------------------------------------------------------------------------------------- replicas
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One replica's state. `transport` is its tritonclient client, made by ClipClient / AsyncClipClient."""
+
+    url: str
+    transport: Any = None
+    info: ModelInfo | None = None
+    live: bool = False  # discovered (same model as the others) and not failed since
+    probing: bool = False  # one request is discovering it now; the others wait for the answer
+    in_flight: int = 0
+    failures: int = 0  # consecutive: a live endpoint going down, or a failed probe
+    due: float = 0.0  # time.monotonic() from which a set-aside endpoint may be probed again
+    error: str = ""  # its last failure, for the final message
+    seen: bool = False  # discovered at least once: later discovery failures only mean "still down"
+
+
+class EndpointPool:
+    """Which replica takes the next request, which are set aside and when to probe them again, and when
+    to give up. No I/O here: both clients run the same rules and only differ in how they wait.
+
+    A failed endpoint is set aside for `backoff * 2**k` seconds (capped at 4 s), then probed by running
+    discovery again, so a replica that comes back serving another model is refused like one that
+    differs at connect. The run gives up only when every endpoint has failed `retries + 1` times in a
+    row: with one endpoint that is the plain retry-with-backoff of a single server.
+    """
+
+    def __init__(self, options: ClientOptions) -> None:
+        self.options = options
+        self.endpoints = [Endpoint(url) for url in options.urls]
+        self.info: ModelInfo | None = None  # the model every replica must serve: the first one discovered
+        self._reference = ""  # url that `info` came from
+        self._turn = 0
+
+    def unprobed(self, now: float) -> list[Endpoint]:
+        """Endpoints due for discovery, marked as being probed (connect probes them all at once)."""
+        due = [e for e in self.endpoints if not e.live and not e.probing and e.due <= now]
+        for endpoint in due:
+            endpoint.probing = True
+        return due
+
+    def acquire(self, now: float) -> tuple[Endpoint, bool] | float:
+        """(endpoint, probe_first) for the next request, or seconds to wait before asking again.
+
+        Endpoints due for a re-probe go first (the caller discovers them, then asks again); otherwise the
+        live endpoint with the fewest requests in flight, ties in turn. Raises ServerUnavailableError when
+        every endpoint has used up its attempts.
+        """
+        due = [e for e in self.endpoints if not e.live and not e.probing and e.due <= now]
+        if due:
+            due[0].probing = True
+            return due[0], True
+        live = [e for e in self.endpoints if e.live]
+        if live:
+            self._turn += 1
+            n = len(self.endpoints)
+            endpoint = min(live, key=lambda e: (e.in_flight, (self.endpoints.index(e) - self._turn) % n))
+            endpoint.in_flight += 1
+            return endpoint, False
+        waiting = [e.due for e in self.endpoints if not e.probing]
+        spent = all(e.failures > self.options.retries for e in self.endpoints)
+        if spent and len(waiting) == len(self.endpoints):  # and no probe still out: nothing left to try
+            raise self.unavailable()
+        return max(0.0, min(waiting) - now) if waiting else 0.02  # all being probed: look again shortly
+
+    def release(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight = max(0, endpoint.in_flight - 1)
+
+    def probed(self, results: Sequence[tuple[Endpoint, ModelInfo | ClipClientError]], now: float) -> None:
+        """Record discovery answers (in endpoint order, so the first replica is the reference); raise
+        ModelMismatchError for a replica serving another model, or a first discovery's error that is not
+        the server being down (a wrong prefix, say)."""
+        raised: ClipClientError | None = None
+        for endpoint, result in results:
+            endpoint.probing = False
+            if isinstance(result, ModelInfo):
+                if self.info is None:
+                    self.info, self._reference = result, endpoint.url
+                if result.key != self.info.key:
+                    self._set_aside(endpoint, f"serves another model: {result.describe()}", now, probe=True)
+                    raised = raised or ModelMismatchError(
+                        f"replicas serve different models: {self._reference} serves {self.info.describe()}, "
+                        f"{endpoint.url} serves {result.describe()}; refusing to mix their embeddings"
+                    )
+                    continue
+                endpoint.info, endpoint.live, endpoint.seen, endpoint.failures = result, True, True, 0
+            else:
+                self._set_aside(endpoint, str(result), now, probe=True)
+                if not (isinstance(result, ServerUnavailableError) or endpoint.seen):
+                    raised = raised or result
+        if raised is not None:
+            raise raised
+
+    def failed(self, endpoint: Endpoint, error: ClipClientError, now: float) -> bool:
+        """A request on `endpoint` failed with `error`: True when it should move to another endpoint.
+
+        Server-side unavailability (refused, reset, stopping) always moves; a timeout moves only when
+        another endpoint is live (a lone slow server keeps its ClientTimeoutError). Item errors never get here.
+        """
+        if isinstance(error, ClientTimeoutError):
+            if not any(e.live and e is not endpoint for e in self.endpoints):
+                return False
+        elif not isinstance(error, ServerUnavailableError):
+            return False
+        self._set_aside(endpoint, str(error), now)
+        return True
+
+    def _set_aside(self, endpoint: Endpoint, error: str, now: float, probe: bool = False) -> None:
+        if endpoint.live or probe:  # count each going-down once, not once per request that was in flight
+            endpoint.failures += 1
+            endpoint.due = now + self.options.retry_delay(endpoint.failures - 1)
+        endpoint.live, endpoint.info = False, None
+        endpoint.error = error
+
+    def unavailable(self) -> ServerUnavailableError:
+        if len(self.endpoints) == 1:
+            one = self.endpoints[0]
+            detail = one.error.removeprefix(UNAVAILABLE.format(url=one.url))
+            return ServerUnavailableError(f"server {one.url} unavailable after {one.failures} attempt(s): {detail}")
+        details = "; ".join(f"{e.url}: {_short(e.error.removeprefix(UNAVAILABLE.format(url=e.url)))}"
+                            for e in self.endpoints)
+        urls = ", ".join(e.url for e in self.endpoints)
+        return ServerUnavailableError(
+            f"servers {urls} all unavailable after {self.options.retries + 1} attempt(s) each: {details}"
+        )
+
+    def window(self) -> int:
+        """Requests in flight at once: `concurrency` per endpoint."""
+        return self.options.concurrency * len(self.endpoints)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def now() -> float:
+    return time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------- CLIP maths

@@ -12,13 +12,15 @@ from clients import _core
 from clients._core import (
     DEFAULT_TEMPLATES,
     ClientOptions,
+    Endpoint,
+    EndpointPool,
     ModelInfo,
     ProgressCallback,
     RankedItem,
     TowerInfo,
     resolve_options,
 )
-from clients.errors import ClipClientError
+from clients.errors import ClientTimeoutError, ClipClientError, ServerUnavailableError
 from clients.sync import _check_paths
 
 
@@ -29,37 +31,42 @@ class AsyncClipClient:
     ...     vectors = await client.embed_images(paths)       # float32 [N, D]
     ...     best = await client.rank("a red car", paths, top=5)
 
-    Use one instance from one event loop (tritonclient's aio client is not thread-safe).
+    Use one instance from one event loop (tritonclient's aio client is not thread-safe). Several
+    endpoints spread and fail over exactly as in ClipClient (the rules live in _core.EndpointPool).
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, options: ClientOptions | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, url: str | Sequence[str] = "127.0.0.1:8001", *, options: ClientOptions | None = None, **kwargs: Any
+    ) -> None:
         self.options = options = resolve_options(url, options, kwargs)
         import tritonclient.grpc.aio as aioclient
         from tritonclient.utils import InferenceServerException
 
         self._aio = aioclient
         self._error_type = InferenceServerException
-        self._client: Any = None  # created inside the running loop (grpc.aio channels bind to it)
-        self._info: ModelInfo | None = None
+        # Transports are created inside the running loop (grpc.aio channels bind to it).
+        self._pool = EndpointPool(options)
         self._info_lock: asyncio.Lock | None = None
 
     # -- lifecycle
 
-    def _ensure(self) -> Any:
-        if self._client is None:
+    def _ensure(self, endpoint: Endpoint) -> Any:
+        if endpoint.transport is None:
             try:
-                self._client = self._aio.InferenceServerClient(**self.options.grpc_kwargs())
+                endpoint.transport = self._aio.InferenceServerClient(**self.options.grpc_kwargs(endpoint.url))
             except Exception as exc:  # noqa: BLE001 - bad TLS files, malformed url
-                raise ClipClientError(f"cannot create a gRPC client for {self.options.url}: {exc}") from None
-        return self._client
+                raise ClipClientError(f"cannot create a gRPC client for {endpoint.url}: {exc}") from None
+        return endpoint.transport
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for endpoint in self._pool.endpoints:
+            if endpoint.transport is not None:
+                await endpoint.transport.close()
+                endpoint.transport = None
 
     async def __aenter__(self) -> AsyncClipClient:
-        self._ensure()
+        for endpoint in self._pool.endpoints:
+            self._ensure(endpoint)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -68,44 +75,59 @@ class AsyncClipClient:
     # -- discovery
 
     async def model_info(self) -> ModelInfo:
-        """Names, dims, logit scale/bias and identity of the served model (read once from the server)."""
-        if self._info is None:
+        """See ClipClient.model_info."""
+        if self._pool.info is None:
             if self._info_lock is None:
                 self._info_lock = asyncio.Lock()
             async with self._info_lock:
-                if self._info is None:
-                    self._info = await self._discover()
-        return self._info
+                if self._pool.info is None:
+                    due = self._pool.unprobed(_core.now())
+                    answers = await asyncio.gather(*(self._probe(e) for e in due))
+                    self._pool.probed(list(zip(due, answers, strict=True)), _core.now())
+                while self._pool.info is None:  # all down: retry with backoff, or give up
+                    self._pool.release(await self._acquire())
+        return self._pool.info
 
-    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    async def _probe(self, endpoint: Endpoint) -> ModelInfo | ClipClientError:
+        try:
+            return await self._discover(endpoint)
+        except ClipClientError as exc:
+            return exc
+
+    async def _acquire(self) -> Endpoint:
+        """See ClipClient._acquire."""
+        while True:
+            got = self._pool.acquire(_core.now())
+            if isinstance(got, float):
+                await asyncio.sleep(got)
+                continue
+            endpoint, probe_first = got
+            if not probe_first:
+                return endpoint
+            answer = await self._probe(endpoint)
+            self._pool.probed([(endpoint, answer)], _core.now())
+
+    async def _call(self, endpoint: Endpoint, name: str, *args: Any, **kwargs: Any) -> Any:
         opts = self.options
-        fn = getattr(self._ensure(), name)
-        for attempt in range(opts.retries + 1):
-            try:
-                return await fn(*args, headers=opts.headers or None, client_timeout=opts.timeout, **kwargs)
-            except self._error_type as exc:
-                if _core.is_retryable(exc) and attempt < opts.retries:
-                    await asyncio.sleep(opts.retry_delay(attempt))
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        fn = getattr(self._ensure(endpoint), name)
+        return await fn(*args, headers=opts.headers or None, client_timeout=opts.timeout, **kwargs)
 
-    async def _config(self, model: str) -> Any:
-        return (await self._call("get_model_config", model, self.options.model_version)).config
+    async def _config(self, endpoint: Endpoint, model: str) -> Any:
+        return (await self._call(endpoint, "get_model_config", model, self.options.model_version)).config
 
-    async def _tower(self, model: str, preferred_input: str) -> tuple[TowerInfo, Any]:
+    async def _tower(self, endpoint: Endpoint, model: str, preferred_input: str) -> tuple[TowerInfo, Any]:
         version = self.options.model_version
         try:
-            metadata = await self._call("get_model_metadata", model, version)
-            config = await self._config(model)
+            metadata = await self._call(endpoint, "get_model_metadata", model, version)
+            config = await self._config(endpoint, model)
         except self._error_type as exc:
-            raise _core.discovery_error(exc, self.options, model) from None
+            raise _core.discovery_error(exc, endpoint.url, self.options, model) from None
         return _core.tower_info(metadata, config, preferred_input, version), config
 
-    async def _discover(self) -> ModelInfo:
+    async def _discover(self, endpoint: Endpoint) -> ModelInfo:
         prefix = self.options.prefix
         (image, image_cfg), (text, text_cfg) = await asyncio.gather(
-            self._tower(*_core.image_model(self.options)), self._tower(f"{prefix}_text", "text")
+            self._tower(endpoint, *_core.image_model(self.options)), self._tower(endpoint, f"{prefix}_text", "text")
         )
         param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
         steps: dict[str, dict[str, str]] = {}
@@ -114,7 +136,7 @@ class AsyncClipClient:
                 if step.model_name in steps:
                     continue
                 try:
-                    steps[step.model_name] = _core.config_parameters(await self._config(step.model_name))
+                    steps[step.model_name] = _core.config_parameters(await self._config(endpoint, step.model_name))
                 except self._error_type:
                     steps[step.model_name] = {}
         param_sets.extend(steps.values())
@@ -122,20 +144,22 @@ class AsyncClipClient:
 
     # -- embedding
 
-    async def _infer(self, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
+    async def _infer(self, endpoint: Endpoint, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
         array = _core.request_array(payloads, tower.max_batch_size > 0)
         inp = self._aio.InferInput(tower.input_name, list(array.shape), tower.input_datatype)
         inp.set_data_from_numpy(array)
         out = self._aio.InferRequestedOutput(tower.output_name)
-        result = await self._call("infer", tower.model, [inp], model_version=tower.version, outputs=[out])
+        result = await self._call(endpoint, "infer", tower.model, [inp], model_version=tower.version, outputs=[out])
         return _core.parse_embeddings(result.as_numpy(tower.output_name), tower, len(payloads))
 
-    async def _blame(self, tower: TowerInfo, index: int, label: str, exc: Exception) -> ClipClientError:
+    async def _blame(
+        self, endpoint: Endpoint, tower: TowerInfo, index: int, label: str, exc: Exception
+    ) -> ClipClientError:
         try:
-            ready = await self._ensure().is_model_ready(tower.model, tower.version, client_timeout=5.0)
+            ready = await self._ensure(endpoint).is_model_ready(tower.model, tower.version, client_timeout=5.0)
         except Exception:  # noqa: BLE001 - any failure here means the server is not answering
             ready = False
-        return _core.item_error(exc, self.options, tower.model, index, label, ready)
+        return _core.item_error(exc, endpoint.url, tower.model, index, label, ready)
 
     async def _run_chunk(
         self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable, offload: bool
@@ -145,21 +169,34 @@ class AsyncClipClient:
 
         # File reads and PNG encoding block: keep them off the event loop.
         payloads = await asyncio.to_thread(encode_all) if offload else encode_all()
+        while True:  # until an endpoint answers, or the pool gives up on all of them
+            endpoint = await self._acquire()
+            try:
+                return await self._send(endpoint, tower, items, part, payloads, label)
+            except (ServerUnavailableError, ClientTimeoutError) as exc:
+                if not self._pool.failed(endpoint, exc, _core.now()):
+                    raise
+            finally:
+                self._pool.release(endpoint)
+
+    async def _send(
+        self, endpoint: Endpoint, tower: TowerInfo, items: Sequence[Any], part: range, payloads: list, label: Callable
+    ) -> np.ndarray:
         try:
-            return await self._infer(tower, payloads)
+            return await self._infer(endpoint, tower, payloads)
         except self._error_type as exc:
-            mapped = _core.transport_error(exc, self.options, tower.model)
+            mapped = _core.transport_error(exc, endpoint.url, self.options, tower.model)
             if mapped is not None:
                 raise mapped from None
             if len(payloads) == 1:
-                raise await self._blame(tower, part[0], label(items[part[0]]), exc) from None
+                raise await self._blame(endpoint, tower, part[0], label(items[part[0]]), exc) from None
         rows = []
         for i, payload in zip(part, payloads, strict=True):
             try:
-                rows.append(await self._infer(tower, [payload]))
+                rows.append(await self._infer(endpoint, tower, [payload]))
             except self._error_type as exc:
-                mapped = _core.transport_error(exc, self.options, tower.model)
-                raise (mapped or await self._blame(tower, i, label(items[i]), exc)) from None
+                mapped = _core.transport_error(exc, endpoint.url, self.options, tower.model)
+                raise (mapped or await self._blame(endpoint, tower, i, label(items[i]), exc)) from None
         return np.concatenate(rows)
 
     async def _embed(
@@ -176,7 +213,7 @@ class AsyncClipClient:
             return np.zeros((0, max(tower.dim, 0)), dtype=np.float32)
         parts = _core.chunks(total, _core.effective_batch(self.options, tower))
         results: list[np.ndarray | None] = [None] * len(parts)
-        window = min(self.options.concurrency, len(parts))
+        window = min(self._pool.window(), len(parts))
         pending: dict[asyncio.Task, int] = {}
         done = 0
         try:

@@ -18,6 +18,10 @@ class ServerUnavailableError(ClipClientError):
     """The server cannot be reached (down, stopping, refused) after the configured retries."""
 
 
+class ModelMismatchError(ClipClientError):
+    """The endpoints given together serve different models: their embeddings must not be mixed."""
+
+
 class ClientTimeoutError(ClipClientError):
     """A request took longer than the client's timeout."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -13,13 +14,15 @@ from clients import _core
 from clients._core import (
     DEFAULT_TEMPLATES,
     ClientOptions,
+    Endpoint,
+    EndpointPool,
     ModelInfo,
     ProgressCallback,
     RankedItem,
     TowerInfo,
     resolve_options,
 )
-from clients.errors import ClipClientError
+from clients.errors import ClientTimeoutError, ClipClientError, ServerUnavailableError
 
 
 class ClipClient:
@@ -29,24 +32,35 @@ class ClipClient:
     ...     images = client.embed_images(["cat.jpg", "dog.png"])   # float32 [2, D], L2-normalised
     ...     probs = client.classify(["cat.jpg"], ["cat", "dog"])   # float32 [1, 2]
 
+    `url` may name several replicas of one model ("a:8001,b:8001" or a list): requests go to the least
+    busy one, a replica that fails is set aside and its requests retried on the others (_core.EndpointPool).
+
     All options are keyword-only; see ClientOptions for their meaning and defaults.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, options: ClientOptions | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, url: str | Sequence[str] = "127.0.0.1:8001", *, options: ClientOptions | None = None, **kwargs: Any
+    ) -> None:
         self.options = options = resolve_options(url, options, kwargs)
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
-        try:
-            self._client = grpcclient.InferenceServerClient(**options.grpc_kwargs())
-        except Exception as exc:  # noqa: BLE001 - bad TLS files, malformed url
-            raise ClipClientError(f"cannot create a gRPC client for {options.url}: {exc}") from None
-        self._info: ModelInfo | None = None
+        self._pool = EndpointPool(options)
+        self._lock = threading.Lock()  # the pool's state is shared by the request threads
+        for endpoint in self._pool.endpoints:
+            try:
+                endpoint.transport = grpcclient.InferenceServerClient(**options.grpc_kwargs(endpoint.url))
+            except Exception as exc:  # noqa: BLE001 - bad TLS files, malformed url
+                self.close()
+                raise ClipClientError(f"cannot create a gRPC client for {endpoint.url}: {exc}") from None
 
     # -- lifecycle
 
     def close(self) -> None:
-        self._client.close()
+        for endpoint in self._pool.endpoints:
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+                endpoint.transport = None
 
     def __enter__(self) -> ClipClient:
         return self
@@ -58,40 +72,67 @@ class ClipClient:
 
     @property
     def model_info(self) -> ModelInfo:
-        """Names, dims, logit scale/bias and identity of the served model (read once from the server)."""
-        if self._info is None:
-            self._info = self._discover()
-        return self._info
+        """Names, dims, logit scale/bias and identity of the served model (read once from the servers).
+
+        The first call discovers every endpoint and raises ModelMismatchError when they serve different
+        models; endpoints that are down are set aside and probed again later."""
+        info = self._pool.info
+        if info is None:
+            with self._lock:
+                due = self._pool.unprobed(_core.now())
+            if len(due) > 1:
+                with ThreadPoolExecutor(max_workers=len(due), thread_name_prefix="clip-connect") as pool:
+                    answers = list(pool.map(self._probe, due))
+            else:
+                answers = [self._probe(e) for e in due]
+            with self._lock:
+                self._pool.probed(list(zip(due, answers, strict=True)), _core.now())
+            while (info := self._pool.info) is None:  # all down: retry with backoff, or give up
+                self._pool.release(self._acquire())
+        return info
+
+    def _probe(self, endpoint: Endpoint) -> ModelInfo | ClipClientError:
+        try:
+            return self._discover(endpoint)
+        except ClipClientError as exc:
+            return exc
+
+    def _acquire(self) -> Endpoint:
+        """An endpoint to send one request to: probes the ones due first, waits while all are set aside."""
+        while True:
+            with self._lock:
+                got = self._pool.acquire(_core.now())
+            if isinstance(got, float):
+                time.sleep(got)
+                continue
+            endpoint, probe_first = got
+            if not probe_first:
+                return endpoint
+            answer = self._probe(endpoint)
+            with self._lock:
+                self._pool.probed([(endpoint, answer)], _core.now())
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One RPC with the client's timeout and headers; UNAVAILABLE is retried with exponential backoff."""
+        """One RPC with the client's timeout and headers (retries happen across endpoints, in the pool)."""
         opts = self.options
-        for attempt in range(opts.retries + 1):
-            try:
-                return fn(*args, headers=opts.headers or None, client_timeout=opts.timeout, **kwargs)
-            except self._grpc.InferenceServerException as exc:
-                if _core.is_retryable(exc) and attempt < opts.retries:
-                    time.sleep(opts.retry_delay(attempt))
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        return fn(*args, headers=opts.headers or None, client_timeout=opts.timeout, **kwargs)
 
-    def _config(self, model: str) -> Any:
-        return self._call(self._client.get_model_config, model, self.options.model_version).config
+    def _config(self, endpoint: Endpoint, model: str) -> Any:
+        return self._call(endpoint.transport.get_model_config, model, self.options.model_version).config
 
-    def _tower(self, model: str, preferred_input: str) -> tuple[TowerInfo, Any]:
+    def _tower(self, endpoint: Endpoint, model: str, preferred_input: str) -> tuple[TowerInfo, Any]:
         version = self.options.model_version
         try:
-            metadata = self._call(self._client.get_model_metadata, model, version)
-            config = self._config(model)
+            metadata = self._call(endpoint.transport.get_model_metadata, model, version)
+            config = self._config(endpoint, model)
         except self._grpc.InferenceServerException as exc:
-            raise _core.discovery_error(exc, self.options, model) from None
+            raise _core.discovery_error(exc, endpoint.url, self.options, model) from None
         return _core.tower_info(metadata, config, preferred_input, version), config
 
-    def _discover(self) -> ModelInfo:
+    def _discover(self, endpoint: Endpoint) -> ModelInfo:
         prefix = self.options.prefix
-        image, image_cfg = self._tower(*_core.image_model(self.options))
-        text, text_cfg = self._tower(f"{prefix}_text", "text")
+        image, image_cfg = self._tower(endpoint, *_core.image_model(self.options))
+        text, text_cfg = self._tower(endpoint, f"{prefix}_text", "text")
         param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
         steps: dict[str, dict[str, str]] = {}
         # The ensembles' steps (preprocess, encoder, ...) may carry the parameters instead; read them too.
@@ -100,7 +141,7 @@ class ClipClient:
                 if step.model_name in steps:
                     continue
                 try:
-                    steps[step.model_name] = _core.config_parameters(self._config(step.model_name))
+                    steps[step.model_name] = _core.config_parameters(self._config(endpoint, step.model_name))
                 except self._grpc.InferenceServerException:
                     steps[step.model_name] = {}
         param_sets.extend(steps.values())
@@ -108,43 +149,59 @@ class ClipClient:
 
     # -- embedding
 
-    def _infer(self, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
+    def _infer(self, endpoint: Endpoint, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
         batched = tower.max_batch_size > 0
         array = _core.request_array(payloads, batched)
         inp = self._grpc.InferInput(tower.input_name, list(array.shape), tower.input_datatype)
         inp.set_data_from_numpy(array)
         out = self._grpc.InferRequestedOutput(tower.output_name)
-        result = self._call(self._client.infer, tower.model, [inp], model_version=tower.version, outputs=[out])
+        result = self._call(endpoint.transport.infer, tower.model, [inp], model_version=tower.version, outputs=[out])
         return _core.parse_embeddings(result.as_numpy(tower.output_name), tower, len(payloads))
 
-    def _blame(self, tower: TowerInfo, index: int, label: str, exc: Exception) -> ClipClientError:
+    def _blame(self, endpoint: Endpoint, tower: TowerInfo, index: int, label: str, exc: Exception) -> ClipClientError:
         """An item-level error, unless the server itself is going away (then say so instead)."""
         try:
-            ready = self._client.is_model_ready(tower.model, tower.version, client_timeout=5.0)
+            ready = endpoint.transport.is_model_ready(tower.model, tower.version, client_timeout=5.0)
         except Exception:  # noqa: BLE001 - any failure here means the server is not answering
             ready = False
-        return _core.item_error(exc, self.options, tower.model, index, label, ready)
+        return _core.item_error(exc, endpoint.url, tower.model, index, label, ready)
 
     def _run_chunk(
         self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable
     ) -> np.ndarray:
         payloads = [encode(i, items[i]) for i in part]
+        while True:  # until an endpoint answers, or the pool gives up on all of them
+            endpoint = self._acquire()
+            try:
+                return self._send(endpoint, tower, items, part, payloads, label)
+            except (ServerUnavailableError, ClientTimeoutError) as exc:
+                with self._lock:
+                    moves = self._pool.failed(endpoint, exc, _core.now())
+                if not moves:
+                    raise
+            finally:
+                with self._lock:
+                    self._pool.release(endpoint)
+
+    def _send(
+        self, endpoint: Endpoint, tower: TowerInfo, items: Sequence[Any], part: range, payloads: list, label: Callable
+    ) -> np.ndarray:
         try:
-            return self._infer(tower, payloads)
+            return self._infer(endpoint, tower, payloads)
         except self._grpc.InferenceServerException as exc:
-            mapped = _core.transport_error(exc, self.options, tower.model)
+            mapped = _core.transport_error(exc, endpoint.url, self.options, tower.model)
             if mapped is not None:
                 raise mapped from None
             if len(payloads) == 1:
-                raise self._blame(tower, part[0], label(items[part[0]]), exc) from None
+                raise self._blame(endpoint, tower, part[0], label(items[part[0]]), exc) from None
         # The batch was rejected: send its items one by one to find the culprit (or succeed item by item).
         rows = []
         for i, payload in zip(part, payloads, strict=True):
             try:
-                rows.append(self._infer(tower, [payload]))
+                rows.append(self._infer(endpoint, tower, [payload]))
             except self._grpc.InferenceServerException as exc:
-                mapped = _core.transport_error(exc, self.options, tower.model)
-                raise (mapped or self._blame(tower, i, label(items[i]), exc)) from None
+                mapped = _core.transport_error(exc, endpoint.url, self.options, tower.model)
+                raise (mapped or self._blame(endpoint, tower, i, label(items[i]), exc)) from None
         return np.concatenate(rows)
 
     def _embed(
@@ -161,7 +218,7 @@ class ClipClient:
         parts = _core.chunks(total, _core.effective_batch(self.options, tower))
         results: list[np.ndarray | None] = [None] * len(parts)
         done = 0
-        workers = min(self.options.concurrency, len(parts))
+        workers = min(self._pool.window(), len(parts))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-client")
         pending: dict[Future, int] = {}
         try:
