@@ -233,6 +233,17 @@ def repository(
         bool,
         typer.Option("--copy-files", help="Copy encoder files (default: hard-link them when on one filesystem)."),
     ] = False,
+    triton_release: Annotated[
+        str | None,
+        typer.Option(help="NVIDIA Triton container YY.MM it is for (default: the engines' TensorRT, else the newest)."),
+    ] = None,
+    python_deps: Annotated[
+        bool, typer.Option(help="Bundle the python models' wheels, pinned, for that release's Python (docs/deploy.md).")
+    ] = True,
+    deps_python: Annotated[
+        str | None, typer.Option(help="Python X.Y of the bundled wheels (default: the release's).")
+    ] = None,
+    deps_arch: Annotated[str, typer.Option(help="x86_64 or aarch64 wheels.")] = "x86_64",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing repository folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -256,6 +267,10 @@ def repository(
         max_resized_pixels=max_resized_pixels,
         max_chars=max_chars,
         copy_files=copy_files,
+        triton_release=triton_release,
+        python_deps=python_deps,
+        deps_python=deps_python,
+        deps_arch=deps_arch,
     )
     write_repository(export, out, opts, force=force, progress=Progress("repository", quiet))
     typer.echo(f"wrote {runtime} repository to {out}; serve it with: clip-triton serve --repository {out}")
