@@ -92,6 +92,7 @@ class RepositoryFacts:
     encoder_bytes: int
     repository_bytes: int
     compute_capability: str | None  # of the GPU that built TensorRT plans (a plan runs only there)
+    deps_python: str | None = None  # Python X.Y of the wheels the python models carry (None: none bundled)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -131,6 +132,7 @@ def repository_facts(repo: Path) -> RepositoryFacts:
         encoder_bytes=sum(_tree_bytes(p) for p in encoders),
         repository_bytes=_tree_bytes(repo),
         compute_capability=str(capability) if capability else None,
+        deps_python=(record.get("python_deps") or {}).get("python"),
     )
 
 
@@ -244,6 +246,12 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
         raise ClipTritonError(
             f"{facts.path} was written for GPU ({facts.runtime}, KIND_GPU instance groups), which Triton cannot "
             "load without a GPU: write it with `clip-triton repository --device cpu` for a CPU deployment"
+        )
+    # Wheels for another Python would make every python model refuse to load in the container.
+    if facts.deps_python and not opts.image and facts.deps_python != facts.release.python:
+        raise ClipTritonError(
+            f"{facts.path} carries python wheels for Python {facts.deps_python}, but {facts.release.image} runs "
+            f"Python {facts.release.python}: write it again without --deps-python (or pass --image for your own)"
         )
     return name, on_gpu
 

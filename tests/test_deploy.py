@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,14 @@ def test_existing_output_needs_force(repos: dict[str, Path], tmp_path: Path) -> 
     assert (out / "10-deployment.yaml").read_text() == before
     write_deploy(repos["cpu"], out, DeployOptions(pvc="other"), force=True)
     assert "claimName: other" in (out / "10-deployment.yaml").read_text()
+
+
+def test_wheels_for_another_python_than_the_image_are_refused(vitb32_export: Path, tmp_path: Path) -> None:
+    """A repository whose bundled wheels cannot load in the target image is refused before any manifest."""
+    local = f"{sys.version_info.major}.{sys.version_info.minor}"
+    repo = write_repository(vitb32_export, tmp_path / "repo", RepositoryOptions(runtime="python", deps_python=local))
+    facts = repository_facts(repo)
+    assert facts.deps_python == local != facts.release.python
+    with pytest.raises(ClipTritonError, match=f"carries python wheels for Python {local}, but"):
+        deploy_documents(facts, DeployOptions(pvc="models"))
+    deploy_documents(facts, DeployOptions(pvc="models", image="registry.example/triton:custom"))  # the user's image
