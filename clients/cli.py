@@ -20,12 +20,20 @@ from clients.errors import UsageError
 if TYPE_CHECKING:
     from clients.sync import ClipClient
 
-Url = Annotated[str, typer.Option("--url", envvar="CLIP_TRITON_URL", help="Triton gRPC endpoint HOST:PORT.")]
+Url = Annotated[
+    str,
+    typer.Option(
+        "--url",
+        envvar="CLIP_TRITON_URL",
+        help="Triton gRPC endpoint HOST:PORT, or replicas of one model HOST:PORT,HOST:PORT,... (requests are "
+        "spread over them; a replica that fails is set aside and its requests retried on the others).",
+    ),
+]
 Prefix = Annotated[str, typer.Option(help="Model name prefix: the server serves PREFIX_image and PREFIX_text.")]
 Timeout = Annotated[float, typer.Option(help="Seconds per request before giving up.")]
 BatchSize = Annotated[int, typer.Option(help="Items per request (capped by the model's max_batch_size).")]
-Concurrency = Annotated[int, typer.Option(help="Requests in flight at once.")]
-Retries = Annotated[int, typer.Option(help="Retries when the server is unavailable (exponential backoff).")]
+Concurrency = Annotated[int, typer.Option(help="Requests in flight at once, per endpoint.")]
+Retries = Annotated[int, typer.Option(help="Retries per endpoint while all are unavailable (exponential backoff).")]
 Ssl = Annotated[bool, typer.Option("--ssl", help="Use TLS.")]
 RootCerts = Annotated[Path | None, typer.Option(help="PEM root certificates (with --ssl).")]
 PrivateKey = Annotated[Path | None, typer.Option(help="PEM client private key (with --ssl).")]
@@ -101,6 +109,31 @@ class _StderrProgress:
             print(f"[{self.stage}] {done}/{total} {self.what}", file=sys.stderr, flush=True)
 
 
+class _RateProgress:
+    """`[embed] 1200/5000 images, 85.3 images/s, ETA 0:00:45` on stderr, at most once a second and at the end.
+
+    The rate counts only what this run embeds: shards a resumed run finds done make `done` jump."""
+
+    def __init__(self, quiet: bool, what: str = "images") -> None:
+        self.quiet, self.what = quiet, what
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int, reused: int) -> None:
+        now = time.monotonic()
+        if self.quiet or (done < total and now - self.last < 1.0):
+            return
+        self.last = now
+        rate = (done - reused) / max(now - self.start, 1e-9)
+        eta = f", ETA {_clock((total - done) / rate)}" if rate > 0 and done < total else ""
+        kept = f" ({reused} already done)" if reused else ""
+        print(f"[embed] {done}/{total} {self.what}{kept}, {rate:.1f} {self.what}/s{eta}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
@@ -108,11 +141,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def embed(
-    images: Annotated[list[str] | None, typer.Argument(help="Image files to embed.", show_default=False)] = None,
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(help="Image files to embed, or one folder (streamed into --out DIR).", show_default=False),
+    ] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to embed; repeatable.")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Write embeddings to FILE.npy (float32 [N, D]) or FILE.jsonl.")
+        Path | None,
+        typer.Option(
+            help="Write embeddings to FILE.npy (float32 [N, D]) or FILE.jsonl; for a folder, to DIR in shards "
+            "(DIR/shard-00000.npy + .paths.txt, DIR/index.json), resuming what an earlier run left there."
+        ),
     ] = None,
+    shard_size: Annotated[int, typer.Option(help="Images per shard when a folder is embedded into --out DIR.")] = (
+        10_000
+    ),
     url: Url = "127.0.0.1:8001",
     prefix: Prefix = "clip",
     timeout: Timeout = 60.0,
@@ -128,9 +171,23 @@ def embed(
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Embed images (paths) or texts (--text) through the server; print them, or save .npy / .jsonl."""
+    """Embed images (paths) or texts (--text) through the server; print them, or save .npy / .jsonl.
+
+    A folder streams: walked lazily, written shard by shard into --out DIR, resumable after an interruption.
+    """
     if bool(images) == bool(text):
         raise UsageError("give either image files or --text TEXT (one or more), not both and not neither")
+    if images and any(Path(p).is_dir() for p in images):
+        if len(images) != 1:
+            raise UsageError("give one folder (embedded into --out DIR in shards) or image files, not both")
+        if out is None or out.suffix.lower() in (".npy", ".jsonl"):
+            raise UsageError("a folder is embedded in shards: give --out DIR (a folder, not .npy / .jsonl)")
+        client = _client(
+            url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
+            preprocess,
+        )
+        _embed_folder(client, Path(images[0]), out, shard_size, json_out, quiet)
+        return
     if out is not None and out.suffix.lower() not in (".npy", ".jsonl"):
         raise UsageError(f"--out must end in .npy or .jsonl, got {out.name}")
     if out is not None:
@@ -184,6 +241,32 @@ def embed(
         for i, (label, row) in enumerate(zip(labels, vectors, strict=True))
     ]
     typer.echo(_table(rows, ["#", kind, "dim", "embedding"]))
+
+
+def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, json_out: bool, quiet: bool) -> None:
+    from clients._files import check_writable_parent
+    from clients.stream import embed_folder
+
+    check_writable_parent(out / "index.json")
+    with client:
+        result = embed_folder(client, folder, out, shard_size=shard_size, progress=_RateProgress(quiet))
+        model = client.model_info.image.model
+    summary = {
+        "out": str(out),
+        "count": result.count,
+        "dim": result.dim,
+        "kind": "image",
+        "model": model,
+        "shards": result.shards,
+        "reused_shards": result.reused_shards,
+        "embedded": result.embedded,
+    }
+    typer.echo(
+        json.dumps(summary)
+        if json_out
+        else f"wrote {result.count} x {result.dim} image embeddings to {out} in {result.shards} shard(s) "
+        f"({result.reused_shards} kept from an earlier run, {result.embedded} images embedded now)"
+    )
 
 
 def _write_embeddings(out: Path, labels: list[str], vectors: Any, kind: str) -> None:

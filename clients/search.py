@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +20,22 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 _CACHE_VERSION = 1
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursive, hidden files and folders skipped), sorted for a stable order."""
+def iter_image_files(folder: Path) -> Iterator[Path]:
+    """Image files under `folder`, lazily (one folder's listing at a time), hidden files and folders
+    skipped, in a deterministic order: each folder's files sorted, then its sub-folders, sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipClientError(f"{folder} is not a folder")
-    found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
+        for name in sorted(files):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(root) / name)
-    return sorted(found)
+                yield Path(root) / name
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive, hidden files and folders skipped), sorted for a stable order."""
+    return sorted(iter_image_files(folder))
 
 
 @dataclass

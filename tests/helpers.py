@@ -42,3 +42,32 @@ def scratch_dir(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def tiny_images(n: int, seed: int = 0, size: int = 16) -> list[bytes]:
+    """`n` distinct small encoded images (PNG, every third one JPEG): cheap to make, decode and send."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (size, size + i % 3, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, format="JPEG" if i % 3 == 2 else "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def write_tiny_images(folder: Path, n: int, seed: int = 0, per_folder: int = 0) -> list[Path]:
+    """`n` tiny images written under `folder` (sub-folders of `per_folder` files each when > 0)."""
+    paths = []
+    for i, data in enumerate(tiny_images(n, seed)):
+        sub = folder / f"part{i // per_folder:03d}" if per_folder else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"img{i:05d}.{'jpg' if i % 3 == 2 else 'png'}"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths

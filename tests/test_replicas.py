@@ -1,0 +1,241 @@
+"""Clients over several Triton replicas (spreading, failover, model mix refused) and the streaming
+folder embed, against real embedded tritonservers serving one repository (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import linked_copy, tiny_images, write_tiny_images
+
+from clients import AsyncClipClient, ClipClient, ModelMismatchError, ServerUnavailableError
+from clients.search import iter_image_files
+from clients.stream import INDEX_NAME, iter_shards
+from exporter.server import TritonServer, free_port
+
+server = pytest.mark.server
+CLI = [str(Path(sys.executable).with_name("clip-triton"))]
+SHA_PARAM = r'(key: "image_encoder_sha256"\s*value \{\s*string_value: ")'
+
+
+def _dead_url() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+def _image_requests(srv: TritonServer) -> int:
+    status, text = srv._http("GET", "/v2/models/clip_image/stats")
+    assert status == 200, text
+    return int(json.loads(text)["model_stats"][0]["inference_count"])
+
+
+@pytest.fixture(scope="module")
+def repo(served_vitb32) -> Path:
+    return served_vitb32[1]
+
+
+@pytest.fixture(scope="module")
+def url(served_vitb32) -> str:
+    return served_vitb32[0].grpc_url
+
+
+# ------------------------------------------------------------------------------------------------ failover
+
+
+@server
+def test_a_replica_killed_mid_run_changes_no_embedding(served_vitb32, repo: Path) -> None:
+    items = tiny_images(200, seed=11)
+    with ClipClient(served_vitb32[0].grpc_url, batch_size=8) as single:
+        expected = single.embed_images(items)
+    replicas = [TritonServer(repo), TritonServer(repo)]
+    try:
+        for replica in replicas:
+            replica.start(timeout=300)
+        victim, survivor = replicas
+        urls = [served_vitb32[0].grpc_url, victim.grpc_url, survivor.grpc_url]
+        survivor_before = _image_requests(survivor)
+        progress: list[int] = []
+        quarter, killed_at, served_by_victim = threading.Event(), [], []
+
+        def kill() -> None:
+            quarter.wait(120)
+            killed_at.append(progress[-1])
+            served_by_victim.append(_image_requests(victim))
+            assert victim.process is not None
+            os.killpg(victim.process.pid, signal.SIGKILL)  # the server and its python stubs, no goodbye
+
+        killer = threading.Thread(target=kill, daemon=True)
+        killer.start()
+
+        def seen(done: int, total: int) -> None:
+            progress.append(done)
+            if done >= total // 4:
+                quarter.set()
+
+        start = time.monotonic()
+        with ClipClient(urls, batch_size=8, concurrency=2, retries=2, backoff=0.1) as client:
+            got = client.embed_images(items, progress=seen)
+            pool = {e.url: e for e in client._pool.endpoints}
+        killer.join(30)
+        assert killed_at and killed_at[0] < len(items), "the replica must die mid-run"
+        assert got.shape == expected.shape
+        for i in range(len(items)):  # item by item: nothing lost, duplicated or shifted by the failover
+            np.testing.assert_allclose(got[i], expected[i], atol=1e-6, err_msg=f"item {i}")
+        assert served_by_victim[0] > 0, "the killed replica had taken part"
+        assert not pool[victim.grpc_url].live and "unavailable" in pool[victim.grpc_url].error
+        assert pool[survivor.grpc_url].live and _image_requests(survivor) > survivor_before, "work was spread"
+        assert time.monotonic() - start < 120
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+@server
+def test_every_endpoint_down_fails_fast_naming_them(url: str) -> None:
+    dead = [_dead_url(), _dead_url()]
+    start = time.monotonic()
+    with ClipClient(dead, retries=1, backoff=0.05) as client:
+        with pytest.raises(ServerUnavailableError) as err:
+            client.embed_texts(["hi"])
+    message = str(err.value)
+    assert all(d in message for d in dead) and "2 attempt(s) each" in message and "\n" not in message
+
+    async def run() -> None:
+        async with AsyncClipClient(",".join(dead), retries=1, backoff=0.05) as aclient:
+            await aclient.embed_texts(["hi"])
+
+    with pytest.raises(ServerUnavailableError, match="all unavailable"):
+        asyncio.run(run())
+    env = {**os.environ, "CLIP_TRITON_URL": ",".join(dead)}
+    cli = subprocess.run([*CLI, "embed", "--text", "hi", "--retries", "0"], capture_output=True, text=True, env=env)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: servers ") and dead[1] in cli.stderr, cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - start < 30, "giving up must not hang"
+
+    # One endpoint down at connect: set aside, the live one does the work, in sync and asyncio alike.
+    with ClipClient([dead[0], url], retries=1, backoff=0.05) as client:
+        vec = client.embed_texts(["a cat", "a dog"])
+        assert vec.shape[0] == 2 and not client._pool.endpoints[0].live
+
+    async def run_one() -> np.ndarray:
+        async with AsyncClipClient(f"{dead[0]}, {url}", retries=1, backoff=0.05) as aclient:
+            return await aclient.embed_texts(["a cat", "a dog"])
+
+    np.testing.assert_allclose(asyncio.run(run_one()), vec, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def other_model(repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A server whose repository declares other encoder checksums: what a replica of another model shows
+    the client. (The same weights underneath keep it cheap: the refusal rests on exactly these parameters.)"""
+    base = tmp_path_factory.mktemp("other_model")
+    copy = linked_copy(repo, base / "repo")
+    for config in copy.glob("*/config.pbtxt"):
+        text = config.read_text()
+        if "image_encoder_sha256" in text:
+            config.unlink()  # a hard link to the original: replace the file, never edit it
+            config.write_text(re.sub(SHA_PARAM, r"\g<1>0ther", text))
+    srv = TritonServer(copy, log_path=base / "tritonserver.log")
+    srv.start(timeout=300)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@server
+def test_replicas_of_different_models_are_refused(url: str, other_model: TritonServer, tmp_path: Path) -> None:
+    urls = [url, other_model.grpc_url]
+    with ClipClient(urls) as client:
+        with pytest.raises(ModelMismatchError) as err:
+            client.embed_texts(["hi"])
+    message = str(err.value)
+    assert message.startswith("replicas serve different models") and other_model.grpc_url in message
+    assert "\n" not in message
+
+    async def run() -> None:
+        async with AsyncClipClient(urls) as aclient:
+            await aclient.model_info()
+
+    with pytest.raises(ModelMismatchError):
+        asyncio.run(run())
+    cli = subprocess.run([*CLI, "embed", "--url", ",".join(urls), "--text", "hi"], capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: replicas serve different models"), cli.stderr
+
+    # A streaming output records its model: resuming it against another one is refused.
+    folder, out = tmp_path / "few", tmp_path / "vecs"
+    write_tiny_images(folder, 3)
+    first = subprocess.run([*CLI, "embed", str(folder), "--out", str(out), "--url", url, "-q"], capture_output=True,
+                           text=True)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([*CLI, "embed", str(folder), "--out", str(out), "--url", other_model.grpc_url],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and f"{out} holds embeddings of" in again.stderr, again.stderr
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def _shard_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*")}
+
+
+@server
+def test_streaming_embed_resumes_after_a_kill(url: str, tmp_path: Path) -> None:
+    folder, out = tmp_path / "photos", tmp_path / "vecs"
+    write_tiny_images(folder, 600, seed=3, per_folder=250)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"skipped")
+    args = [*CLI, "embed", str(folder), "--out", str(out), "--url", url, "--shard-size", "40", "--json"]
+
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    listed: list[dict] = []
+    while time.monotonic() < deadline and run.poll() is None and len(listed) < 3:
+        time.sleep(0.2)
+        try:
+            listed = json.loads((out / INDEX_NAME).read_text())["shards"]
+        except (OSError, ValueError):
+            listed = []
+    assert run.poll() is None, f"ended before it could be interrupted: {run.communicate()}"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate()
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert not index["complete"] and index["shards"]
+    done_before = {s["name"] for s in index["shards"]}
+    kept = {k: v for k, v in _shard_stats(out).items() if k.split(".")[0] in done_before}
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert (summary["count"], summary["shards"]) == (600, 15)
+    assert summary["reused_shards"] >= len(done_before) and summary["embedded"] == 600 - 40 * summary["reused_shards"]
+    assert "images/s" in resumed.stderr and "ETA" in resumed.stderr
+    assert {k: v for k, v in _shard_stats(out).items() if k in kept} == kept, "finished shards were redone"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+    names, rows = [], []
+    for paths, vectors in iter_shards(out):
+        assert len(paths) == vectors.shape[0] <= 40
+        names += paths
+        rows.append(vectors)
+    walk = [p.relative_to(folder).as_posix() for p in iter_image_files(folder)]
+    assert names == walk and len(set(names)) == 600, "every image exactly once, in walk order"
+    vectors = np.concatenate(rows)
+    sample = list(range(0, 600, 37))
+    with ClipClient(url, batch_size=8) as client:
+        direct = client.embed_images([folder / names[i] for i in sample])
+    np.testing.assert_allclose(vectors[sample], direct, atol=1e-6)
+
+    again = subprocess.run([*args, "--quiet"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert (json.loads(again.stdout)["embedded"], json.loads(again.stdout)["reused_shards"]) == (0, 15)
