@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+
 # Special tokens by tokenizer family, in id order from 0, and the template around a text.
 def _family(specials: list[str], template: str) -> dict[str, Any]:
     return {"specials": specials, "unk": "<unk>", "pad": "<pad>", "template": template}
