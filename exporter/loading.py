@@ -385,3 +385,64 @@ def _exported_tokenizer_file(manifest: Manifest, export_dir: Path | None) -> Pat
     if export_dir is None or not name or not (Path(export_dir) / name).is_file():
         return None
     return Path(export_dir) / name
+
+
+# ---------------------------------------------------------------- memory (docs/engines.md, "Memory")
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS: a garbage collection, then glibc's `malloc_trim(0)`.
+
+    A large model's weights are thousands of allocations; once dropped, glibc keeps many of their
+    pages in its arenas, and the next step's peak (an ONNX Runtime session, the next tower) would
+    stack on top of them. A no-op where the C library has no malloc_trim (musl, macOS).
+    """
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def tower_parameter_bytes(loaded: LoadedModel) -> dict[str, int]:
+    """FP32 bytes of each tower's parameters (image = `model.visual`, text = everything else)."""
+    model = loaded.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    visual = getattr(model, "visual", None)
+    image = sum(p.numel() * p.element_size() for p in visual.parameters()) if visual is not None else 0
+    return {"image": image, "text": total - image}
+
+
+def release_tower(loaded: LoadedModel, tower: str) -> None:
+    """Drop one tower's weights from `loaded.model`, so later steps hold only the other tower.
+
+    The image tower is `model.visual` in every open_clip model; the text tower is everything else
+    (CLIP's transformer/token_embedding/ln_final/positional_embedding/text_projection, or
+    CustomTextCLIP's `model.text`). The model can no longer encode that tower afterwards.
+    """
+    import torch
+
+    model = loaded.model
+    if model is None:
+        return
+    if tower == "image":
+        model.visual = None
+    else:
+        for name, _child in list(model.named_children()):
+            if name != "visual":
+                setattr(model, name, None)
+        for name, param in list(model.named_parameters(recurse=False)):
+            if name not in ("logit_scale", "logit_bias") and isinstance(param, torch.nn.Parameter):
+                setattr(model, name, None)
+    release_memory()
+
+
+def release_model(loaded: LoadedModel) -> None:
+    """Drop the PyTorch model once its reference embeddings are computed: ONNX Runtime sessions
+    opened afterwards must not stack on the model's FP32 weights."""
+    loaded.model = None
+    release_memory()

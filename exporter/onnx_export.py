@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from exporter.common import ClipTritonError, ParityError, Progress, staged_dir
-from exporter.loading import LoadedModel
+from exporter.loading import LoadedModel, release_memory, release_tower, tower_parameter_bytes
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
 from exporter.metrics import compare_embeddings, worst_of
 from exporter.runtimes.onnxruntime import ort_embed, ort_session
@@ -144,20 +144,50 @@ def save_onnx(model: Any, path: Path, external_data: bool) -> None:
     )
 
 
+VERIFY_BATCHES = (1, 8)
+
+
+def torch_references(
+    module: Any, loaded: LoadedModel, tower: str, batches: tuple[int, ...] = VERIFY_BATCHES
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """(inputs, PyTorch embeddings) per batch size: computed before any ONNX Runtime session opens,
+    so the model can be released first (docs/engines.md, "Memory")."""
+    out = {}
+    for batch in batches:
+        inputs = sample_inputs(loaded, tower, batch)
+        out[batch] = (inputs, torch_embed(module, inputs))
+    return out
+
+
+def verify_graph(path: Path, references: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """ONNX Runtime vs the PyTorch references at each batch size; the worst figures across them."""
+    session = ort_session(path)
+    results = {}
+    for batch, (inputs, ref) in references.items():
+        results[f"batch_{batch}"] = compare_embeddings(ref, ort_embed(session, inputs))
+    del session
+    release_memory()
+    return worst_of(results)
+
+
 def verify_tower(
     module: Any,
     path: Path,
     loaded: LoadedModel,
     tower: str,
-    batches: tuple[int, ...] = (1, 8),
+    batches: tuple[int, ...] = VERIFY_BATCHES,
 ) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch at each batch size; the worst figures across them."""
-    session = ort_session(path)
-    results = {}
-    for batch in batches:
-        inputs = sample_inputs(loaded, tower, batch)
-        results[f"batch_{batch}"] = compare_embeddings(torch_embed(module, inputs), ort_embed(session, inputs))
-    return worst_of(results)
+    return verify_graph(path, torch_references(module, loaded, tower, batches))
+
+
+def export_order(loaded: LoadedModel, release_model: bool) -> tuple[str, ...]:
+    """Towers in export order: with `release_model`, the smaller tower first, so the larger one is
+    traced with only its own weights left in memory."""
+    if not release_model:
+        return TOWERS
+    sizes = tower_parameter_bytes(loaded)
+    return tuple(sorted(TOWERS, key=lambda tower: sizes[tower]))
 
 
 def versions() -> dict[str, str]:
@@ -188,8 +218,15 @@ def export_model(
     min_cosine: float = EXPORT_MIN_COSINE,
     force: bool = False,
     progress: Progress | None = None,
+    release_model: bool = False,
 ) -> Manifest:
-    """Export both towers into `out` (atomically), verify them, and write the manifest."""
+    """Export both towers into `out` (atomically), verify them, and write the manifest.
+
+    `release_model=True` holds one tower at a time (docs/engines.md, "Memory"): the smaller tower
+    is exported first, and each tower's weights are dropped from `loaded.model` once its graph is
+    written and its PyTorch references computed, before ONNX Runtime checks the graph. The caller
+    cannot use `loaded.model` afterwards; the CLI's export does not need it.
+    """
     progress = progress or Progress("export", quiet=True)
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ClipTritonError("--exporter must be auto, dynamo or torchscript")
@@ -205,22 +242,29 @@ def export_model(
     timings: dict[str, float] = {}
     parity: dict[str, Any] = {}
     with staged_dir(out, force=force) as tmp:
-        for tower in TOWERS:
+        for tower in export_order(loaded, release_model):
             path = tmp / files[tower]
             start = time.perf_counter()
             with progress.step(f"{tower} tower -> {files[tower]}"):
                 # Batch 2: a batch of 1 lets the tracer specialise the batch axis.
                 example = sample_inputs(loaded, tower, 2)
                 used[tower] = _export_graph(modules[tower], example, path, inputs[tower], opset, exporter)
+                release_memory()
             timings[tower] = round(time.perf_counter() - start, 2)
             with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch 1 and 8)"):
-                parity[tower] = verify_tower(modules[tower], path, loaded, tower)
+                references = torch_references(modules[tower], loaded, tower)
+                if release_model:  # this tower's weights are done with: ONNX Runtime opens without them
+                    del modules[tower]
+                    release_tower(loaded, tower)
+                parity[tower] = verify_graph(path, references)
             progress.info(f"{tower} tower: min cosine {parity[tower]['min_cosine']:.7f}")
             if parity[tower]["min_cosine"] < min_cosine:
                 raise ParityError(
                     f"export parity failed: {tower} tower min cosine "
                     f"{parity[tower]['min_cosine']:.6f} < {min_cosine} (ONNX Runtime vs PyTorch)"
                 )
+        parity = {tower: parity[tower] for tower in TOWERS}
+        timings = {tower: timings[tower] for tower in TOWERS}
         manifest = Manifest(
             model_name=loaded.name,
             pretrained=loaded.pretrained,

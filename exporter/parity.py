@@ -220,6 +220,11 @@ def run_parity(
         with progress.step(f"pytorch: {tower} tower, {len(batch)} samples"):
             ref[tower] = reference.embed_all(tower, batch)
     reference.close()
+    # The reference is computed: release the PyTorch model before any runner opens its sessions
+    # (docs/engines.md, "Memory"); nothing below needs it.
+    from exporter.loading import release_model
+
+    release_model(loaded)
 
     stages: list[StageResult] = []
     checked = False

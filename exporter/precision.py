@@ -23,6 +23,8 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from exporter.common import ClipTritonError, ParityError, Progress
+from exporter.loading import release_memory, release_model
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record, load_manifest
 from exporter.metrics import compare_embeddings, top1, worst_of
 from exporter.onnx_export import EXTERNAL_DATA_BYTES, save_onnx
@@ -41,8 +44,19 @@ FP16_MIN_COSINE = 0.999
 FP16_MAX = 65504.0
 PARITY_BATCHES = (1, 8)
 CALIBRATION_BATCH = 4
-RANGE_CHUNK = 256  # intermediate tensors fetched per calibration run (bounds its memory)
 CALIBRATION_SEED = 1  # not the parity samples' seed: the range check must not be tuned to them
+# The range calibration's activation budget (docs/engines.md, "Memory"). The calibration graph
+# reduces every intermediate to its max |value| inside ONNX Runtime, so a run holds what one
+# inference holds; the budget decides how many calibration rows go into one run. Lower it with
+# $CLIP_TRITON_CALIBRATION_BYTES (bytes, or with a K/M/G suffix) for very large images.
+CALIBRATION_BYTES_ENV = "CLIP_TRITON_CALIBRATION_BYTES"
+DEFAULT_CALIBRATION_BYTES = 1 << 30
+# A run holds a few tensors as large as the largest intermediate at once (a matmul's operands and
+# result, the reduction's temporaries): the budget is divided by this many times its size.
+LIVE_TENSORS = 6
+# Initializers up to this size keep their values in the weight-free copy that shape inference
+# sees (shape constants, Reshape targets); larger ones become typed graph inputs.
+SKELETON_KEEP_BYTES = 1 << 16
 
 # Op types computed in FP32 by default, and why.
 DEFAULT_KEEP_FP32: dict[str, str] = {
@@ -180,36 +194,197 @@ def _float_value_infos(model: Any) -> list[Any]:
     ]
 
 
-def tensor_ranges(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
-    """Max |value| of every float intermediate tensor of an FP32 graph on `feeds` (ONNX Runtime CPU)."""
+def calibration_bytes(value: int | str | None = None) -> int:
+    """The calibration budget in bytes: `value`, else $CLIP_TRITON_CALIBRATION_BYTES, else 1 GiB.
+
+    Strings may end in K, M or G (powers of 1024): '512M'."""
+    raw: int | str | None = value if value is not None else os.environ.get(CALIBRATION_BYTES_ENV)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return DEFAULT_CALIBRATION_BYTES
+    if isinstance(raw, int):
+        number = raw
+    else:
+        text = raw.strip().upper().removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            number = int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            raise ClipTritonError(
+                f"{CALIBRATION_BYTES_ENV}={raw!r}: not a byte count (e.g. 536870912 or 512M)"
+            ) from None
+    if number < 1:
+        raise ClipTritonError(f"calibration budget must be positive, got {raw!r}")
+    return number
+
+
+def _tensor_bytes(init: Any) -> int:
+    """An initializer's data size from its dims and type. Not `ByteSize()` or `len(raw_data)`: with
+    upb's protobuf both copy the tensor (ByteSize encodes the message)."""
+    from onnx import helper
+
+    count = 1
+    for dim in init.dims:
+        count *= int(dim)
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1  # string tensors and other oddities: small in these graphs
+    return count * itemsize
+
+
+def _is_weight(init: Any) -> bool:
+    from onnx import TensorProto
+
+    return init.data_location == TensorProto.EXTERNAL or _tensor_bytes(init) > SKELETON_KEEP_BYTES
+
+
+def infer_shapes_lean(model: Any) -> Any:
+    """`onnx.shape_inference.infer_shapes` on a weight-free copy of `model`; returns that copy.
+
+    `infer_shapes(model)` serialises the whole model, weights included, and parses the result back:
+    two to three extra copies of the weights at once. Shapes never depend on a weight's values, so
+    the copy keeps only small initializers (the shape constants) and declares the others as typed
+    graph inputs. The result's value_info is what inference on the full model gives (tested).
+    """
+    import onnx
+    from onnx import helper
+
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if not _is_weight(init):
+            graph.initializer.append(init)
+        elif init.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return onnx.shape_inference.infer_shapes(skeleton)
+
+
+def apply_shapes(model: Any, inferred: Any) -> None:
+    """Copy `infer_shapes_lean`'s value_info and interface types into `model` (in place)."""
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for index, output in enumerate(model.graph.output):
+        output.CopyFrom(inferred.graph.output[index])
+    for index, graph_input in enumerate(model.graph.input):
+        graph_input.CopyFrom(inferred.graph.input[index])
+
+
+_ABSMAX = "clip_triton_absmax/"
+_SIZE = "clip_triton_size/"
+
+
+def _add_range_outputs(model: Any, names: list[str]) -> None:
+    """For each tensor in `names`, append max |finite value| and its element count as graph outputs.
+
+    The reduction runs inside ONNX Runtime right after the tensor's producer (the nodes are placed
+    there), so a tensor is freed as soon as its own consumers ran: one run holds what one
+    inference holds, instead of every intermediate fetched to Python. Non-finite values count as
+    0, as `np.abs(x[np.isfinite(x)]).max()` did: |x| < inf is false for inf and NaN.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    wanted = {name: index for index, name in enumerate(names)}
+    graph = model.graph
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(np.inf, np.float32), "clip_triton_inf"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "clip_triton_zero"),
+    ])
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for out in node.output:
+            if out not in wanted:
+                continue
+            i = wanted[out]
+            tag = f"clip_triton_range_{i}"
+            nodes += [
+                helper.make_node("Abs", [out], [f"{tag}/abs"], name=f"{tag}/abs"),
+                helper.make_node("Less", [f"{tag}/abs", "clip_triton_inf"], [f"{tag}/finite"], name=f"{tag}/less"),
+                helper.make_node("Where", [f"{tag}/finite", f"{tag}/abs", "clip_triton_zero"], [f"{tag}/kept"],
+                                 name=f"{tag}/where"),
+                helper.make_node("ReduceMax", [f"{tag}/kept"], [f"{_ABSMAX}{i}"], name=f"{tag}/max", keepdims=0),
+                helper.make_node("Size", [out], [f"{_SIZE}{i}"], name=f"{tag}/size"),
+            ]
+            graph.output.extend([
+                helper.make_tensor_value_info(f"{_ABSMAX}{i}", TensorProto.FLOAT, []),
+                helper.make_tensor_value_info(f"{_SIZE}{i}", TensorProto.INT64, []),
+            ])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def tensor_ranges(
+    model_path: Path,
+    feeds: dict[str, np.ndarray],
+    budget_bytes: int | None = None,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Max |value| of every float intermediate tensor of an FP32 graph on `feeds` (ONNX Runtime CPU).
+
+    Streaming (docs/engines.md, "Memory"): the graph computes each tensor's max |value| itself, so
+    only scalars come back. The first run takes one calibration row and also reports every
+    tensor's size; the other rows go in runs of as many as `budget_bytes` allows (LIVE_TENSORS
+    times the largest intermediate per row). The max over runs is the max over the whole batch.
+    `stats`, when given, receives the runs' row counts and the largest intermediate's bytes.
+    """
     import onnx
 
+    budget = calibration_bytes(budget_bytes)
     model = onnx.load(str(model_path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = _float_value_infos(inferred)
-    inferred.graph.output.extend(infos)
+    inferred = infer_shapes_lean(model)
+    names = [vi.name for vi in _float_value_infos(inferred)]
+    del inferred
+    _add_range_outputs(model, names)
     # Beside the source graph, so a large graph's relative external-data paths still resolve.
     fd, tmp_name = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=model_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    sidecar = tmp.with_name(tmp.name + ".data")
     try:
-        onnx.save_model(inferred, str(tmp))
-        del inferred, model
-        session = ort_session(tmp, optimize=False)
-        names = [o.name for o in session.get_outputs()]
+        # Weights go out tensor by tensor into a sidecar (a large graph's existing external data
+        # stays where it is): serialising them with the graph (protobuf's SerializeToString)
+        # needed ~3.5x their size at once.
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=sidecar.name, size_threshold=1024)
+        del model  # the session reads the file: never the Python copy and ORT's at once
+        release_memory()
+        session = ort_session(tmp, optimize=False, priority_order=True)
+        outputs = [f"{_ABSMAX}{i}" for i in range(len(names))] + [f"{_SIZE}{i}" for i in range(len(names))]
+        rows = len(next(iter(feeds.values())))
         ranges: dict[str, float] = {}
-        # A few hundred tensors per run: fetching every intermediate of a ViT-H at once needed more
-        # than 24 GiB (OOM-killed); each run recomputes the graph but holds only its own chunk.
-        for start in range(0, len(names), RANGE_CHUNK):
-            chunk = names[start : start + RANGE_CHUNK]
-            for name, value in zip(chunk, session.run(chunk, feeds), strict=True):
-                value = np.asarray(value)
-                if value.dtype.kind == "f" and value.size:
-                    finite = value[np.isfinite(value)]
-                    ranges[name] = float(np.abs(finite).max()) if finite.size else 0.0
+        runs: list[int] = []
+        largest = 0
+        start = 0
+        while start < rows:
+            step = 1 if not runs else max(1, min(rows - start, budget // max(1, LIVE_TENSORS * largest)))
+            part = {name: value[start : start + step] for name, value in feeds.items()}
+            values = session.run(outputs, part)
+            peaks, sizes = values[: len(names)], values[len(names) :]
+            if not runs:  # one row: each tensor's size per row (an upper bound for batch-free ones)
+                largest = 4 * max((int(n) for n in sizes), default=0)
+            for name, peak, size in zip(names, peaks, sizes, strict=True):
+                if int(size) == 0:
+                    continue  # an empty tensor has no range
+                ranges[name] = max(ranges.get(name, 0.0), float(peak))
+            runs.append(step)
+            start += step
+        del session
+        if stats is not None:
+            stats.update(runs=runs, largest_tensor_bytes_per_row=largest, budget_bytes=budget)
         return ranges
     finally:
         tmp.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        release_memory()
 
 
 def overflow_nodes(graph: Any, ranges: dict[str, float], threshold: float) -> tuple[set[str], list[str]]:
@@ -314,8 +489,41 @@ def _topological_sort(graph: Any) -> None:
     graph.node.extend(ordered)
 
 
+FLOAT16_CHUNK = 1 << 22  # elements per slice in the float16 clipping (16 MiB of FP32)
+
+
+@contextmanager
+def _chunked_float16_clipping() -> Iterator[None]:
+    """The converter's `convert_np_to_float16`, applied slice by slice.
+
+    The converter clips each FP32 weight with four `np.where` passes and three fancy-indexed
+    copies of the whole tensor: +2.5 GB at once for SigLIP2's 787 MB text embedding. The same
+    function on 4M-element slices gives the same bytes (every step is elementwise) with
+    transient memory of one slice.
+    """
+    from onnxruntime.transformers import float16 as converter
+
+    original = converter.convert_np_to_float16
+
+    def chunked(np_array: Any, min_positive_val: float = 5.96e-08, max_finite_val: float = 65504.0) -> Any:
+        flat = np.asarray(np_array).reshape(-1)
+        if flat.size <= FLOAT16_CHUNK:
+            return original(np_array, min_positive_val, max_finite_val)
+        out = np.empty(flat.shape, np.float16)
+        for start in range(0, flat.size, FLOAT16_CHUNK):
+            out[start : start + FLOAT16_CHUNK] = original(flat[start : start + FLOAT16_CHUNK], min_positive_val,
+                                                          max_finite_val)
+        return out.reshape(np.shape(np_array))
+
+    converter.convert_np_to_float16 = chunked
+    try:
+        yield
+    finally:
+        converter.convert_np_to_float16 = original
+
+
 def _weight_bytes(model: Any) -> int:
-    return sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
+    return sum(_tensor_bytes(init) for init in model.graph.initializer)
 
 
 def convert_graph(
@@ -323,32 +531,29 @@ def convert_graph(
     dest: Path,
     policy: Fp16Policy,
     feeds: dict[str, np.ndarray] | None = None,
+    budget_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """FP32 graph at `src` -> FP16 graph at `dest` under `policy`; returns what was kept in FP32."""
+    """FP32 graph at `src` -> FP16 graph at `dest` under `policy`; returns what was kept in FP32.
+
+    Memory (docs/engines.md, "Memory"): the range calibration runs first and has released its
+    session before the graph is loaded here; shape inference sees a weight-free copy; the graph's
+    weights are held once (FP32, converted to FP16 tensor by tensor in place) until it is saved.
+    """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    calibration: dict[str, Any] = {}
+    ranges: dict[str, float] = {}
+    if feeds is not None:
+        ranges = tensor_ranges(src, feeds, budget_bytes, calibration)
     model = onnx.load(str(src))  # relative external data resolves against src's folder
-    if _weight_bytes(model) < EXTERNAL_DATA_BYTES:
-        model = onnx.shape_inference.infer_shapes(model)
-    else:
-        # infer_shapes serialises the model (2 GiB limit); large graphs go through a file.
-        fd, inferred_name = tempfile.mkstemp(prefix=".infer-", suffix=".onnx", dir=src.parent)
-        os.close(fd)
-        try:
-            onnx.shape_inference.infer_shapes_path(str(src), inferred_name)
-            model = onnx.load(inferred_name)
-        finally:
-            Path(inferred_name).unlink(missing_ok=True)
+    apply_shapes(model, infer_shapes_lean(model))
     _name_nodes(model.graph)
     keep_nodes: set[str] = set()
     if policy.keep_final_normalisation:
         keep_nodes |= final_normalisation_nodes(model.graph)
     overflow: list[str] = []
     overflow_kept: set[str] = set()
-    ranges: dict[str, float] = {}
-    if feeds is not None:
-        ranges = tensor_ranges(src, feeds)
     if policy.overflow_threshold is not None and ranges:
         overflow_kept, overflow = overflow_nodes(model.graph, ranges, policy.overflow_threshold)
         keep_nodes |= overflow_kept
@@ -370,13 +575,14 @@ def convert_graph(
         for node in in_fp16
         if node.op_type == "LayerNormalization" and ranges.get(node.input[0], 0.0) ** 2 > FP16_MAX
     )
-    converted = convert_float_to_float16(
-        model,
-        keep_io_types=policy.keep_io_types,
-        disable_shape_infer=True,
-        op_block_list=sorted(blocked_ops),
-        node_block_list=sorted(keep_nodes),
-    )
+    with _chunked_float16_clipping():
+        converted = convert_float_to_float16(
+            model,
+            keep_io_types=policy.keep_io_types,
+            disable_shape_infer=True,
+            op_block_list=sorted(blocked_ops),
+            node_block_list=sorted(keep_nodes),
+        )
     graph = converted.graph
     fp32_nodes = [n for n in graph.node if n.op_type in blocked_ops or n.name in keep_nodes]
     fp32_tensors = {out for n in fp32_nodes for out in n.output}
@@ -389,9 +595,11 @@ def convert_graph(
 
     large = _weight_bytes(converted) >= EXTERNAL_DATA_BYTES
     save_onnx(converted, dest, external_data=large)
+    ops = [n.op_type for n in graph.node]
+    del graph, converted, model  # the checker loads the file itself
+    release_memory()
     # By path: works with external data; full_check runs strict shape/type inference.
     onnx.checker.check_model(str(dest), full_check=True)
-    ops = [n.op_type for n in graph.node]
     return {
         "nodes": len(ops),
         "nodes_fp32_by_policy": len(fp32_nodes),
@@ -405,6 +613,7 @@ def convert_graph(
         "casts": ops.count("Cast"),
         "folded_cast_pairs": folded,
         "external_data": large,
+        "calibration_runs": calibration.get("runs", []),
     }
 
 
@@ -422,8 +631,12 @@ def make_fp16(
     policy: Fp16Policy | None = None,
     min_cosine: float = FP16_MIN_COSINE,
     progress: Progress | None = None,
+    calibration_budget: int | str | None = None,
 ) -> Manifest:
-    """Convert both towers, check parity vs PyTorch FP32, then (only then) write files + manifest."""
+    """Convert both towers, check parity vs PyTorch FP32, then (only then) write files + manifest.
+
+    `calibration_budget`: bytes for the range calibration's activations (`calibration_bytes`;
+    default $CLIP_TRITON_CALIBRATION_BYTES or 1 GiB)."""
     from exporter.loading import load_reference
 
     progress = progress or Progress("fp16", quiet=True)
@@ -439,9 +652,27 @@ def make_fp16(
     if not os.access(export_dir, os.W_OK):
         raise ClipTritonError(f"cannot write to {export_dir}: not writable")
 
+    budget = calibration_bytes(calibration_budget)  # a bad $CLIP_TRITON_CALIBRATION_BYTES fails first
+    # Memory (docs/engines.md, "Memory"): the PyTorch reference embeddings are computed first and
+    # the model is released before any ONNX graph is loaded; then one tower at a time, and within
+    # a tower one of {calibration session, graph being converted, FP16 session} at a time.
     with progress.step(f"rebuilding the PyTorch reference {manifest.model_name}"):
         loaded = load_reference(manifest, export_dir=export_dir)
+    inputs: dict[str, dict[int, np.ndarray]] = {}
+    refs: dict[str, dict[int, np.ndarray]] = {}
+    calibration: dict[str, np.ndarray] = {}
+    with progress.step("PyTorch FP32 reference embeddings (then the model is released)"):
         modules = tower_modules(loaded)
+        for tower in TOWERS:
+            inputs[tower] = {batch: sample_inputs(loaded, tower, batch) for batch in PARITY_BATCHES}
+            refs[tower] = {batch: torch_embed(modules[tower], inputs[tower][batch]) for batch in PARITY_BATCHES}
+            if check_range:
+                calib = sample_inputs(loaded, tower, CALIBRATION_BATCH)
+                if tower == "image":
+                    calib = calib * np.float32(1.5)  # a little beyond the samples' range
+                calibration[tower] = calib
+        del modules
+        release_model(loaded)
     stage = Path(tempfile.mkdtemp(prefix=".fp16.tmp-", dir=export_dir))
     try:
         towers: dict[str, Any] = {}
@@ -456,23 +687,21 @@ def make_fp16(
             with progress.step(f"{tower} tower: {spec.file} -> {dest.name}"):
                 feeds = None
                 if check_range:
-                    calib = sample_inputs(loaded, tower, CALIBRATION_BATCH)
-                    if tower == "image":
-                        calib = calib * np.float32(1.5)  # a little beyond the samples' range
-                    feeds = {spec.input.name: calib.astype(spec.input.dtype)}
-                info = convert_graph(src, dest, policy, feeds)
+                    feeds = {spec.input.name: calibration[tower].astype(spec.input.dtype)}
+                info = convert_graph(src, dest, policy, feeds, budget)
+                release_memory()
             seconds[f"{tower}_convert"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
             with progress.step(f"{tower} tower: ONNX Runtime FP16 (CPU, optimiser off) vs PyTorch FP32"):
                 session = ort_session(dest, optimize=False)
                 results = {}
                 for batch in PARITY_BATCHES:
-                    inputs = sample_inputs(loaded, tower, batch)
-                    ref, out = torch_embed(modules[tower], inputs), ort_embed(session, inputs)
+                    ref, out = refs[tower][batch], ort_embed(session, inputs[tower][batch])
                     results[f"batch_{batch}"] = compare_embeddings(ref, out)
                     results[f"batch_{batch}"]["finite"] = bool(np.isfinite(out).all())
                     ref_out[tower], fp16_out[tower] = ref, out
                 del session
+                release_memory()
             seconds[f"{tower}_parity"] = round(time.perf_counter() - start, 2)
             worst = worst_of(results)
             towers[tower] = {
