@@ -35,3 +35,14 @@ def staged_path(dest: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dest)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a temp file or shared-memory region whose writer died is stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0

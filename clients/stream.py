@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from clients._core import ModelInfo
-from clients._files import staged_path
+from clients._files import pid_alive, staged_path
 from clients.errors import ClipClientError, ModelMismatchError, UsageError
 from clients.search import IMAGE_SUFFIXES, iter_image_files
 from clients.sync import ClipClient
@@ -216,15 +215,6 @@ def _remove_stale_temp_files(out: Path) -> None:
     """Temporary files of a run that was killed (a live run's own are left alone)."""
     for entry in out.iterdir():
         match = _TEMP.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             entry.unlink(missing_ok=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != 0

@@ -343,6 +343,20 @@ def _plan_affinity(facts: RepositoryFacts, on_gpu: bool) -> dict[str, Any] | Non
     }
 
 
+def _placement(facts: RepositoryFacts, opts: DeployOptions, on_gpu: bool) -> dict[str, Any]:
+    """Where the pod may run (nodeSelector, GPU tolerations, the plans' GPU family), as pod-spec fields."""
+    placement: dict[str, Any] = {}
+    selector = _node_selector(opts, on_gpu)
+    if selector:
+        placement["nodeSelector"] = selector
+    if on_gpu:
+        placement["tolerations"] = _gpu_tolerations(on_gpu)
+    affinity = _plan_affinity(facts, on_gpu)
+    if affinity:
+        placement["affinity"] = affinity
+    return placement
+
+
 def _shm_volume(opts: DeployOptions) -> dict[str, Any]:
     # The python backend moves every tensor through /dev/shm; the runtime's default is 64 MB.
     return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}
@@ -449,14 +463,7 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
             }
         ],
     }
-    selector = _node_selector(opts, on_gpu)
-    if selector:
-        pod_spec["nodeSelector"] = selector
-    if on_gpu:
-        pod_spec["tolerations"] = _gpu_tolerations(on_gpu)
-    affinity = _plan_affinity(facts, on_gpu)
-    if affinity:
-        pod_spec["affinity"] = affinity
+    pod_spec.update(_placement(facts, opts, on_gpu))
     autoscale = opts.max_replicas > opts.min_replicas
     deployment_spec: dict[str, Any] = {}
     if not autoscale:
@@ -612,14 +619,7 @@ def kserve_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_
         "containers": [runtime_container],
         "volumes": [_shm_volume(opts)],
     }
-    selector = _node_selector(opts, on_gpu)
-    if selector:
-        runtime_spec["nodeSelector"] = selector
-    if on_gpu:
-        runtime_spec["tolerations"] = _gpu_tolerations(on_gpu)
-    affinity = _plan_affinity(facts, on_gpu)
-    if affinity:
-        runtime_spec["affinity"] = affinity
+    runtime_spec.update(_placement(facts, opts, on_gpu))
     runtime = {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ServingRuntime",

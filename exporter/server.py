@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from clients._files import pid_alive
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, MissingDependencyError
 
 LOG_TAIL_LINES = 40
@@ -550,15 +551,6 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     }
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _launcher_pid(shm_name: str) -> int | None:
     digits = shm_name[len(SHM_TAG):].split("x", 1)[0]
@@ -576,13 +568,13 @@ def clean_stale_processes() -> None:
     """Remove what servers killed before they could clean up left behind: our stubs whose
     tritonserver is gone, and /dev/shm regions whose launcher is gone."""
     for pid, argv in _stub_argvs().items():
-        if argv[2].startswith(SHM_TAG) and argv[5].isdigit() and not _pid_alive(int(argv[5])):
+        if argv[2].startswith(SHM_TAG) and argv[5].isdigit() and not pid_alive(int(argv[5])):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     shm = Path("/dev/shm")
     for region in shm.glob(f"{SHM_TAG}*") if shm.is_dir() else []:
         launcher = _launcher_pid(region.name)
-        if launcher is not None and launcher != os.getpid() and not _pid_alive(launcher):
+        if launcher is not None and launcher != os.getpid() and not pid_alive(launcher):
             region.unlink(missing_ok=True)
 
 

@@ -190,12 +190,17 @@ def _shard_stats(out: Path) -> dict[str, tuple[int, int]]:
 
 
 @server
-def test_streaming_embed_resumes_after_a_kill(url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("count", "shard"),
+    [(600, 40), pytest.param(3000, 200, marks=pytest.mark.slow, id="3000-images")],  # ~15 images/s here
+)
+def test_streaming_embed_resumes_after_a_kill(url: str, tmp_path: Path, count: int, shard: int) -> None:
     folder, out = tmp_path / "photos", tmp_path / "vecs"
-    write_tiny_images(folder, 600, seed=3, per_folder=250)
+    shards = -(-count // shard)
+    write_tiny_images(folder, count, seed=3, per_folder=250)
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"skipped")
-    args = [*CLI, "embed", str(folder), "--out", str(out), "--url", url, "--shard-size", "40", "--json"]
+    args = [*CLI, "embed", str(folder), "--out", str(out), "--url", url, "--shard-size", str(shard), "--json"]
 
     run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -214,28 +219,29 @@ def test_streaming_embed_resumes_after_a_kill(url: str, tmp_path: Path) -> None:
     done_before = {s["name"] for s in index["shards"]}
     kept = {k: v for k, v in _shard_stats(out).items() if k.split(".")[0] in done_before}
 
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=60 + count)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert (summary["count"], summary["shards"]) == (600, 15)
-    assert summary["reused_shards"] >= len(done_before) and summary["embedded"] == 600 - 40 * summary["reused_shards"]
+    assert (summary["count"], summary["shards"]) == (count, shards)
+    assert summary["reused_shards"] >= len(done_before)
+    assert summary["embedded"] == count - shard * summary["reused_shards"]
     assert "images/s" in resumed.stderr and "ETA" in resumed.stderr
     assert {k: v for k, v in _shard_stats(out).items() if k in kept} == kept, "finished shards were redone"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
     names, rows = [], []
     for paths, vectors in iter_shards(out):
-        assert len(paths) == vectors.shape[0] <= 40
+        assert len(paths) == vectors.shape[0] <= shard
         names += paths
         rows.append(vectors)
     walk = [p.relative_to(folder).as_posix() for p in iter_image_files(folder)]
-    assert names == walk and len(set(names)) == 600, "every image exactly once, in walk order"
+    assert names == walk and len(set(names)) == count, "every image exactly once, in walk order"
     vectors = np.concatenate(rows)
-    sample = list(range(0, 600, 37))
+    sample = list(range(0, count, count // 16))
     with ClipClient(url, batch_size=8) as client:
         direct = client.embed_images([folder / names[i] for i in sample])
     np.testing.assert_allclose(vectors[sample], direct, atol=1e-6)
 
     again = subprocess.run([*args, "--quiet"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stderr == "", again.stderr
-    assert (json.loads(again.stdout)["embedded"], json.loads(again.stdout)["reused_shards"]) == (0, 15)
+    assert (json.loads(again.stdout)["embedded"], json.loads(again.stdout)["reused_shards"]) == (0, shards)
