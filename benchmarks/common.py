@@ -13,6 +13,12 @@ from typing import Any
 
 import numpy as np
 
+QUICK_MEMORY_MODELS = ("ViT-B-32", "ViT-S-16")
+FULL_MEMORY_MODELS = (
+    "ViT-B-32", "ViT-L-14", "EVA02-L-14", "MobileCLIP2-S4", "ViT-SO400M-14-SigLIP2-378",
+    "ViT-H-14-378-quickgelu", "ViT-H-14-worldwide-quickgelu",
+)
+
 
 @dataclass
 class Settings:
@@ -37,7 +43,9 @@ class Settings:
     duration_s: float
     warmup_s: float
     max_requests: int  # per level: bounds a run whatever the server's speed
-    sections: list[str] = field(default_factory=lambda: ["encoders", "preprocess", "load"])
+    sections: list[str] = field(default_factory=lambda: ["encoders", "preprocess", "load", "memory"])
+    # Memory: every stage of each model in its own process (benchmarks/memory.py).
+    memory_models: list[str] = field(default_factory=list)
     ort_providers: list[str] | None = None  # ONNX Runtime execution providers; None: CPU + what this host runs
 
     @classmethod
@@ -59,6 +67,7 @@ class Settings:
             duration_s=10.0,
             warmup_s=2.0,
             max_requests=20_000,
+            memory_models=list(FULL_MEMORY_MODELS),
         )
 
     @classmethod
@@ -80,6 +89,7 @@ class Settings:
             duration_s=2.0,
             warmup_s=0.5,
             max_requests=2_000,
+            memory_models=list(QUICK_MEMORY_MODELS),
         )
 
     def to_dict(self) -> dict[str, Any]:

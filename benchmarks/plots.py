@@ -110,5 +110,40 @@ def preprocess_plot(results: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
+def memory_plot(results: dict[str, Any], out: Path) -> list[Path]:
+    """Peak RSS per stage against the largest tower's FP32 weights, with the bound 3 x W_tower + 3 GiB."""
+    mem = results.get("memory")
+    models = {m: e for m, e in (mem or {}).get("models", {}).items() if e.get("w_tower_max_gib")}
+    if not models:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"export": "o", "fp16": "s", "repository": "^", "parity": "D"}
+    for index, (stage, marker) in enumerate(markers.items()):
+        points = [(e["w_tower_max_gib"], e["stages"][stage]["peak_gib"]) for e in models.values()
+                  if stage in e["stages"] and e["stages"][stage].get("peak_gib") is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, marker=marker, color=f"C{index}", label=stage)
+    top = max(e["w_tower_max_gib"] for e in models.values()) * 1.1 + 0.1
+    ax.plot([0, top], [3.0, 3 * top + 3.0], color="black", linestyle="--", label="bound: 3 x W_tower + 3 GiB")
+    for name, e in models.items():
+        ax.annotate(name, (e["w_tower_max_gib"], e.get("bound_gib", 0)), fontsize=6, rotation=30,
+                    textcoords="offset points", xytext=(2, 4))
+    ax.set_xlabel("largest tower's FP32 weights, W_tower (GiB)")
+    ax.set_ylabel("peak RSS of the stage's process (GiB)")
+    ax.set_title("Peak memory per stage vs model size (random weights, each stage its own process)", fontsize=9)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "memory.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def write_all(results: dict[str, Any], out: Path) -> list[Path]:
-    return encoder_plot(results, out) + load_plot(results, out) + preprocess_plot(results, out)
+    return encoder_plot(results, out) + load_plot(results, out) + preprocess_plot(results, out) + memory_plot(
+        results, out
+    )

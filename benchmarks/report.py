@@ -283,11 +283,49 @@ def _gpu_section(previous: Path) -> str:
            "and a CUDA GPU are present.\n"
 
 
+def _memory(mem: dict[str, Any]) -> list[str]:
+    """Peak RSS per stage and model against the bound (benchmarks/memory.py)."""
+    stages = ("export", "fp16", "repository", "parity")
+    lines = ["## Memory: peak RSS per stage", "",
+             f"Each stage is its own `clip-triton` process (random weights); peak = that process's own peak RSS "
+             f"(VmHWM), in GiB, and its multiple of W_tower. W_tower = the largest tower's FP32 graph bytes; "
+             f"bound = {mem['bound']}; docs/engines.md, \"Memory\". `parity` starts the embedded tritonserver: "
+             "its summed RSS (server + python stubs) is given in brackets, not judged by the bound. "
+             f"Calibration budget: {mem.get('calibration_bytes', 'default')}.", "",
+             "| model | W GiB | W_tower GiB | bound GiB | " + " | ".join(stages) + " | within bound |",
+             "|---|---:|---:|---:|" + "---:|" * len(stages) + "---|"]
+    for model, entry in mem["models"].items():
+        cells = []
+        for stage in stages:
+            r = entry["stages"].get(stage)
+            if r is None:
+                cells.append("not run")
+                continue
+            if r.get("rc"):
+                cells.append(f"**failed** ({_f(r.get('peak_gib'), 2)}): {r.get('error', '')[:60]}")
+                continue
+            cell = f"{_f(r.get('peak_gib'), 2)} ({_f(r.get('multiple_of_w_tower'), 1)}x)"
+            if r.get("pass") is False:
+                cell = f"**{cell} over**"
+            if stage == "parity" and r.get("children_gib"):
+                cell += f" [server {_f(r['children_gib'], 2)}]"
+            cells.append(cell)
+        verdict = "yes" if entry.get("pass") else "**no**"
+        lines.append(f"| {model} | {_f(entry.get('w_gib'), 2)} | {_f(entry.get('w_tower_max_gib'), 2)} | "
+                     f"{_f(entry.get('bound_gib'), 2)} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", "Stage commands (E, R: the work folder's export and repository): "
+              "`clip-triton export --model M --random-weights --out E`, `clip-triton fp16 --export E`, "
+              "`clip-triton repository --export E --out R --runtime python`, "
+              "`clip-triton parity --export E --repository R`; each under `/usr/bin/time -v` "
+              "(its figure, the largest single process of the tree, is in results.json as `time_v_gib`).", ""]
+    return lines
+
+
 def render(results: dict[str, Any], previous: Path) -> str:
     lines = ["# Benchmarks", "",
              "Written by `benchmarks/run.py` (`make bench`; `make bench-quick` for a short smoke run into "
              "`$(OUT)/bench-quick`). Raw numbers: `results.json`; plots: `encoders_<model>.png`, "
-             "`preprocess.png`, `load.png`.", "", "## Run", ""]
+             "`preprocess.png`, `load.png`, `memory.png`.", "", "## Run", ""]
     lines += _machine(results)
     lines.append("")
     if results.get("encoders"):
@@ -296,6 +334,8 @@ def render(results: dict[str, Any], previous: Path) -> str:
         lines += _preprocess(results["preprocess"])
     if results.get("load"):
         lines += _load(results["load"])
+    if results.get("memory"):
+        lines += _memory(results["memory"])
     lines += ["## Not measured here, and why", ""]
     lines += [f"- {item}" for item in results.get("not_measured", [])]
     lines.append("")

@@ -6,8 +6,9 @@
 
 Sections: `encoders` (PyTorch / ONNX Runtime FP32 / FP16 / TensorRT by batch size, per tower),
 `preprocess` (the python models' preprocessing and tokenisation, in-process), `load` (Triton
-over gRPC at fixed concurrency, with and without dynamic batching). Exports and repositories go
-to a temporary work folder, removed at the end unless --keep-work.
+over gRPC at fixed concurrency, with and without dynamic batching), `memory` (peak RSS of every
+stage, each its own process, per model, against 3 x W_tower + 3 GiB: benchmarks/memory.py).
+Exports and repositories go to a temporary work folder, removed at the end unless --keep-work.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from benchmarks.common import Settings, load_average, machine, now_utc, versions
 from exporter.common import ClipTritonError, Progress  # noqa: E402
 from exporter.runtimes.onnxruntime import parse_providers  # noqa: E402
 
-SECTIONS = ("encoders", "preprocess", "load")
+SECTIONS = ("encoders", "preprocess", "load", "memory")
 NOT_MEASURED = [
     "perf_analyzer from PyPI's `perf-analyzer` wheels: they need glibc 2.38 (not on this machine). The copy "
     "inside the tritonclient 2.51.0 wheel (the embedded server's release) is used instead, from its own "
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="a line for RESULTS.md, e.g. 'machine shared with other jobs'")
     parser.add_argument("--work", type=Path, help="work folder for exports and repositories (default: a temp dir)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work folder")
+    parser.add_argument("--memory-models", nargs="+",
+                        help="open_clip models for the memory section (default: quick 2 small, full 7 up to ViT-H)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--ort-providers", default="auto",
                         help="ONNX Runtime execution providers for the encoder section, e.g. cpu,cuda,tensorrt")
@@ -78,6 +81,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
             check_model_name(name)
         settings.models = list(args.models)
         settings.load_model = args.models[0]
+    if args.memory_models:
+        from exporter.loading import check_model_name
+
+        for name in args.memory_models:
+            check_model_name(name)
+        settings.memory_models = list(args.memory_models)
     if args.batches:
         if any(b < 1 for b in args.batches):
             raise ClipTritonError("--batches must be positive")
@@ -101,20 +110,25 @@ def _check_out(out: Path) -> None:
         raise ClipTritonError(f"--out {out} is not writable")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = settings_from(args)
-    _check_out(args.out)
-    progress = Progress("bench")
-    started = time.perf_counter()
-    results: dict[str, Any] = {
+def base_results(settings: Settings, command: list[str], note: str = "") -> dict[str, Any]:
+    """The header every results.json starts with (benchmarks/memory.py writes one too)."""
+    return {
         "date": now_utc(),
-        "command": "python -m benchmarks.run " + " ".join(shlex.quote(str(a)) for a in args.argv),
-        "note": args.note,
+        "command": " ".join(shlex.quote(str(a)) for a in command),
+        "note": note,
         "machine": machine(),
         "versions": versions(),
         "settings": settings.to_dict(),
         "not_measured": list(NOT_MEASURED),
     }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = settings_from(args)
+    _check_out(args.out)
+    progress = Progress("bench")
+    started = time.perf_counter()
+    results = base_results(settings, ["python -m benchmarks.run", *args.argv], args.note)
     work = args.work or Path(tempfile.mkdtemp(prefix="clip-triton-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -138,12 +152,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from benchmarks import load
 
             results["load"] = load.run(settings, export_dir, work, progress)
+        if "memory" in settings.sections:
+            from benchmarks import memory
+
+            section = memory.run(settings.memory_models, work, progress)
+            results["memory"] = memory.merge(_previous_section(args.out, "memory"), section)
     finally:
         if not args.keep_work and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_average_end"] = load_average()
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+def _previous_section(out: Path, section: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "results.json").read_text()).get(section)
+    except (OSError, ValueError):
+        return None
 
 
 def carry_over(results: dict[str, Any], previous: Path) -> None:

@@ -1,0 +1,193 @@
+"""The memory mechanisms (docs/engines.md, "Memory"): they must change what is held, never the results.
+
+No memory figure is asserted here (timed, shared machines); benchmarks/memory.py measures them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from helpers import linked_copy
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter import precision
+from exporter.manifest import load_manifest
+from exporter.runtimes.onnxruntime import ort_session
+
+
+def _all_at_once_ranges(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """The method before streaming: every float intermediate fetched to numpy in one run."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    outputs = {o.name for o in model.graph.output}
+    infos = [vi for vi in model.graph.value_info
+             if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in outputs]
+    model.graph.output.extend(infos)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "all.onnx"
+        onnx.save_model(model, str(path))
+        session = ort_session(path, optimize=False)
+        names = [o.name for o in session.get_outputs()][len(outputs):]
+        ranges = {}
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            if value.size:
+                finite = value[np.isfinite(value)]
+                ranges[name] = float(np.abs(finite).max()) if finite.size else 0.0
+    return ranges
+
+
+def _calibration_feeds(export: Path, tower: str) -> dict[str, np.ndarray]:
+    manifest = load_manifest(export)
+    spec = manifest.tower(tower)
+    rng = np.random.default_rng(precision.CALIBRATION_SEED)
+    if tower == "image":
+        data = rng.standard_normal((precision.CALIBRATION_BATCH, *spec.input.shape[1:]), np.float32) * 1.5
+    else:
+        data = rng.integers(1, 1000, (precision.CALIBRATION_BATCH, spec.input.shape[1])).astype(spec.input.dtype)
+    return {spec.input.name: data}
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_streaming_calibration_equals_all_at_once(vitb32_export: Path, tower: str) -> None:
+    path = vitb32_export / f"{tower}_encoder.onnx"
+    feeds = _calibration_feeds(vitb32_export, tower)
+    reference = _all_at_once_ranges(path, feeds)
+    default_stats: dict[str, Any] = {}
+    streamed = precision.tensor_ranges(path, feeds, stats=default_stats)
+    tiny_stats: dict[str, Any] = {}
+    one_row = precision.tensor_ranges(path, feeds, budget_bytes=1, stats=tiny_stats)  # one row per run
+    assert default_stats["runs"] == [1, precision.CALIBRATION_BATCH - 1]
+    assert tiny_stats["runs"] == [1] * precision.CALIBRATION_BATCH
+    assert set(streamed) == set(reference) == set(one_row) and len(reference) > 100
+    for name, peak in reference.items():
+        assert streamed[name] == pytest.approx(peak, rel=1e-6, abs=1e-30), name
+        assert one_row[name] == pytest.approx(peak, rel=1e-6, abs=1e-30), name
+
+
+def test_streaming_calibration_non_finite_values_count_as_zero(tmp_path: Path) -> None:
+    """inf and NaN are skipped exactly as `np.abs(x[np.isfinite(x)]).max()` skipped them."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])
+    nodes = [
+        helper.make_node("Mul", ["x", "big"], ["scaled"]),  # up to ~1e5: beyond FP16's range
+        helper.make_node("Div", ["scaled", "x"], ["ratio"]),  # x = 0 gives nan (0/0) and inf
+        helper.make_node("Div", ["x", "zero"], ["all_inf"]),  # every value non-finite: range 0
+        helper.make_node("Add", ["ratio", "all_inf"], ["summed"]),
+        helper.make_node("Mul", ["summed", "zero"], ["out"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(1e5, np.float32), "big"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "g", [x], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "tiny.onnx"
+    onnx.save_model(model, str(path))
+    feeds = {"x": np.array([[0.0, 1.0, -0.5, 0.25], [0.75, 0.0, -1.0, 0.125]], np.float32)}
+    for budget in (None, 1):
+        ranges = precision.tensor_ranges(path, feeds, budget_bytes=budget)
+        assert ranges == _all_at_once_ranges(path, feeds)
+        assert ranges["scaled"] == pytest.approx(1e5) and ranges["ratio"] == pytest.approx(1e5)
+        assert ranges["all_inf"] == 0.0
+
+
+def test_lean_shape_inference_equals_full(vitb32_export: Path) -> None:
+    for tower in ("image", "text"):
+        model = onnx.load(str(vitb32_export / f"{tower}_encoder.onnx"))
+        full = onnx.shape_inference.infer_shapes(model)
+        precision.apply_shapes(model, precision.infer_shapes_lean(model))
+        assert [vi.SerializeToString() for vi in model.graph.value_info] == [
+            vi.SerializeToString() for vi in full.graph.value_info
+        ]
+        assert list(model.graph.output) == list(full.graph.output)
+        assert list(model.graph.input) == list(full.graph.input)
+
+
+def test_chunked_float16_clipping_is_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxruntime.transformers import float16 as converter
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(10_007).astype(np.float32) * np.float32(1e5)
+    values[::97] = rng.standard_normal(values[::97].shape).astype(np.float32) * np.float32(1e-9)  # below FP16
+    values[5], values[6], values[7], values[8] = np.inf, -np.inf, np.nan, 0.0
+    expected = converter.convert_np_to_float16(values)
+    monkeypatch.setattr(precision, "FLOAT16_CHUNK", 1000)
+    with precision._chunked_float16_clipping():
+        got = converter.convert_np_to_float16(values)
+    assert converter.convert_np_to_float16 is not None
+    assert got.dtype == np.float16 and got.tobytes() == expected.tobytes()
+
+
+def test_lowered_budget_writes_the_same_fp16_graphs(fp16_export: Path, tmp_path: Path) -> None:
+    """A budget of 1 byte (one calibration row per run) decides exactly what the default decides."""
+    out = linked_copy(fp16_export, tmp_path / "export", skip=("image_encoder.fp16.onnx", "text_encoder.fp16.onnx"))
+    precision.make_fp16(out, calibration_budget=1)
+    default, lowered = load_manifest(fp16_export).fp16, load_manifest(out).fp16
+    assert default is not None and lowered is not None
+    for name, record in default["files"].items():
+        assert lowered["files"][name]["sha256"] == record["sha256"], name
+    for tower in ("image", "text"):
+        for key in ("min_cosine", "mean_cosine", "max_abs_diff", "finite"):
+            assert lowered[tower][key] == default[tower][key], (tower, key)
+        graph_default, graph_lowered = dict(default[tower]["graph"]), dict(lowered[tower]["graph"])
+        assert graph_lowered.pop("calibration_runs") == [1, 1, 1, 1]
+        graph_default.pop("calibration_runs")
+        assert json.dumps(graph_lowered, sort_keys=True) == json.dumps(graph_default, sort_keys=True)
+
+
+def test_calibration_budget_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.common import ClipTritonError
+
+    monkeypatch.delenv(precision.CALIBRATION_BYTES_ENV, raising=False)
+    assert precision.calibration_bytes() == precision.DEFAULT_CALIBRATION_BYTES
+    assert precision.calibration_bytes("512M") == 512 << 20
+    assert precision.calibration_bytes(1000) == 1000
+    monkeypatch.setenv(precision.CALIBRATION_BYTES_ENV, "2G")
+    assert precision.calibration_bytes() == 2 << 30
+    for bad in ("lots", "0", "-5M"):
+        with pytest.raises(ClipTritonError):
+            precision.calibration_bytes(bad)
+
+
+def test_export_one_tower_at_a_time_writes_the_same_graphs(vitb32_export: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from exporter.loading import load_model
+    from exporter.onnx_export import export_model
+
+    loaded = load_model("ViT-B-32", random_weights=True)
+    manifest = export_model(loaded, tmp_path / "export", release_model=True)
+    reference = load_manifest(vitb32_export)
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        # The same graph and weights; TorchScript numbers its generated tensor names globally, so
+        # the tower exported second in one order gets other names (onnx::MatMul_2345) in the other.
+        ours, theirs = onnx.load(str(tmp_path / "export" / name)), onnx.load(str(vitb32_export / name))
+        assert [n.op_type for n in ours.graph.node] == [n.op_type for n in theirs.graph.node], name
+        digests = [sorted(hashlib.sha256(i.raw_data).hexdigest() for i in m.graph.initializer) for m in (ours, theirs)]
+        assert digests[0] == digests[1], name
+    for tower in ("image", "text"):
+        ours, theirs = manifest.export_parity[tower]["min_cosine"], reference.export_parity[tower]["min_cosine"]
+        assert ours == pytest.approx(theirs, abs=1e-9)
+    assert list(manifest.export_parity)[-2:] == ["image", "text"]  # recorded in tower order
+    # Both towers' weights are gone from the model (only logit_scale/bias may stay).
+    assert sum(p.numel() for p in loaded.model.parameters()) <= 2
+
+
+def test_parity_runner_holds_one_tower_session(vitb32_export: Path) -> None:
+    from exporter.runtimes.base import TowerBatch
+    from exporter.runtimes.onnxruntime import OrtRunner
+    from exporter.samples import sample_pixels
+
+    manifest = load_manifest(vitb32_export)
+    files = {t: vitb32_export / manifest.tower(t).file for t in ("image", "text")}
+    runner = OrtRunner("fp32", files, one_tower_at_a_time=True)
+    runner.open()
+    assert runner.sessions == {}
+    runner.embed("image", TowerBatch(sample_pixels(manifest.preprocess, 2)))
+    assert set(runner.sessions) == {"image"}
+    runner.embed("text", TowerBatch(np.ones((2, manifest.text.input.shape[1]), np.int32)))
+    assert set(runner.sessions) == {"text"}
+    runner.close()
