@@ -227,7 +227,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         # The build owns OUT/export: an incomplete one (resumable_stages said why) is replaced.
         export_model(
             loaded, export_dir, opset=opts.opset, max_batch=opts.max_batch, exporter=opts.exporter,
-            force=True, progress=progress,
+            force=True, progress=progress, release_model=True,
         )
 
     def engines() -> bool:

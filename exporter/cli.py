@@ -98,8 +98,10 @@ def export(
             tokenizer_file=tokenizer_file,
             progress=progress,
         )
+    # release_model: one tower's weights alive at a time (docs/engines.md, "Memory").
     manifest = export_model(
-        loaded, out, opset=opset, max_batch=max_batch, exporter=exporter, force=force, progress=progress
+        loaded, out, opset=opset, max_batch=max_batch, exporter=exporter, force=force, progress=progress,
+        release_model=True,
     )
     parity = manifest.export_parity
     typer.echo(
@@ -126,6 +128,10 @@ def fp16(
         typer.Option(help="Keep tensors whose calibrated |max| exceeds this in FP32 (default 65504/4)."),
     ] = None,
     min_cosine: Annotated[float, typer.Option(help="Fail below this min cosine vs PyTorch FP32.")] = 0.999,
+    calibration_bytes: Annotated[
+        str | None,
+        typer.Option(help="Range-calibration activation bytes per run, e.g. 256M (default: 1G or the env var)."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Write image/text_encoder.fp16.onnx (FP16 weights and compute, FP32 I/O) after a parity check."""
@@ -138,7 +144,9 @@ def fp16(
             raise ClipTritonError("--overflow-threshold must be positive")
         policy.overflow_threshold = overflow_threshold
     progress = Progress("fp16", quiet)
-    manifest = make_fp16(export, policy=policy, min_cosine=min_cosine, progress=progress)
+    manifest = make_fp16(
+        export, policy=policy, min_cosine=min_cosine, progress=progress, calibration_budget=calibration_bytes
+    )
     section = manifest.fp16 or {}
     typer.echo(
         f"wrote FP16 graphs to {export}: image min cosine {section['image']['min_cosine']:.7f}, "

@@ -209,8 +209,9 @@ def calibration_bytes(value: int | str | None = None) -> int:
         try:
             number = int(float(text[:-1] if scale > 1 else text) * scale)
         except ValueError:
+            source = "--calibration-bytes" if value is not None else CALIBRATION_BYTES_ENV
             raise ClipTritonError(
-                f"{CALIBRATION_BYTES_ENV}={raw!r}: not a byte count (e.g. 536870912 or 512M)"
+                f"{source}={raw!r}: not a byte count (e.g. 536870912 or 512M)"
             ) from None
     if number < 1:
         raise ClipTritonError(f"calibration budget must be positive, got {raw!r}")
