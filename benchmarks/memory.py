@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import FULL_MEMORY_MODELS, QUICK_MEMORY_MODELS, Settings
+from benchmarks.hf_tokenizer import write_tokenizer_json
 
 GIB = 1 << 30
 BOUND_FACTOR, BOUND_EXTRA_GIB = 3.0, 3.0
@@ -173,8 +174,13 @@ def measure_model(name: str, work: Path, progress: Any, timeout: float | None = 
     logs = work / f"mem-{name}" / "logs"
     shutil.rmtree(work / f"mem-{name}", ignore_errors=True)
     logs.mkdir(parents=True)
+    export = ["export", "--model", name, "--random-weights", "--out", str(export_dir), "-q"]
+    try:  # a Hugging Face tokenizer (SigLIP2, MetaCLIP2): serve text with a stand-in tokenizer.json
+        export += ["--tokenizer-file", str(write_tokenizer_json(name, work / f"mem-{name}" / "tokenizer.json"))]
+    except ValueError:
+        pass  # open_clip's own BPE, shipped with the repository
     commands = {
-        "export": ["export", "--model", name, "--random-weights", "--out", str(export_dir), "-q"],
+        "export": export,
         "fp16": ["fp16", "--export", str(export_dir), "-q"],
         "repository": ["repository", "--export", str(export_dir), "--out", str(repo), "--runtime", "python"],
         "parity": ["parity", "--export", str(export_dir), "--repository", str(repo), "-q"],

@@ -143,6 +143,7 @@ def fetch(requirements: list[str], target: Target) -> Path:
             "provided_by_the_container": list(PROVIDED),
         }
         (work / DEPS_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        _world_readable(work)  # repositories hard-link these files: KServe runs Triton as uid 1000
         try:
             work.rename(dest)
         except OSError:
@@ -151,6 +152,16 @@ def fetch(requirements: list[str], target: Target) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _world_readable(root: Path) -> None:
+    """Folders 0755, files readable by all and writable by the owner only (x bits kept), whatever the umask."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        path.chmod(0o755 if path.is_dir() else (mode & 0o711) | 0o644)
 
 
 def _remove_distribution(site: Path, name: str) -> None:
