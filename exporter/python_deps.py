@@ -67,31 +67,31 @@ def _is_xy(version: str) -> bool:
     return len(parts) == 2 and all(p.isdigit() for p in parts)
 
 
+def _version(name: str) -> str | None:
+    """The version installed here, or None."""
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
 def pins(packages: list[str]) -> list[str]:
     """`name==version` for each package, as installed here (the versions the tests ran)."""
     out = []
     for name in sorted(set(packages)):
-        try:
-            out.append(f"{name}=={md.version(name)}")
-        except md.PackageNotFoundError:
+        version = _version(name)
+        if version is None:
             raise ClipTritonError(
                 f"cannot pin {name!r} for the repository: it is not installed in this environment "
                 "(install it, or write the repository with --no-python-deps)"
-            ) from None
+            )
+        out.append(f"{name}=={version}")
     return out
 
 
 def _constraints() -> list[str]:
     # Resolve against the numpy the backend will provide (the one tested here), then leave it out.
-    return [f"{name}=={md.version(name)}" for name in PROVIDED if _installed(name)]
-
-
-def _installed(name: str) -> bool:
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        return False
-    return True
+    return [f"{name}=={version}" for name in PROVIDED if (version := _version(name))]
 
 
 def _cache_dir() -> Path:

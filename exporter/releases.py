@@ -17,6 +17,11 @@ from exporter.common import ClipTritonError
 IMAGE = "nvcr.io/nvidia/tritonserver"
 
 
+def major_minor(version: str) -> str:
+    """"10.9.0.34" -> "10.9": plans need the same TensorRT; a release is matched on major.minor."""
+    return ".".join(version.split(".")[:2])
+
+
 @dataclass(frozen=True)
 class TritonRelease:
     release: str  # YY.MM, the container tag without "-py3"
@@ -31,7 +36,7 @@ class TritonRelease:
 
     @property
     def tensorrt_major_minor(self) -> str | None:
-        return ".".join(self.tensorrt.split(".")[:2]) if self.tensorrt else None
+        return major_minor(self.tensorrt) if self.tensorrt else None
 
 
 # Oldest first; docs/releases.md gives each row's sources and what is unverified. tritonserver
@@ -89,6 +94,5 @@ def release_for_tensorrt(version: str) -> TritonRelease | None:
     exact = [r for r in RELEASES if r.tensorrt == version]
     if exact:
         return exact[-1]
-    major_minor = ".".join(version.split(".")[:2])
-    same = [r for r in RELEASES if r.tensorrt_major_minor == major_minor]
+    same = [r for r in RELEASES if r.tensorrt_major_minor == major_minor(version)]
     return same[-1] if same else None

@@ -21,7 +21,7 @@ from exporter import python_deps, runtimes
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
 from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, load_manifest
 from exporter.pixels import PIXELS_INPUT, save_normalize_graph
-from exporter.releases import DEFAULT_RELEASE, TritonRelease, get_release, release_for_tensorrt
+from exporter.releases import DEFAULT_RELEASE, TritonRelease, get_release, major_minor, release_for_tensorrt
 
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
@@ -353,7 +353,7 @@ def target_release(manifest: Manifest, requested: str | None = None) -> TritonRe
     matched = release_for_tensorrt(trt) if trt else None
     if requested:
         row = get_release(requested)
-        if trt and row.tensorrt is not None and row.tensorrt_major_minor != ".".join(trt.split(".")[:2]):
+        if trt and row.tensorrt is not None and row.tensorrt_major_minor != major_minor(trt):
             raise ClipTritonError(
                 f"Triton {row.release} ships TensorRT {row.tensorrt}, but the engines were built with TensorRT "
                 f"{trt}" + (f"; use --triton-release {matched.release}" if matched else "")
@@ -374,7 +374,15 @@ def repository_release(repo_manifest: Manifest) -> TritonRelease:
     return get_release(recorded) if isinstance(recorded, str) else target_release(repo_manifest)
 
 
-def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str, dest: Path) -> str:
+def _readme(
+    manifest: Manifest,
+    opts: RepositoryOptions,
+    max_batch: int,
+    device: str,
+    dest: Path,
+    row: TritonRelease,
+    target: python_deps.Target | None,
+) -> str:
     names = model_names(opts.prefix)
     h, w = manifest.preprocess.size
     trt = engines_tensorrt(manifest)
@@ -399,8 +407,7 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
             if rec and "min_cosine" in rec:
                 parity_lines.append(f"- {section}, {tower}: min cosine {rec['min_cosine']:.7f}")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest.versions.items()))
-    row = target_release(manifest, opts.triton_release)
-    shipped = f"tritonserver {row.triton}, TensorRT {row.tensorrt}, Python {row.python}"
+    shipped = f"tritonserver {row.triton}, TensorRT {row.tensorrt or 'not confirmed'}, Python {row.python}"
     release_note = f"Written for `{row.image}` ({shipped})" + (
         f": it ships the TensorRT that built the engines ({trt}); another release will not deserialize the plans."
         if trt
@@ -423,10 +430,10 @@ def _readme(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device:
     table = "\n".join(rows)
     pip = " ".join(sorted({p for wanted in _python_packages(manifest, opts).values() for p in wanted}))
     start = "tritonserver --model-repository=/models --grpc-infer-allocation-pool-size=0"
-    if opts.python_deps:
+    if target is not None:
         deps_note = (
             f"The python models carry their wheels (`<model>/1/deps/`: {pip}, pinned, for Python "
-            f"{opts.deps_python or row.python}): nothing is installed at start, and the container needs no network."
+            f"{target.python}): nothing is installed at start, and the container needs no network."
         )
     else:
         start = f'bash -c "pip install {pip} && {start}"'
@@ -605,7 +612,7 @@ def write_repository(
         }
         manifest.repository = record
         manifest.save(tmp)
-        (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out))
+        (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out, release, target))
     # Record in the export's manifest only once the repository is in place.
     exported = load_manifest(export_dir)
     exported.repository = record

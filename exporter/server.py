@@ -67,7 +67,7 @@ def cache_root() -> Path:
 
 # backends/onnxruntime/model.py: the repository's onnx_encoder model, run as a backend. A native
 # backend carries its own ONNX Runtime; this stand-in takes the launching environment's, appended
-# after the serving interpreter's own packages (which may lack it: tests/test_deploy_deps.py).
+# after the serving interpreter's own packages (which may lack it: tests/test_python_deps.py).
 _BACKEND_WRAPPER = """\"\"\"The embedded server's stand-in for Triton's onnxruntime backend (exporter/server.py).\"\"\"
 import os
 import sys
@@ -549,7 +549,6 @@ def stub_processes(server_pid: int) -> dict[int, str]:
         for pid, argv in _stub_argvs().items()
         if argv[5] == str(server_pid)
     }
-
 
 
 def _launcher_pid(shm_name: str) -> int | None:
