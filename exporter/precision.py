@@ -36,6 +36,7 @@ from exporter.loading import release_memory, release_model
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record, load_manifest
 from exporter.metrics import compare_embeddings, top1, worst_of
 from exporter.onnx_export import EXTERNAL_DATA_BYTES, save_onnx
+from exporter.onnx_weights import bring_inside, max_abs, record_sources, weights_outside, write_weights
 from exporter.runtimes.onnxruntime import ort_embed, ort_session
 from exporter.runtimes.torch import torch_embed, tower_modules
 from exporter.samples import sample_inputs
@@ -388,16 +389,16 @@ def tensor_ranges(
         release_memory()
 
 
-def overflow_nodes(graph: Any, ranges: dict[str, float], threshold: float) -> tuple[set[str], list[str]]:
-    """Nodes that produce or read a tensor (or an initializer) beyond `threshold`."""
-    from onnx import numpy_helper
-
+def overflow_nodes(
+    graph: Any, ranges: dict[str, float], threshold: float, base_dir: Path
+) -> tuple[set[str], list[str]]:
+    """Nodes that produce or read a tensor (or an initializer) beyond `threshold`. `base_dir`: the
+    folder external initializers' locations are relative to (they are read chunk by chunk)."""
     producers, users = _producers(graph), _consumers(graph)
     big = {name for name, peak in ranges.items() if peak > threshold}
     for init in graph.initializer:
         if init.data_type == 1 and init.name in users:  # FLOAT
-            values = numpy_helper.to_array(init)
-            if values.size and float(np.abs(values).max()) > FP16_MAX:
+            if max_abs(init, base_dir) > FP16_MAX:
                 big.add(init.name)
     nodes: set[str] = set()
     for name in big:
@@ -490,37 +491,28 @@ def _topological_sort(graph: Any) -> None:
     graph.node.extend(ordered)
 
 
-FLOAT16_CHUNK = 1 << 22  # elements per slice in the float16 clipping (16 MiB of FP32)
-
-
 @contextmanager
-def _chunked_float16_clipping() -> Iterator[None]:
-    """The converter's `convert_np_to_float16`, applied slice by slice.
+def _converter_on_skeletons() -> Iterator[Any]:
+    """Let onnxruntime's converter work on a graph whose weights are not loaded; yields its own
+    FP32 -> FP16 function (clipping to FP16's range), for `write_weights` to apply to the weights.
 
-    The converter clips each FP32 weight with four `np.where` passes and three fancy-indexed
-    copies of the whole tensor: +2.5 GB at once for SigLIP2's 787 MB text embedding. The same
-    function on 4M-element slices gives the same bytes (every step is elementwise) with
-    transient memory of one slice.
+    The converter retypes an unloaded (external) initializer and leaves its bytes alone; the one
+    place it reads weight values is a value_info it builds from `numpy_helper.to_array(t).shape`,
+    which is the tensor's dims.
     """
+    from onnx import helper
     from onnxruntime.transformers import float16 as converter
 
-    original = converter.convert_np_to_float16
+    original = converter.make_value_info_from_tensor
 
-    def chunked(np_array: Any, min_positive_val: float = 5.96e-08, max_finite_val: float = 65504.0) -> Any:
-        flat = np.asarray(np_array).reshape(-1)
-        if flat.size <= FLOAT16_CHUNK:
-            return original(np_array, min_positive_val, max_finite_val)
-        out = np.empty(flat.shape, np.float16)
-        for start in range(0, flat.size, FLOAT16_CHUNK):
-            out[start : start + FLOAT16_CHUNK] = original(flat[start : start + FLOAT16_CHUNK], min_positive_val,
-                                                          max_finite_val)
-        return out.reshape(np.shape(np_array))
+    def from_dims(tensor: Any) -> Any:
+        return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
-    converter.convert_np_to_float16 = chunked
+    converter.make_value_info_from_tensor = from_dims
     try:
-        yield
+        yield converter.convert_np_to_float16
     finally:
-        converter.convert_np_to_float16 = original
+        converter.make_value_info_from_tensor = original
 
 
 def _weight_bytes(model: Any) -> int:
@@ -536,66 +528,79 @@ def convert_graph(
 ) -> dict[str, Any]:
     """FP32 graph at `src` -> FP16 graph at `dest` under `policy`; returns what was kept in FP32.
 
-    Memory (docs/engines.md, "Memory"): the range calibration runs first and has released its
-    session before the graph is loaded here; shape inference sees a weight-free copy; the graph's
-    weights are held once (FP32, converted to FP16 tensor by tensor in place) until it is saved.
+    Memory (docs/engines.md, "Memory"): the graph is handled as a weight-free skeleton whose
+    initializers point into sidecar files (exporter/onnx_weights.py). Calibration, shape inference
+    and the converter see only the skeleton (the converter retypes a weight it cannot see); the
+    weights are then streamed from the FP32 sidecar into the FP16 one, one chunk at a time, with
+    the converter's own clipping. Only a graph small enough to be saved inline is loaded whole.
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     calibration: dict[str, Any] = {}
     ranges: dict[str, float] = {}
-    if feeds is not None:
-        ranges = tensor_ranges(src, feeds, budget_bytes, calibration)
-    model = onnx.load(str(src))  # relative external data resolves against src's folder
-    apply_shapes(model, infer_shapes_lean(model))
-    _name_nodes(model.graph)
-    keep_nodes: set[str] = set()
-    if policy.keep_final_normalisation:
-        keep_nodes |= final_normalisation_nodes(model.graph)
-    overflow: list[str] = []
-    overflow_kept: set[str] = set()
-    if policy.overflow_threshold is not None and ranges:
-        overflow_kept, overflow = overflow_nodes(model.graph, ranges, policy.overflow_threshold)
-        keep_nodes |= overflow_kept
-    blocked_ops = set(policy.keep_fp32_ops)
-    # Tensors the FP16 graph computes in FP16 although their FP32 values exceed FP16's range: they
-    # become inf on a GPU (TensorRT). ONNX Runtime's CPU provider hides this (it runs ops without
-    # FP16 kernels in FP32), so the range check, not CPU parity alone, decides.
-    in_fp16 = [
-        node
-        for node in model.graph.node
-        if node.op_type not in blocked_ops and node.name not in keep_nodes and node.op_type != "Cast"
-    ]
-    range_violations = sorted(out for node in in_fp16 for out in node.output if ranges.get(out, 0.0) > FP16_MAX)
-    # A fused LayerNormalization left in FP16 squares its input inside the kernel (the variance):
-    # no graph tensor shows it, so judge the square. We cannot see the kernel's accumulator type,
-    # and TensorRT's own overflow warnings for FP16 LayerNorm say to assume the worst.
-    range_violations += sorted(
-        f"{node.input[0]}^2 (inside {node.name})"
-        for node in in_fp16
-        if node.op_type == "LayerNormalization" and ranges.get(node.input[0], 0.0) ** 2 > FP16_MAX
-    )
-    with _chunked_float16_clipping():
-        converted = convert_float_to_float16(
-            model,
-            keep_io_types=policy.keep_io_types,
-            disable_shape_infer=True,
-            op_block_list=sorted(blocked_ops),
-            node_block_list=sorted(keep_nodes),
+    with weights_outside(src) as skeleton_path:
+        base_dir = skeleton_path.parent
+        if feeds is not None:
+            ranges = tensor_ranges(skeleton_path, feeds, budget_bytes, calibration)
+        model = onnx.load(str(skeleton_path), load_external_data=False)
+        apply_shapes(model, infer_shapes_lean(model))
+        _name_nodes(model.graph)
+        keep_nodes: set[str] = set()
+        if policy.keep_final_normalisation:
+            keep_nodes |= final_normalisation_nodes(model.graph)
+        overflow: list[str] = []
+        overflow_kept: set[str] = set()
+        if policy.overflow_threshold is not None and ranges:
+            overflow_kept, overflow = overflow_nodes(model.graph, ranges, policy.overflow_threshold, base_dir)
+            keep_nodes |= overflow_kept
+        blocked_ops = set(policy.keep_fp32_ops)
+        # Tensors the FP16 graph computes in FP16 although their FP32 values exceed FP16's range: they
+        # become inf on a GPU (TensorRT). ONNX Runtime's CPU provider hides this (it runs ops without
+        # FP16 kernels in FP32), so the range check, not CPU parity alone, decides.
+        in_fp16 = [
+            node
+            for node in model.graph.node
+            if node.op_type not in blocked_ops and node.name not in keep_nodes and node.op_type != "Cast"
+        ]
+        range_violations = sorted(
+            out for node in in_fp16 for out in node.output if ranges.get(out, 0.0) > FP16_MAX
         )
-    graph = converted.graph
-    fp32_nodes = [n for n in graph.node if n.op_type in blocked_ops or n.name in keep_nodes]
-    fp32_tensors = {out for n in fp32_nodes for out in n.output}
-    fp32_tensors |= {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    folded = _fold_cast_pairs(graph, fp32_tensors)
-    _topological_sort(graph)
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
-    if foreign:
-        raise ClipTritonError(f"FP16 graph {dest.name} uses non-standard ops TensorRT lacks: {foreign}")
-
+        # A fused LayerNormalization left in FP16 squares its input inside the kernel (the variance):
+        # no graph tensor shows it, so judge the square. We cannot see the kernel's accumulator type,
+        # and TensorRT's own overflow warnings for FP16 LayerNorm say to assume the worst.
+        range_violations += sorted(
+            f"{node.input[0]}^2 (inside {node.name})"
+            for node in in_fp16
+            if node.op_type == "LayerNormalization" and ranges.get(node.input[0], 0.0) ** 2 > FP16_MAX
+        )
+        sources = record_sources(model, base_dir)
+        with _converter_on_skeletons() as to_float16:
+            converted = convert_float_to_float16(
+                model,
+                keep_io_types=policy.keep_io_types,
+                disable_shape_infer=True,
+                op_block_list=sorted(blocked_ops),
+                node_block_list=sorted(keep_nodes),
+            )
+            graph = converted.graph
+            fp32_nodes = [n for n in graph.node if n.op_type in blocked_ops or n.name in keep_nodes]
+            fp32_tensors = {out for n in fp32_nodes for out in n.output}
+            fp32_tensors |= {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+            folded = _fold_cast_pairs(graph, fp32_tensors)
+            _topological_sort(graph)
+            foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
+            if foreign:
+                raise ClipTritonError(f"FP16 graph {dest.name} uses non-standard ops TensorRT lacks: {foreign}")
+            sidecar = dest.with_name(dest.name + ".data")
+            write_weights(converted, sources, sidecar, to_float16)
     large = _weight_bytes(converted) >= EXTERNAL_DATA_BYTES
-    save_onnx(converted, dest, external_data=large)
+    if large:
+        onnx.save_model(converted, str(dest))  # the skeleton: its initializers already point at `sidecar`
+    else:
+        bring_inside(converted, dest.parent)
+        sidecar.unlink()
+        save_onnx(converted, dest, external_data=False)
     ops = [n.op_type for n in graph.node]
     del graph, converted, model  # the checker loads the file itself
     release_memory()

@@ -106,19 +106,86 @@ def test_lean_shape_inference_equals_full(vitb32_export: Path) -> None:
         assert list(model.graph.input) == list(full.graph.input)
 
 
-def test_chunked_float16_clipping_is_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxruntime.transformers import float16 as converter
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal(10_007).astype(np.float32) * np.float32(1e5)
-    values[::97] = rng.standard_normal(values[::97].shape).astype(np.float32) * np.float32(1e-9)  # below FP16
-    values[5], values[6], values[7], values[8] = np.inf, -np.inf, np.nan, 0.0
-    expected = converter.convert_np_to_float16(values)
-    monkeypatch.setattr(precision, "FLOAT16_CHUNK", 1000)
-    with precision._chunked_float16_clipping():
-        got = converter.convert_np_to_float16(values)
-    assert converter.convert_np_to_float16 is not None
-    assert got.dtype == np.float16 and got.tobytes() == expected.tobytes()
+
+def test_streamed_fp16_weights_are_the_converters_bytes(fp16_export: Path) -> None:
+    """Every FP16 weight that make_fp16 streamed from disk is exactly onnxruntime's converter on the
+    FP32 weight (its clipping included); weights kept in FP32 are the FP32 bytes."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    for tower in ("image", "text"):
+        fp32 = _initializers(fp16_export / f"{tower}_encoder.onnx")
+        fp16 = _initializers(fp16_export / f"{tower}_encoder.fp16.onnx")
+        shared = set(fp32) & set(fp16)
+        assert len(shared) > 50 and {n for n, v in fp32.items() if v.nbytes > 1024} <= shared
+        halved = 0
+        for name in shared:
+            source, written = fp32[name], fp16[name]
+            if source.dtype == np.float32 and written.dtype == np.float16:
+                expected = convert_np_to_float16(source)
+                halved += 1
+            else:
+                expected = source
+            assert written.shape == source.shape and written.tobytes() == expected.tobytes(), name
+        assert halved > 50, tower
+
+
+def test_fp16_from_hard_linked_external_weights_in_chunks(
+    fp16_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An FP32 graph with its weights in a hard-linked sidecar (as `clip-triton repository` leaves
+    an export; onnx's own loader refuses those) converts, 4 KiB at a time, to the same FP16 graph."""
+    from exporter import onnx_weights
+
+    src = fp16_export / "text_encoder.onnx"
+    external = tmp_path / "ext"
+    external.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(external / "text_encoder.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="text_encoder.onnx.data", size_threshold=1024)
+    (tmp_path / "linked.data").hardlink_to(external / "text_encoder.onnx.data")
+    assert (external / "text_encoder.onnx.data").stat().st_nlink == 2
+    with pytest.raises(Exception, match="hard link"):
+        onnx.load(str(external / "text_encoder.onnx"))  # why onnx_weights reads sidecars itself
+    monkeypatch.setattr(onnx_weights, "WEIGHT_CHUNK_BYTES", 4096)
+    spec = load_manifest(fp16_export).tower("text")
+    feeds = _calibration_feeds(fp16_export, "text")
+    dest = tmp_path / "out" / "text_encoder.fp16.onnx"
+    dest.parent.mkdir()
+    info = precision.convert_graph(external / "text_encoder.onnx", dest, precision.Fp16Policy.default(), feeds)
+    assert spec.input.name in feeds and info["external_data"] is False
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["text_encoder.fp16.onnx"]
+    assert sorted(p.name for p in external.iterdir()) == ["text_encoder.onnx", "text_encoder.onnx.data"]
+    got, expected = _initializers(dest), _initializers(fp16_export / "text_encoder.fp16.onnx")
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes(), name
+
+
+def test_large_fp16_graph_keeps_its_weights_in_an_aligned_sidecar(
+    fp16_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above EXTERNAL_DATA_BYTES the FP16 graph is a skeleton plus `<name>.data` (page-aligned
+    tensors), and ONNX Runtime runs it to the same embeddings as the inline graph."""
+    from exporter import onnx_weights
+    from exporter.runtimes.onnxruntime import ort_embed
+
+    monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1 << 20)
+    dest = tmp_path / "image_encoder.fp16.onnx"
+    info = precision.convert_graph(fp16_export / "image_encoder.onnx", dest, precision.Fp16Policy.default())
+    assert info["external_data"] is True
+    sidecar = dest.with_name(dest.name + ".data")
+    assert dest.stat().st_size < 1 << 20 < sidecar.stat().st_size
+    skeleton = onnx.load(str(dest), load_external_data=False)
+    offsets = [onnx_weights.external_weight(i, tmp_path) for i in skeleton.graph.initializer]
+    assert all(o is None or o.offset % onnx_weights.ALIGN == 0 for o in offsets) and any(offsets)
+    feeds = _calibration_feeds(fp16_export, "image")
+    pixels = next(iter(feeds.values()))[:2]
+    inline = ort_session(fp16_export / "image_encoder.fp16.onnx", optimize=False)
+    streamed = ort_session(dest, optimize=False)
+    assert np.array_equal(ort_embed(streamed, pixels), ort_embed(inline, pixels))
 
 
 def test_lowered_budget_writes_the_same_fp16_graphs(fp16_export: Path, tmp_path: Path) -> None:

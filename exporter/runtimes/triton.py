@@ -16,6 +16,11 @@ import numpy as np
 from exporter.common import ClipTritonError
 from exporter.runtimes.base import RunContext, Runner, Runtime, Skipped, TowerBatch, find, register
 
+# Parity judges values, not latency: one request may carry several 378-px images through a 400M-
+# parameter tower on a CPU-only embedded server (minutes on 2 cores). A deadline still bounds a hung
+# server; the clients' 60 s default is for serving traffic.
+PARITY_REQUEST_TIMEOUT = 1800.0
+
 
 @dataclass
 class TritonModels:
@@ -92,7 +97,10 @@ class TritonRunner(Runner):
                 data = data.reshape(1)
             tensor = grpcclient.InferInput(in_name, list(data.shape), "BYTES")
             tensor.set_data_from_numpy(data)
-            result = self.client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(out_name)])
+            result = self.client.infer(
+                model, [tensor], outputs=[grpcclient.InferRequestedOutput(out_name)],
+                client_timeout=PARITY_REQUEST_TIMEOUT,
+            )
             out = result.as_numpy(out_name)
             parts.append(out if max_batch > 0 else out[None])
         return np.concatenate(parts, axis=0)
@@ -121,7 +129,9 @@ class TritonPixelsRunner(TritonRunner):
 
         super().open()
         # One client for the run: it reads the transform and limits from the server once.
-        self.pixels_client = ClipClient(self.url, prefix=self.models.prefix, preprocess="client")
+        self.pixels_client = ClipClient(
+            self.url, prefix=self.models.prefix, preprocess="client", timeout=PARITY_REQUEST_TIMEOUT
+        )
 
     def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
         if tower != "image":

@@ -1,0 +1,176 @@
+"""Graph weights kept on disk: the FP16 conversion reads and writes them tensor by tensor.
+
+Why (docs/engines.md, "Memory"): with upb protobuf a `TensorProto.raw_data` lives in its model's
+arena until the whole model is freed, so converting weights in place keeps the FP32 and the FP16
+bytes at once, and `onnx.load` of an external-data graph keeps a copy of each tensor on the way.
+Here the graph is a weight-free skeleton whose initializers point into sidecar files; weights are
+read in chunks of WEIGHT_CHUNK_BYTES, converted and appended to the new sidecar. The process holds
+the skeleton plus one chunk, whatever the model's size.
+
+We read sidecars ourselves rather than with `onnx.load_external_data_for_model`: that refuses a
+file with more than one hard link, and `clip-triton repository` hard-links the export's weights
+into the repository (exporter/common.py, `link_or_copy`). The same confinement as onnx's loader
+applies: a location must be a plain relative path inside the graph's own folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.common import ClipTritonError
+
+WEIGHT_CHUNK_BYTES = 16 << 20  # a multiple of every element size; the clipping makes ~5 copies of a chunk
+ALIGN = 4096  # sidecar offsets on page boundaries, so runtimes may map tensors in place
+INLINE_MAX_BYTES = 1024  # onnx's own default threshold for moving a tensor out of the graph
+
+
+@dataclass(frozen=True)
+class ExternalWeight:
+    """Where one initializer's bytes are: a file, an offset and a length."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def chunks(self) -> Iterator[bytes]:
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left:
+                chunk = f.read(min(WEIGHT_CHUNK_BYTES, left))
+                if not chunk:
+                    raise ClipTritonError(f"{self.path} is truncated: a tensor ends past its end")
+                left -= len(chunk)
+                yield chunk
+
+
+def external_weight(init: Any, base_dir: Path) -> ExternalWeight | None:
+    """The file range holding `init`'s data, or None when its data is inside the graph."""
+    from onnx import TensorProto
+
+    if init.data_location != TensorProto.EXTERNAL:
+        return None
+    fields = {entry.key: entry.value for entry in init.external_data}
+    location = Path(fields.get("location", ""))
+    if not location.parts or location.is_absolute() or ".." in location.parts:
+        raise ClipTritonError(
+            f"tensor {init.name!r}: external data location {str(location)!r} is not inside the graph's folder"
+        )
+    path = base_dir / location
+    if not path.is_file():
+        raise ClipTritonError(f"tensor {init.name!r}: its weights file {path} is missing")
+    offset = int(fields.get("offset", 0))
+    length = int(fields["length"]) if "length" in fields else path.stat().st_size - offset
+    return ExternalWeight(path, offset, length)
+
+
+def max_abs(init: Any, base_dir: Path) -> float:
+    """Largest |value| of a FLOAT initializer, read chunk by chunk when it is external (NaN-aware
+    like `np.abs(x).max()`: a NaN anywhere gives NaN)."""
+    from onnx import numpy_helper
+
+    where = external_weight(init, base_dir)
+    if where is None:
+        values = numpy_helper.to_array(init)
+        return float(np.abs(values).max()) if values.size else 0.0
+    peak = 0.0
+    for chunk in where.chunks():
+        part = np.frombuffer(chunk, np.float32)
+        if part.size:
+            top = float(np.abs(part).max())
+            if np.isnan(top):
+                return top
+            peak = max(peak, top)
+    return peak
+
+
+@contextmanager
+def weights_outside(src: Path) -> Iterator[Path]:
+    """A graph equivalent to `src` whose initializers over INLINE_MAX_BYTES all live in sidecars.
+
+    `src` itself when it is already so (a large export); otherwise a temporary copy beside it
+    (so `src`'s own relative sidecar paths still resolve), removed afterwards. The one full parse
+    of an inline graph happens here, and its memory is released before anything else is loaded.
+    """
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    inline = any(init.HasField("raw_data") and len(init.raw_data) > INLINE_MAX_BYTES for init in model.graph.initializer)
+    if not inline:
+        del model
+        yield src
+        return
+    fd, name = tempfile.mkstemp(prefix=".fp32-", suffix=".onnx", dir=src.parent)
+    os.close(fd)
+    tmp = Path(name)
+    sidecar = tmp.with_name(tmp.name + ".data")
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=sidecar.name, size_threshold=INLINE_MAX_BYTES)
+        del model
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+
+
+def record_sources(model: Any, base_dir: Path) -> dict[str, tuple[ExternalWeight, int]]:
+    """Each external initializer's (file range, data type), taken before a converter retypes it."""
+    sources = {}
+    for init in model.graph.initializer:
+        where = external_weight(init, base_dir)
+        if where is not None:
+            sources[init.name] = (where, int(init.data_type))
+    return sources
+
+
+def write_weights(
+    model: Any,
+    sources: dict[str, tuple[ExternalWeight, int]],
+    sidecar: Path,
+    to_float16: Callable[[np.ndarray], np.ndarray],
+) -> int:
+    """Stream every external initializer of `model` from its source into `sidecar` (new file).
+
+    A tensor the converter retyped FLOAT -> FLOAT16 goes through `to_float16` chunk by chunk (an
+    elementwise function, so chunks give the same bytes as the whole tensor); any other is
+    copied as is. Each initializer is re-pointed at `sidecar`. Returns the bytes written.
+    """
+    from onnx import TensorProto
+
+    with sidecar.open("wb") as out:
+        for init in model.graph.initializer:
+            if init.name not in sources:
+                continue
+            where, before = sources[init.name]
+            out.write(b"\0" * (-out.tell() % ALIGN))
+            start = out.tell()
+            halve = before == TensorProto.FLOAT and init.data_type == TensorProto.FLOAT16
+            for chunk in where.chunks():
+                out.write(to_float16(np.frombuffer(chunk, np.float32)).tobytes() if halve else chunk)
+            del init.external_data[:]
+            for key, value in (("location", sidecar.name), ("offset", str(start)), ("length", str(out.tell() - start))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+        return out.tell()
+
+
+def bring_inside(model: Any, base_dir: Path) -> None:
+    """Load every external initializer's bytes into the graph itself (for a graph saved inline)."""
+    from onnx import TensorProto
+
+    for init in model.graph.initializer:
+        where = external_weight(init, base_dir)
+        if where is None:
+            continue
+        init.raw_data = b"".join(where.chunks())
+        del init.external_data[:]
+        init.data_location = TensorProto.DEFAULT
