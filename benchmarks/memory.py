@@ -168,8 +168,12 @@ def tower_bytes(export_dir: Path) -> dict[str, int]:
     return sizes
 
 
-def measure_model(name: str, work: Path, progress: Any, timeout: float | None = None) -> dict[str, Any]:
-    """Every stage of one model, in order; a failed stage ends the model's run (recorded)."""
+def measure_model(
+    name: str, work: Path, progress: Any, timeout: float | None = None, keep: bool = False
+) -> dict[str, Any]:
+    """Every stage of one model, in order; a failed stage ends the model's run (recorded). The
+    export and repository are deleted afterwards unless `keep` (a large model's are ~10 GB); the
+    logs stay."""
     export_dir, repo = work / f"mem-{name}" / "export", work / f"mem-{name}" / "repo"
     logs = work / f"mem-{name}" / "logs"
     shutil.rmtree(work / f"mem-{name}", ignore_errors=True)
@@ -200,6 +204,9 @@ def measure_model(name: str, work: Path, progress: Any, timeout: float | None = 
             progress.warn(f"{name}: {stage} failed: {result.get('error')}")
             break
     judge(entry)
+    if not keep:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        shutil.rmtree(repo, ignore_errors=True)
     return entry
 
 
@@ -217,7 +224,9 @@ def judge(entry: dict[str, Any]) -> None:
     entry["pass"] = all(r.get("pass") for r in entry["stages"].values()) and len(entry["stages"]) == len(STAGES)
 
 
-def run(models: list[str], work: Path, progress: Any, timeout: float | None = None) -> dict[str, Any]:
+def run(
+    models: list[str], work: Path, progress: Any, timeout: float | None = None, keep: bool = False
+) -> dict[str, Any]:
     """The `memory` section of results.json."""
     section: dict[str, Any] = {
         "bound": f"{BOUND_FACTOR:g} x W_tower + {BOUND_EXTRA_GIB:g} GiB (W_tower: the largest tower's FP32 bytes)",
@@ -226,7 +235,7 @@ def run(models: list[str], work: Path, progress: Any, timeout: float | None = No
         "models": {},
     }
     for name in models:
-        section["models"][name] = measure_model(name, work, progress, timeout)
+        section["models"][name] = measure_model(name, work, progress, timeout, keep)
     return section
 
 
@@ -250,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="open_clip model names (default: the full list)")
     parser.add_argument("--work", type=Path, help="work folder (default: a temp dir, removed)")
     parser.add_argument("--timeout", type=float, help="seconds per stage (default: none)")
+    parser.add_argument("--keep", action="store_true", help="keep each model's export and repository")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench_run._check_out(args.out)
         started = time.perf_counter()
-        section = run(models, work, progress, args.timeout)
+        section = run(models, work, progress, args.timeout, args.keep)
         previous_file = args.out / "results.json"
         previous = json.loads(previous_file.read_text()) if previous_file.is_file() else None
         settings = Settings.quick_run(1) if args.quick else Settings.full(1)

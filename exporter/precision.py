@@ -35,8 +35,15 @@ from exporter.common import ClipTritonError, ParityError, Progress
 from exporter.loading import release_memory, release_model
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record, load_manifest
 from exporter.metrics import compare_embeddings, top1, worst_of
-from exporter.onnx_export import EXTERNAL_DATA_BYTES, save_onnx
-from exporter.onnx_weights import bring_inside, max_abs, record_sources, weights_outside, write_weights
+from exporter.onnx_export import EXTERNAL_DATA_BYTES
+from exporter.onnx_weights import (
+    max_abs,
+    record_sources,
+    save_inline,
+    tensor_bytes,
+    weights_outside,
+    write_weights,
+)
 from exporter.runtimes.onnxruntime import ort_embed, ort_session
 from exporter.runtimes.torch import torch_embed, tower_modules
 from exporter.samples import sample_inputs
@@ -219,25 +226,10 @@ def calibration_bytes(value: int | str | None = None) -> int:
     return number
 
 
-def _tensor_bytes(init: Any) -> int:
-    """An initializer's data size from its dims and type. Not `ByteSize()` or `len(raw_data)`: with
-    upb's protobuf both copy the tensor (ByteSize encodes the message)."""
-    from onnx import helper
-
-    count = 1
-    for dim in init.dims:
-        count *= int(dim)
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 1  # string tensors and other oddities: small in these graphs
-    return count * itemsize
-
-
 def _is_weight(init: Any) -> bool:
     from onnx import TensorProto
 
-    return init.data_location == TensorProto.EXTERNAL or _tensor_bytes(init) > SKELETON_KEEP_BYTES
+    return init.data_location == TensorProto.EXTERNAL or tensor_bytes(init) > SKELETON_KEEP_BYTES
 
 
 def infer_shapes_lean(model: Any) -> Any:
@@ -516,7 +508,7 @@ def _converter_on_skeletons() -> Iterator[Any]:
 
 
 def _weight_bytes(model: Any) -> int:
-    return sum(_tensor_bytes(init) for init in model.graph.initializer)
+    return sum(tensor_bytes(init) for init in model.graph.initializer)
 
 
 def convert_graph(
@@ -595,17 +587,15 @@ def convert_graph(
             sidecar = dest.with_name(dest.name + ".data")
             write_weights(converted, sources, sidecar, to_float16)
     large = _weight_bytes(converted) >= EXTERNAL_DATA_BYTES
-    if large:
-        onnx.save_model(converted, str(dest))  # the skeleton: its initializers already point at `sidecar`
-    else:
-        bring_inside(converted, dest.parent)
-        sidecar.unlink()
-        save_onnx(converted, dest, external_data=False)
-    ops = [n.op_type for n in graph.node]
-    del graph, converted, model  # the checker loads the file itself
-    release_memory()
-    # By path: works with external data; full_check runs strict shape/type inference.
+    onnx.save_model(converted, str(dest))  # the skeleton: its initializers already point at `sidecar`
+    # By path, on the skeleton: full_check runs strict shape/type inference without loading weights.
     onnx.checker.check_model(str(dest), full_check=True)
+    if not large:  # small enough for one file: the same graph with the weights streamed into it
+        save_inline(converted, dest, dest.parent)
+        sidecar.unlink()
+    ops = [n.op_type for n in graph.node]
+    del graph, converted, model
+    release_memory()
     return {
         "nodes": len(ops),
         "nodes_fp32_by_policy": len(fp32_nodes),

@@ -222,3 +222,35 @@ def test_external_data_keeps_each_towers_weights(tmp_path: Path, monkeypatch: py
         session = ort_session(moved / f"{tower}_encoder.onnx")
         ids_or_pixels = sample_inputs(load_model("ViT-S-16", random_weights=True), tower, 2)
         assert ort_embed(session, ids_or_pixels).shape == (2, manifest.embed_dim)
+
+
+@pytest.mark.parametrize("limit", [1_000_000, 10**12])
+def test_place_graph_streams_a_many_file_export(
+    vitb32_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """The TorchScript exporter writes a >2 GiB graph as one file per weight; placing it streams them
+    into one `.data` sidecar (over the limit) or into the graph (under it), never loading the whole
+    graph while the tower's PyTorch weights are still in memory. The weights come out unchanged."""
+    import onnx
+    from onnx import numpy_helper
+
+    import exporter.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", limit)
+    src = vitb32_export / "text_encoder.onnx"
+    original = onnx.load(str(src))
+    scratch = tmp_path / ".text_encoder-raw"
+    scratch.mkdir()
+    raw = scratch / "text_encoder.onnx"
+    onnx.save_model(onnx.load(str(src)), str(raw), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=1024)
+    assert len(list(scratch.iterdir())) > 20
+    placed = tmp_path / "text_encoder.onnx"
+    onnx_export._place_graph(raw, placed)
+    expected = ["text_encoder.onnx", "text_encoder.onnx.data"] if limit < 10**12 else ["text_encoder.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == expected
+    got = {i.name: numpy_helper.to_array(i, str(tmp_path)) for i in onnx.load(str(placed)).graph.initializer}
+    for init in original.graph.initializer:
+        assert got[init.name].tobytes() == numpy_helper.to_array(init).tobytes(), init.name
+    session = ort_session(placed)
+    assert session.get_inputs()[0].name == "input_ids"
