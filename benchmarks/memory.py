@@ -169,7 +169,12 @@ def tower_bytes(export_dir: Path) -> dict[str, int]:
 
 
 def measure_model(
-    name: str, work: Path, progress: Any, timeout: float | None = None, keep: bool = False
+    name: str,
+    work: Path,
+    progress: Any,
+    timeout: float | None = None,
+    keep: bool = False,
+    stages: tuple[str, ...] = STAGES,
 ) -> dict[str, Any]:
     """Every stage of one model, in order; a failed stage ends the model's run (recorded). The
     export and repository are deleted afterwards unless `keep` (a large model's are ~10 GB); the
@@ -187,10 +192,11 @@ def measure_model(
         "export": export,
         "fp16": ["fp16", "--export", str(export_dir), "-q"],
         "repository": ["repository", "--export", str(export_dir), "--out", str(repo), "--runtime", "python"],
-        "parity": ["parity", "--export", str(export_dir), "--repository", str(repo), "-q"],
+        "parity": ["parity", "--export", str(export_dir), "-q"]
+        + (["--repository", str(repo)] if "repository" in stages else []),
     }
-    entry: dict[str, Any] = {"stages": {}}
-    for stage in STAGES:
+    entry: dict[str, Any] = {"stages": {}, "stages_requested": list(stages)}
+    for stage in stages:
         with progress.step(f"{name}: {stage} (its own process, /usr/bin/time -v)"):
             result = run_stage(commands[stage], logs / f"{stage}.log", timeout)
         entry["stages"][stage] = result
@@ -221,11 +227,17 @@ def judge(entry: dict[str, Any]) -> None:
             continue
         result["multiple_of_w_tower"] = round(peak / w_max, 2) if w_max else None
         result["pass"] = bool(result["rc"] == 0 and peak <= bound)
-    entry["pass"] = all(r.get("pass") for r in entry["stages"].values()) and len(entry["stages"]) == len(STAGES)
+    wanted = entry.get("stages_requested", STAGES)
+    entry["pass"] = all(r.get("pass") for r in entry["stages"].values()) and len(entry["stages"]) == len(wanted)
 
 
 def run(
-    models: list[str], work: Path, progress: Any, timeout: float | None = None, keep: bool = False
+    models: list[str],
+    work: Path,
+    progress: Any,
+    timeout: float | None = None,
+    keep: bool = False,
+    stages: tuple[str, ...] = STAGES,
 ) -> dict[str, Any]:
     """The `memory` section of results.json."""
     section: dict[str, Any] = {
@@ -235,7 +247,7 @@ def run(
         "models": {},
     }
     for name in models:
-        section["models"][name] = measure_model(name, work, progress, timeout, keep)
+        section["models"][name] = measure_model(name, work, progress, timeout, keep, stages)
     return section
 
 
@@ -260,15 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="work folder (default: a temp dir, removed)")
     parser.add_argument("--timeout", type=float, help="seconds per stage (default: none)")
     parser.add_argument("--keep", action="store_true", help="keep each model's export and repository")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated subset of " + ",".join(STAGES) + " (parity without repository: "
+                        "ONNX graphs only, no server)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    stages = tuple(s for s in STAGES if s in args.stages.split(","))
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown or not stages:
+        parser.error(f"--stages: unknown {sorted(unknown)}; choose from {','.join(STAGES)}")
     models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
     progress = Progress("bench")
     work = args.work or Path(tempfile.mkdtemp(prefix="clip-triton-memory-"))
     try:
         bench_run._check_out(args.out)
         started = time.perf_counter()
-        section = run(models, work, progress, args.timeout, args.keep)
+        section = run(models, work, progress, args.timeout, args.keep, stages)
         previous_file = args.out / "results.json"
         previous = json.loads(previous_file.read_text()) if previous_file.is_file() else None
         settings = Settings.quick_run(1) if args.quick else Settings.full(1)

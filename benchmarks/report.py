@@ -299,7 +299,8 @@ def _memory(mem: dict[str, Any]) -> list[str]:
         for stage in stages:
             r = entry["stages"].get(stage)
             if r is None:
-                cells.append("not run")
+                asked = stage in entry.get("stages_requested", stages)
+                cells.append("not run" if asked else "not asked (`--stages`)")
                 continue
             if r.get("rc"):
                 cells.append(f"**failed** ({_f(r.get('peak_gib'), 2)}): {r.get('error', '')[:60]}")
@@ -317,7 +318,9 @@ def _memory(mem: dict[str, Any]) -> list[str]:
               "`clip-triton export --model M --random-weights --out E`, `clip-triton fp16 --export E`, "
               "`clip-triton repository --export E --out R --runtime python`, "
               "`clip-triton parity --export E --repository R`; each under `/usr/bin/time -v` "
-              "(its figure, the largest single process of the tree, is in results.json as `time_v_gib`).", ""]
+              "(its figure, the largest single process of the tree, is in results.json as `time_v_gib`). "
+              "A row run with `--stages` lacking `repository` ran parity without `--repository`: the ONNX graphs "
+              "against PyTorch, no server.", ""]
     return lines
 
 

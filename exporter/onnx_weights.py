@@ -212,12 +212,12 @@ def save_inline(model: Any, path: Path, base_dir: Path) -> None:
     pieces: list[tuple[bytes, ExternalWeight | None]] = []  # (serialised head, weight bytes to append)
     for init in model.graph.initializer:
         where = external_weight(init, base_dir)
-        head = TensorProto()
-        head.CopyFrom(init)
+        meta = TensorProto()
+        meta.CopyFrom(init)
         if where is not None:
-            del head.external_data[:]
-            head.data_location = TensorProto.DEFAULT
-        encoded = head.SerializeToString()
+            del meta.external_data[:]
+            meta.data_location = TensorProto.DEFAULT
+        encoded = meta.SerializeToString()
         if where is not None:
             encoded += _length_prefixed(_TENSOR_RAW_DATA, where.length)
         pieces.append((encoded, where))
