@@ -258,3 +258,23 @@ def test_parity_runner_holds_one_tower_session(vitb32_export: Path) -> None:
     runner.embed("text", TowerBatch(np.ones((2, manifest.text.input.shape[1]), np.int32)))
     assert set(runner.sessions) == {"text"}
     runner.close()
+
+
+def test_memory_benchmark_runs_chosen_stages_and_cleans_up(tmp_path: Path) -> None:
+    """`benchmarks.memory --stages export,parity` (how a model too large for the full chain is
+    measured): each stage its own process with a peak recorded, parity without a server, the
+    table says which stages were not asked for, and the model's export is deleted afterwards."""
+    from benchmarks import memory
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert memory.main(["--models", "ViT-S-16", "--stages", "export,parity", "--out", str(out),
+                        "--work", str(work), "--no-plots"]) == 0
+    entry = json.loads((out / "results.json").read_text())["memory"]["models"]["ViT-S-16"]
+    assert list(entry["stages"]) == ["export", "parity"] and entry["pass"] is True
+    for stage in entry["stages"].values():
+        assert stage["rc"] == 0 and 0 < stage["peak_gib"] < entry["bound_gib"]
+        assert "children_gib" not in stage  # no tritonserver below parity without --repository
+    assert "--repository" not in entry["stages"]["parity"]["command"]
+    row = next(line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("| ViT-S-16 |"))
+    assert row.count("not asked (`--stages`)") == 2
+    assert not (work / "mem-ViT-S-16" / "export").exists() and (work / "mem-ViT-S-16" / "logs" / "parity.log").is_file()
