@@ -21,7 +21,7 @@ from exporter.common import ClipTritonError, ParityError, Progress, staged_dir
 from exporter.loading import LoadedModel, release_memory, release_tower, tower_parameter_bytes
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
 from exporter.metrics import compare_embeddings, worst_of
-from exporter.onnx_weights import record_sources, save_inline, write_weights
+from exporter.onnx_weights import inline_attribute_tensors, record_sources, save_inline, write_weights
 from exporter.runtimes.onnxruntime import ort_embed, ort_session
 from exporter.runtimes.torch import torch_embed, tower_modules
 from exporter.samples import TOKEN_DTYPE, sample_inputs
@@ -127,6 +127,7 @@ def _place_graph(raw: Path, path: Path) -> None:
     # Streamed, never loaded whole (exporter/onnx_weights.py): the tower's PyTorch weights are still
     # in memory here, and ViT-bigG's image tower alone is 7 GiB.
     model = onnx.load(str(raw), load_external_data=False)
+    inline_attribute_tensors(model, raw.parent)
     sources = record_sources(model, raw.parent)
     if not sources:  # one self-contained file over our limit (under protobuf's 2 GiB, or it would not parse)
         save_onnx(model, path, external_data=True)

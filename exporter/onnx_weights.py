@@ -139,6 +139,36 @@ def weights_outside(src: Path) -> Iterator[Path]:
         sidecar.unlink(missing_ok=True)
 
 
+def inline_attribute_tensors(model: Any, base_dir: Path) -> int:
+    """Load node-attribute tensors kept in external files (the TorchScript exporter writes even a
+    Constant's value to its own file for a >2 GiB graph) back into the graph; returns how many.
+    They are small; only initializers stay in sidecars."""
+    from onnx import AttributeProto, TensorProto
+
+    def tensors(graph: Any) -> Iterator[Any]:
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == AttributeProto.GRAPH:
+                    yield from tensors(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        yield from tensors(sub)
+
+    count = 0
+    for tensor in tensors(model.graph):
+        where = external_weight(tensor, base_dir)
+        if where is not None:
+            tensor.raw_data = b"".join(where.chunks())
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            count += 1
+    return count
+
+
 def record_sources(model: Any, base_dir: Path) -> dict[str, tuple[ExternalWeight, int]]:
     """Each external initializer's (file range, data type), taken before a converter retypes it."""
     sources = {}

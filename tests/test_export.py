@@ -242,8 +242,11 @@ def test_place_graph_streams_a_many_file_export(
     scratch = tmp_path / ".text_encoder-raw"
     scratch.mkdir()
     raw = scratch / "text_encoder.onnx"
+    # Constants' values too, as torch writes them for a >2 GiB graph (once broke placing ViT-H-14's text).
     onnx.save_model(onnx.load(str(src)), str(raw), save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=1024)
+                    size_threshold=8, convert_attribute=True)
+    assert any(a.t.data_location == onnx.TensorProto.EXTERNAL for n in onnx.load(str(raw), load_external_data=False)
+               .graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
     assert len(list(scratch.iterdir())) > 20
     placed = tmp_path / "text_encoder.onnx"
     onnx_export._place_graph(raw, placed)
