@@ -125,18 +125,35 @@ def weights_outside(src: Path) -> Iterator[Path]:
         del model
         yield src
         return
-    fd, name = tempfile.mkstemp(prefix=".fp32-", suffix=".onnx", dir=src.parent)
-    os.close(fd)
-    tmp = Path(name)
-    sidecar = tmp.with_name(tmp.name + ".data")
+    tmp = save_beside(model, src, ".fp32-")
+    del model
     try:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=sidecar.name, size_threshold=INLINE_MAX_BYTES)
-        del model
         yield tmp
     finally:
-        tmp.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
+        remove_saved(tmp)
+
+
+def save_beside(model: Any, beside: Path, prefix: str) -> Path:
+    """Write `model` to a new temporary graph in `beside`'s folder (so `beside`'s relative sidecar
+    paths still resolve), tensors over INLINE_MAX_BYTES tensor by tensor into its own sidecar
+    (serialising them with the graph costs ~3.5x their size at once). `remove_saved` deletes both."""
+    import onnx
+
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".onnx", dir=beside.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp.name + ".data", size_threshold=INLINE_MAX_BYTES)
+    except BaseException:
+        remove_saved(tmp)
+        raise
+    return tmp
+
+
+def remove_saved(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def inline_attribute_tensors(model: Any, base_dir: Path) -> int:

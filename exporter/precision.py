@@ -39,6 +39,8 @@ from exporter.onnx_export import EXTERNAL_DATA_BYTES
 from exporter.onnx_weights import (
     max_abs,
     record_sources,
+    remove_saved,
+    save_beside,
     save_inline,
     tensor_bytes,
     weights_outside,
@@ -338,18 +340,9 @@ def tensor_ranges(
     names = [vi.name for vi in _float_value_infos(inferred)]
     del inferred
     _add_range_outputs(model, names)
-    # Beside the source graph, so a large graph's relative external-data paths still resolve.
-    fd, tmp_name = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=model_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    sidecar = tmp.with_name(tmp.name + ".data")
+    tmp = save_beside(model, model_path, ".calibrate-")
+    del model  # the session reads the file: never the Python copy and ORT's at once
     try:
-        # Weights go out tensor by tensor into a sidecar (a large graph's existing external data
-        # stays where it is): serialising them with the graph (protobuf's SerializeToString)
-        # needed ~3.5x their size at once.
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=sidecar.name, size_threshold=1024)
-        del model  # the session reads the file: never the Python copy and ORT's at once
         release_memory()
         session = ort_session(tmp, optimize=False, priority_order=True)
         outputs = [f"{_ABSMAX}{i}" for i in range(len(names))] + [f"{_SIZE}{i}" for i in range(len(names))]
@@ -376,8 +369,7 @@ def tensor_ranges(
             stats.update(runs=runs, largest_tensor_bytes_per_row=largest, budget_bytes=budget)
         return ranges
     finally:
-        tmp.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
+        remove_saved(tmp)
         release_memory()
 
 
