@@ -231,15 +231,8 @@ def judge(entry: dict[str, Any]) -> None:
     entry["pass"] = all(r.get("pass") for r in entry["stages"].values()) and len(entry["stages"]) == len(wanted)
 
 
-def run(
-    models: list[str],
-    work: Path,
-    progress: Any,
-    timeout: float | None = None,
-    keep: bool = False,
-    stages: tuple[str, ...] = STAGES,
-) -> dict[str, Any]:
-    """The `memory` section of results.json."""
+def run(models: list[str], work: Path, progress: Any, **options: Any) -> dict[str, Any]:
+    """The `memory` section of results.json; `options` are measure_model's (timeout, keep, stages)."""
     section: dict[str, Any] = {
         "bound": f"{BOUND_FACTOR:g} x W_tower + {BOUND_EXTRA_GIB:g} GiB (W_tower: the largest tower's FP32 bytes)",
         "weights": "random (seeded)",
@@ -247,7 +240,7 @@ def run(
         "models": {},
     }
     for name in models:
-        section["models"][name] = measure_model(name, work, progress, timeout, keep, stages)
+        section["models"][name] = measure_model(name, work, progress, **options)
     return section
 
 
@@ -287,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench_run._check_out(args.out)
         started = time.perf_counter()
-        section = run(models, work, progress, args.timeout, args.keep, stages)
+        section = run(models, work, progress, timeout=args.timeout, keep=args.keep, stages=stages)
         previous_file = args.out / "results.json"
         previous = json.loads(previous_file.read_text()) if previous_file.is_file() else None
         settings = Settings.quick_run(1) if args.quick else Settings.full(1)
