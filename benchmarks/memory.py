@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                         "ONNX graphs only, no server)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    stages = tuple(s for s in STAGES if s in args.stages.split(","))
-    unknown = set(args.stages.split(",")) - set(STAGES)
+    asked = args.stages.split(",")
+    stages = tuple(s for s in STAGES if s in asked)
+    unknown = set(asked) - set(STAGES)
     if unknown or not stages:
         parser.error(f"--stages: unknown {sorted(unknown)}; choose from {','.join(STAGES)}")
     models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)

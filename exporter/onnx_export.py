@@ -21,7 +21,13 @@ from exporter.common import ClipTritonError, ParityError, Progress, staged_dir
 from exporter.loading import LoadedModel, release_memory, release_tower, tower_parameter_bytes
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
 from exporter.metrics import compare_embeddings, worst_of
-from exporter.onnx_weights import inline_attribute_tensors, record_sources, save_inline, write_weights
+from exporter.onnx_weights import (
+    inline_attribute_tensors,
+    record_sources,
+    save_inline,
+    save_with_sidecar,
+    write_weights,
+)
 from exporter.runtimes.onnxruntime import ort_embed, ort_session
 from exporter.runtimes.torch import torch_embed, tower_modules
 from exporter.samples import TOKEN_DTYPE, sample_inputs
@@ -130,30 +136,13 @@ def _place_graph(raw: Path, path: Path) -> None:
     inline_attribute_tensors(model, raw.parent)
     sources = record_sources(model, raw.parent)
     if not sources:  # one self-contained file over our limit (under protobuf's 2 GiB, or it would not parse)
-        save_onnx(model, path, external_data=True)
+        save_with_sidecar(model, path)
         return
     if size <= EXTERNAL_DATA_BYTES:
         save_inline(model, path, raw.parent)
         return
     write_weights(model, sources, path.with_name(path.name + ".data"), lambda values: values)
     onnx.save_model(model, str(path))  # the skeleton: its initializers point at the sidecar
-
-
-def save_onnx(model: Any, path: Path, external_data: bool) -> None:
-    """Save a graph; with external data, all weights go to one `<name>.data` sidecar beside it."""
-    import onnx
-
-    if not external_data:
-        onnx.save_model(model, str(path))
-        return
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )
 
 
 VERIFY_BATCHES = (1, 8)

@@ -135,20 +135,26 @@ def weights_outside(src: Path) -> Iterator[Path]:
 
 def save_beside(model: Any, beside: Path, prefix: str) -> Path:
     """Write `model` to a new temporary graph in `beside`'s folder (so `beside`'s relative sidecar
-    paths still resolve), tensors over INLINE_MAX_BYTES tensor by tensor into its own sidecar
-    (serialising them with the graph costs ~3.5x their size at once). `remove_saved` deletes both."""
-    import onnx
-
+    paths still resolve), with its own sidecar (`save_with_sidecar`). `remove_saved` deletes both."""
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=".onnx", dir=beside.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=tmp.name + ".data", size_threshold=INLINE_MAX_BYTES)
+        save_with_sidecar(model, tmp)
     except BaseException:
         remove_saved(tmp)
         raise
     return tmp
+
+
+def save_with_sidecar(model: Any, path: Path) -> None:
+    """`path` plus `<name>.data`: the tensors over INLINE_MAX_BYTES that are inside the graph go to
+    the sidecar one by one (serialising them with the graph costs ~3.5x their size at once);
+    tensors already external stay where they are."""
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=INLINE_MAX_BYTES)
 
 
 def remove_saved(path: Path) -> None:

@@ -85,22 +85,7 @@ def compare_runner(
 
 
 def _compare(
-    runner: runtimes.Runner,
-    ref: dict[str, np.ndarray],
-    samples: SampleSet,
-    thresholds: dict[str, float],
-    progress: Progress,
-    text_ids_real: bool,
-) -> StageResult:
-    run = run_runner(runner, samples, progress)
-    result = judge_embeddings(run, ref, samples, thresholds, text_ids_real)
-    if result.status == ERROR and run.embeds is not None:  # it ran, but gave the wrong shape
-        progress.warn(f"{runner.name}: {result.reason}")
-    return result
-
-
-def _stage(
-    item: runtimes.Runner | runtimes.Skipped,
+    runner: runtimes.Runner | runtimes.Skipped,
     ref: dict[str, np.ndarray],
     samples: SampleSet,
     thresholds: dict[str, float],
@@ -108,9 +93,13 @@ def _stage(
     text_ids_real: bool,
 ) -> StageResult:
     """A planned runner's result: judged if it runs here, a SKIP with its reason if not."""
-    if isinstance(item, runtimes.Skipped):
-        return StageResult(item.name, SKIP, reason=item.reason)
-    return _compare(item, ref, samples, thresholds, progress, text_ids_real)
+    if isinstance(runner, runtimes.Skipped):
+        return StageResult(runner.name, SKIP, reason=runner.reason)
+    run = run_runner(runner, samples, progress)
+    result = judge_embeddings(run, ref, samples, thresholds, text_ids_real)
+    if result.status == ERROR and run.embeds is not None:  # it ran, but gave the wrong shape
+        progress.warn(f"{runner.name}: {result.reason}")
+    return result
 
 
 def check_triton_preprocessing(runner: TritonRunner, samples: SampleSet, progress: Progress) -> list[dict[str, Any]]:
@@ -232,7 +221,7 @@ def run_parity(
         if isinstance(item, TritonRunner) and url is not None and not checked:
             stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
             checked = True
-        stages.append(_stage(item, ref, sample_set, thresholds, progress, ids_real))
+        stages.append(_compare(item, ref, sample_set, thresholds, progress, ids_real))
     if url is None and repository is None:
         stages.append(StageResult("triton", SKIP, reason="no --repository or --url given"))
     elif repository is not None:
@@ -304,7 +293,7 @@ def _local_triton(
     try:
         url = server.grpc_url
         checks = _triton_checks(url, section, samples, progress, ids_real)
-        return checks + [_stage(item, ref, samples, thresholds, progress, ids_real)
+        return checks + [_compare(item, ref, samples, thresholds, progress, ids_real)
                          for item in triton_runners(url, section)]
     finally:
         with progress.step("stopping tritonserver"):
