@@ -16,7 +16,7 @@ import numpy as np
 QUICK_MEMORY_MODELS = ("ViT-B-32", "ViT-S-16")
 FULL_MEMORY_MODELS = (
     "ViT-B-32", "ViT-L-14", "EVA02-L-14", "MobileCLIP2-S4", "ViT-SO400M-14-SigLIP2-378",
-    "ViT-H-14-378-quickgelu", "ViT-H-14-worldwide-quickgelu",
+    "ViT-H-14-378-quickgelu", "ViT-H-14-worldwide-quickgelu", "ViT-bigG-14",
 )
 
 

@@ -117,8 +117,9 @@ def run_one(entry: Entry, workdir: Path, exporter: str | None = None, fp16: bool
         if loaded.tokenizer is None:
             extra = "synthetic token ids (HF tokenizer not available offline)"
             row["notes"] = f"{row['notes']}; {extra}" if row["notes"] else extra
+        # One tower's weights at a time, as the CLI exports (docs/engines.md, "Memory"): ViT-bigG fits.
         manifest = export_model(
-            loaded, out, exporter=exporter or entry.exporter, force=True, progress=progress
+            loaded, out, exporter=exporter or entry.exporter, force=True, progress=progress, release_model=True
         )
     except ClipTritonError as exc:
         row.update(status="fail", error=str(exc)[:500])
