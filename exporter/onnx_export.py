@@ -171,17 +171,6 @@ def verify_graph(path: Path, references: dict[int, tuple[np.ndarray, np.ndarray]
     return worst_of(results)
 
 
-def verify_tower(
-    module: Any,
-    path: Path,
-    loaded: LoadedModel,
-    tower: str,
-    batches: tuple[int, ...] = VERIFY_BATCHES,
-) -> dict[str, Any]:
-    """ONNX Runtime vs PyTorch at each batch size; the worst figures across them."""
-    return verify_graph(path, torch_references(module, loaded, tower, batches))
-
-
 def export_order(loaded: LoadedModel, release_model: bool) -> tuple[str, ...]:
     """Towers in export order: with `release_model`, the smaller tower first, so the larger one is
     traced with only its own weights left in memory."""
@@ -225,8 +214,9 @@ def export_model(
 
     `release_model=True` holds one tower at a time (docs/engines.md, "Memory"): the smaller tower
     is exported first, and each tower's weights are dropped from `loaded.model` once its graph is
-    written and its PyTorch references computed, before ONNX Runtime checks the graph. The caller
-    cannot use `loaded.model` afterwards; the CLI's export does not need it.
+    written and its PyTorch references computed. ONNX Runtime checks both graphs afterwards, with no
+    PyTorch weights alive. The caller cannot use `loaded.model` afterwards; the CLI's export does
+    not need it.
     """
     progress = progress or Progress("export", quiet=True)
     if exporter not in ("auto", "dynamo", "torchscript"):
@@ -242,22 +232,29 @@ def export_model(
     used: dict[str, str] = {}
     timings: dict[str, float] = {}
     parity: dict[str, Any] = {}
+    references: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     with staged_dir(out, force=force) as tmp:
-        for tower in export_order(loaded, release_model):
-            path = tmp / files[tower]
+        order = export_order(loaded, release_model)
+        for tower in order:
             start = time.perf_counter()
             with progress.step(f"{tower} tower -> {files[tower]}"):
                 # Batch 2: a batch of 1 lets the tracer specialise the batch axis.
                 example = sample_inputs(loaded, tower, 2)
-                used[tower] = _export_graph(modules[tower], example, path, inputs[tower], opset, exporter)
+                used[tower] = _export_graph(modules[tower], example, tmp / files[tower], inputs[tower], opset, exporter)
                 release_memory()
-            timings[tower] = round(time.perf_counter() - start, 2)
-            with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch 1 and 8)"):
-                references = torch_references(modules[tower], loaded, tower)
-                if release_model:  # this tower's weights are done with: ONNX Runtime opens without them
+            with progress.step(f"{tower} tower: PyTorch reference embeddings (batch 1 and 8)"):
+                references[tower] = torch_references(modules[tower], loaded, tower)
+                if release_model:  # this tower's weights are done with
                     del modules[tower]
                     release_tower(loaded, tower)
-                parity[tower] = verify_graph(path, references)
+            timings[tower] = round(time.perf_counter() - start, 2)
+        # ONNX Runtime checks come last: with release_model no PyTorch weights are alive beside a
+        # session (the first tower's session would otherwise sit on top of the second tower's weights).
+        for tower in order:
+            start = time.perf_counter()
+            with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch 1 and 8)"):
+                parity[tower] = verify_graph(tmp / files[tower], references.pop(tower))
+            timings[tower] = round(timings[tower] + time.perf_counter() - start, 2)
             progress.info(f"{tower} tower: min cosine {parity[tower]['min_cosine']:.7f}")
             if parity[tower]["min_cosine"] < min_cosine:
                 raise ParityError(
