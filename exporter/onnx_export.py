@@ -171,13 +171,31 @@ def verify_graph(path: Path, references: dict[int, tuple[np.ndarray, np.ndarray]
     return worst_of(results)
 
 
+# What exporting a tower adds over the weights already alive, per byte of its FP32 weights
+# (measured with benchmarks/memory.py, docs/engines.md "Memory"): TorchScript builds a graph under
+# protobuf's 2 GiB in memory (folded weight copies, the C++ ModelProto, its serialised bytes: ~3x);
+# a larger one is written out weight by weight as it goes (~0.5x).
+EXPORT_COST_INLINE, EXPORT_COST_EXTERNAL = 3.0, 0.5
+PROTOBUF_LIMIT = 2**31
+
+
+def plan_export_order(sizes: dict[str, int]) -> tuple[str, ...]:
+    """The tower order whose estimated peak is lower: the first tower is exported with both towers'
+    weights alive, the second with only its own (the first's are released)."""
+
+    def cost(tower: str) -> float:
+        return sizes[tower] * (EXPORT_COST_INLINE if sizes[tower] < PROTOBUF_LIMIT else EXPORT_COST_EXTERNAL)
+
+    def peak(order: tuple[str, ...]) -> float:
+        first, second = order
+        return max(sizes[first] + sizes[second] + cost(first), sizes[second] + cost(second))
+
+    return min((TOWERS, TOWERS[::-1]), key=peak)
+
+
 def export_order(loaded: LoadedModel, release_model: bool) -> tuple[str, ...]:
-    """Towers in export order: with `release_model`, the smaller tower first, so the larger one is
-    traced with only its own weights left in memory."""
-    if not release_model:
-        return TOWERS
-    sizes = tower_parameter_bytes(loaded)
-    return tuple(sorted(TOWERS, key=lambda tower: sizes[tower]))
+    """Towers in export order: with `release_model`, the order with the lower estimated peak."""
+    return plan_export_order(tower_parameter_bytes(loaded)) if release_model else TOWERS
 
 
 def versions() -> dict[str, str]:

@@ -219,6 +219,19 @@ def test_calibration_budget_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
             precision.calibration_bytes(bad)
 
 
+def test_export_order_puts_the_costlier_export_where_less_is_alive() -> None:
+    from exporter.onnx_export import plan_export_order
+
+    gib = 1 << 30
+    # ViT-L-14: both towers under 2 GiB (built in memory): the larger (image) last, alone.
+    assert plan_export_order({"image": int(1.13 * gib), "text": int(0.46 * gib)}) == ("text", "image")
+    # SigLIP2-SO400M-378: the 2.6 GiB text tower is written out as it goes, the 1.6 GiB image tower
+    # is built in memory: the image tower last, although it is the smaller one.
+    assert plan_export_order({"image": int(1.59 * gib), "text": int(2.64 * gib)}) == ("text", "image")
+    # DFN ViT-H-14-378: the 2.4 GiB image tower streams, the 1.3 GiB text tower does not.
+    assert plan_export_order({"image": int(2.36 * gib), "text": int(1.32 * gib)}) == ("image", "text")
+
+
 def test_export_one_tower_at_a_time_writes_the_same_graphs(
     vitb32_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
