@@ -306,15 +306,15 @@ class TritonServer:
                 if self.supervise:
                     self._start_supervisor()
                 return self
-            except _PortClash as exc:
+            except _Retryable as exc:
                 last_error = str(exc)
                 self._terminate()
-                if all(p is not None for p in self._requested):
+                if isinstance(exc, _PortClash) and all(p is not None for p in self._requested):
                     break  # the user's own ports: retrying cannot help
             except BaseException:
                 self._terminate()
                 raise
-        raise ClipTritonError(f"tritonserver could not bind its ports: {last_error} (log {self.log_file})")
+        raise ClipTritonError(f"tritonserver could not start: {last_error} (log {self.log_file})")
 
     def _open_log(self) -> None:
         if self._log_handle is not None:
@@ -360,6 +360,11 @@ class TritonServer:
         if "already in use" in tail:
             clash = [line.strip() for line in tail.splitlines() if "already in use" in line]
             raise _PortClash(clash[-1] if clash else f"exit {code}")
+        if "epoll_wait error" in tail:
+            # Seen once in CI (exit -6): the gRPC client library in *this* process restarts its poller
+            # thread in the forked child (a fork handler), Popen then closes that child's fds, and the
+            # child aborts before it execs tritonserver (grpc/grpc#43055). A fresh launch gets through.
+            raise _LaunchCrash(f"the launch aborted before tritonserver ran (grpc/grpc#43055), exit {code}")
         raise ClipTritonError(
             f"tritonserver exited with code {code} before it was ready; log {self.log_file}:\n{tail}"
         )
@@ -514,7 +519,15 @@ class TritonServer:
         self.stop()
 
 
-class _PortClash(Exception):
+class _Retryable(Exception):
+    """A failed start that a fresh launch can fix."""
+
+
+class _PortClash(_Retryable):
+    pass
+
+
+class _LaunchCrash(_Retryable):
     pass
 
 
