@@ -230,10 +230,10 @@ def export_model(
 ) -> Manifest:
     """Export both towers into `out` (atomically), verify them, and write the manifest.
 
-    `release_model=True` holds one tower at a time (docs/engines.md, "Memory"): the smaller tower
-    is exported first, and each tower's weights are dropped from `loaded.model` once its graph is
-    written and its PyTorch references computed. ONNX Runtime checks both graphs afterwards, with no
-    PyTorch weights alive. The caller cannot use `loaded.model` afterwards; the CLI's export does
+    `release_model=True` holds one tower at a time (docs/engines.md, "Memory"): the towers go in
+    `plan_export_order`'s order, and each tower's weights are dropped from `loaded.model` once its
+    graph is written and its PyTorch references computed. ONNX Runtime checks both graphs
+    afterwards, with no PyTorch weights alive. The caller cannot use `loaded.model` afterwards; the CLI's export does
     not need it.
     """
     progress = progress or Progress("export", quiet=True)
@@ -260,19 +260,17 @@ def export_model(
                 example = sample_inputs(loaded, tower, 2)
                 used[tower] = _export_graph(modules[tower], example, tmp / files[tower], inputs[tower], opset, exporter)
                 release_memory()
+            timings[tower] = round(time.perf_counter() - start, 2)
             with progress.step(f"{tower} tower: PyTorch reference embeddings (batch 1 and 8)"):
                 references[tower] = torch_references(modules[tower], loaded, tower)
                 if release_model:  # this tower's weights are done with
                     del modules[tower]
                     release_tower(loaded, tower)
-            timings[tower] = round(time.perf_counter() - start, 2)
         # ONNX Runtime checks come last: with release_model no PyTorch weights are alive beside a
         # session (the first tower's session would otherwise sit on top of the second tower's weights).
         for tower in order:
-            start = time.perf_counter()
             with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch 1 and 8)"):
                 parity[tower] = verify_graph(tmp / files[tower], references.pop(tower))
-            timings[tower] = round(timings[tower] + time.perf_counter() - start, 2)
             progress.info(f"{tower} tower: min cosine {parity[tower]['min_cosine']:.7f}")
             if parity[tower]["min_cosine"] < min_cosine:
                 raise ParityError(
