@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from typing import Any
 import yaml
 
 from exporter import runtimes
-from exporter.common import ClipTritonError, Progress, staged_dir
+from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, staged_dir
 from exporter.releases import TritonRelease
 from exporter.repository import repository_manifest, repository_release
+from exporter.server import ADMIN_APIS, ADMIN_HEADER
 
 TARGETS = ("k8s", "kserve")
 KSERVE_PROTOCOLS = ("grpc", "http")
@@ -74,6 +76,7 @@ class DeployOptions:
     shm_size: str = "2Gi"
     node_selector: list[str] = field(default_factory=list)  # KEY=VALUE; default on GPU: the GPU label
     kserve_protocol: str = "grpc"
+    expose_http: bool = False  # Triton's HTTP/JSON front beyond the pod (kserve --kserve-protocol http implies it)
 
 
 @dataclass
@@ -362,21 +365,109 @@ def _shm_volume(opts: DeployOptions) -> dict[str, Any]:
     return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}
 
 
-def _triton_env() -> list[dict[str, Any]]:
-    # glibc keeps freed request payloads in one arena per thread (docs/limits.md, "Memory").
-    return [{"name": "MALLOC_ARENA_MAX", "value": "2"}]
+PROBE_MOUNT = "/opt/clip-triton"
+PROBE_FILE = "health_probe.py"
+ADMIN_KEY_ENV = "CLIP_TRITON_ADMIN_KEY"
+# Probe timing (docs/deploy.md, "Health"): a dead python stub turns the pod not-ready within
+# READY_PERIOD_S + one probe, and restarts it within LIVE_PERIOD_S x LIVE_FAILURES + one probe.
+READY_PERIOD_S, LIVE_PERIOD_S, LIVE_FAILURES, PROBE_TIMEOUT_S = 10, 20, 3, 15
 
 
-def _triton_args(repository: str, http: int, grpc: int) -> list[str]:
+def _admin_secret_name(name: str) -> str:
+    return f"{name}-admin"
+
+
+def _probe_config_name(name: str) -> str:
+    return f"{name}-health-probe"
+
+
+def _triton_env(name: str) -> list[dict[str, Any]]:
+    return [
+        # glibc keeps freed request payloads in one arena per thread (docs/limits.md, "Memory").
+        {"name": "MALLOC_ARENA_MAX", "value": "2"},
+        # The header value that unlocks the admin APIs; nothing in the pod uses them, no client gets it.
+        {
+            "name": ADMIN_KEY_ENV,
+            "valueFrom": {"secretKeyRef": {"name": _admin_secret_name(name), "key": "key"}},
+        },
+    ]
+
+
+def _triton_args(repository: str, http: int, grpc: int, expose_http: bool) -> list[str]:
+    locked = f"{ADMIN_APIS}:{ADMIN_HEADER}=$({ADMIN_KEY_ENV})"  # Kubernetes expands $(VAR) from env
     return [
         f"--model-repository={repository}",
+        # Triton's HTTP/JSON front has parser faults we cannot patch (docs/limits.md, "The public
+        # surface"): on loopback it serves only the exec probes, unless the user asked to expose it.
+        f"--http-address={'0.0.0.0' if expose_http else '127.0.0.1'}",
         f"--http-port={http}",
         f"--grpc-port={grpc}",
         f"--metrics-port={METRICS_PORT}",
+        "--metrics-address=0.0.0.0",  # read-only; otherwise it would follow --http-address
+        "--model-control-mode=none",  # no client loads, unloads or replaces a model
+        f"--http-restricted-api={locked}",
+        f"--grpc-restricted-protocol={locked}",
         # Pooled gRPC request objects keep the capacity of the largest payload they carried (docs/limits.md).
         "--grpc-infer-allocation-pool-size=0",
         "--exit-on-error=true",  # a model that fails to load fails the pod, visibly
         "--strict-readiness=true",  # ready only when every model is
+    ]
+
+
+def _probe(facts: RepositoryFacts, http: int, *extra: str) -> dict[str, Any]:
+    command = ["python3", f"{PROBE_MOUNT}/{PROBE_FILE}", "--url", f"127.0.0.1:{http}", "--prefix", facts.prefix]
+    return {"exec": {"command": command + list(extra)}}
+
+
+def _probes(facts: RepositoryFacts, http: int, budget: int) -> dict[str, Any]:
+    """Startup waits for Triton's readiness; readiness and liveness run a real tiny inference through every
+    ensemble (health_probe.py), because Triton reports READY while a dead python stub fails every request."""
+    return {
+        "startupProbe": {
+            **_probe(facts, http, "--ready-only"),
+            "periodSeconds": STARTUP_PERIOD_S,
+            "timeoutSeconds": 5,
+            "failureThreshold": budget // STARTUP_PERIOD_S,
+        },
+        "livenessProbe": {
+            **_probe(facts, http),
+            "periodSeconds": LIVE_PERIOD_S,
+            "timeoutSeconds": PROBE_TIMEOUT_S,
+            "failureThreshold": LIVE_FAILURES,
+        },
+        "readinessProbe": {
+            **_probe(facts, http),
+            "periodSeconds": READY_PERIOD_S,
+            "timeoutSeconds": PROBE_TIMEOUT_S,
+            "failureThreshold": 1,
+        },
+    }
+
+
+def _probe_volume(name: str) -> dict[str, Any]:
+    return {"name": "health-probe", "configMap": {"name": _probe_config_name(name), "defaultMode": 0o444}}
+
+
+_PROBE_VOLUME_MOUNT = {"name": "health-probe", "mountPath": PROBE_MOUNT, "readOnly": True}
+
+
+def support_documents(name: str, opts: DeployOptions, labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The probe script (a ConfigMap) and the admin-API key (a Secret), for both targets."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(_probe_config_name(name), opts, labels),
+            "data": {PROBE_FILE: (REPOSITORY_SOURCES / PROBE_FILE).read_text()},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _meta(_admin_secret_name(name), opts, labels),
+            "type": "Opaque",
+            # Random per `deploy` run; changing it restarts nothing (read at container start).
+            "stringData": {"key": secrets.token_hex(16)},
+        },
     ]
 
 
@@ -399,7 +490,12 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
         _shm_volume(opts),
         {"name": "tmp", "emptyDir": {"sizeLimit": _tmp_size(facts, opts)}},
     ]
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes.append(_probe_volume(name))
+    mounts: list[dict[str, Any]] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+        _PROBE_VOLUME_MOUNT,
+    ]
     if opts.pvc:
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": opts.pvc, "readOnly": True}})
         mount: dict[str, Any] = {"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}
@@ -411,31 +507,14 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
         "image": opts.image or release.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["tritonserver"],
-        "args": _triton_args(repository, HTTP_PORT, GRPC_PORT),
-        "env": _triton_env(),
-        "ports": [
-            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+        "args": _triton_args(repository, HTTP_PORT, GRPC_PORT, opts.expose_http),
+        "env": _triton_env(name),
+        "ports": ([{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}] if opts.expose_http else [])
+        + [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "startupProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": "http"},
-            "periodSeconds": STARTUP_PERIOD_S,
-            "timeoutSeconds": 5,
-            "failureThreshold": budget // STARTUP_PERIOD_S,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": "http"},
-            "periodSeconds": 15,
-            "timeoutSeconds": 5,
-            "failureThreshold": 4,
-        },
-        "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": "http"},
-            "periodSeconds": 5,
-            "timeoutSeconds": 3,
-            "failureThreshold": 3,
-        },
+        **_probes(facts, HTTP_PORT, budget),
         # Let endpoints drop the pod before Triton stops accepting requests.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", "10"]}}},
         "resources": _resources(facts, opts, on_gpu),
@@ -511,8 +590,12 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
         "spec": {
             "type": "ClusterIP",
             "selector": _selector(name),
-            "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+            "ports": (
+                [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+                if opts.expose_http
+                else []
+            )
+            + [
                 {
                     "name": "grpc",
                     "port": GRPC_PORT,
@@ -531,10 +614,24 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
         # maxUnavailable, not minAvailable: a one-replica deployment must still let nodes drain.
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(name)}},
     }
+    # Only the client API and the metrics come in (HTTP is on loopback anyway; this also holds if a
+    # later edit exposes it by mistake). Enforced where the cluster's network plugin supports policies.
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(name, opts, labels),
+        "spec": {
+            "podSelector": {"matchLabels": _selector(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": p["containerPort"]} for p in container["ports"]]}],
+        },
+    }
     docs: dict[str, list[dict]] = {
+        "05-support.yaml": support_documents(name, opts, labels),
         "10-deployment.yaml": [deployment],
         "20-service.yaml": [service],
         "30-poddisruptionbudget.yaml": [pdb],
+        "35-networkpolicy.yaml": [policy],
     }
     if autoscale:
         target = opts.queue_time_target_us or default_queue_target_us(facts)
@@ -606,18 +703,21 @@ def kserve_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_
         "name": "kserve-container",  # the name KServe merges the InferenceService's model container into
         "image": opts.image or release.image,
         "command": ["tritonserver"],
-        "args": _triton_args("/mnt/models", KSERVE_HTTP_PORT, KSERVE_GRPC_PORT),
-        "env": _triton_env(),
+        # Knative's queue-proxy reaches the container's port on the pod's address: an HTTP protocol
+        # choice exposes Triton's HTTP front (docs/deploy.md says what that costs).
+        "args": _triton_args("/mnt/models", KSERVE_HTTP_PORT, KSERVE_GRPC_PORT, opts.expose_http or not grpc),
+        "env": _triton_env(name),
         "securityContext": _container_security(),
         "resources": _resources(facts, opts, on_gpu),
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, _PROBE_VOLUME_MOUNT],
+        **_probes(facts, KSERVE_HTTP_PORT, budget),
     }
     runtime_spec: dict[str, Any] = {
         "annotations": {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"},
         "supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": False}],
         "protocolVersions": ["v2", "grpc-v2"],
         "containers": [runtime_container],
-        "volumes": [_shm_volume(opts)],
+        "volumes": [_shm_volume(opts), _probe_volume(name)],
     }
     runtime_spec.update(_placement(facts, opts, on_gpu))
     runtime = {
@@ -663,7 +763,11 @@ def kserve_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_
         ),
         "spec": {"predictor": predictor},
     }
-    return {"10-servingruntime.yaml": [runtime], "20-inferenceservice.yaml": [isvc]}
+    return {
+        "05-support.yaml": support_documents(name, opts, labels),
+        "10-servingruntime.yaml": [runtime],
+        "20-inferenceservice.yaml": [isvc],
+    }
 
 
 def deploy_documents(facts: RepositoryFacts, opts: DeployOptions) -> dict[str, list[dict]]:

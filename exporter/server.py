@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +41,28 @@ from clients._files import pid_alive
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, MissingDependencyError
 
 LOG_TAIL_LINES = 40
+LOOPBACK = "127.0.0.1"
+# APIs no client needs and every client could abuse: load/unload (code execution, a model silently
+# gone), registering shared memory (mapping the python stubs' regions), trace and log files.
+ADMIN_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "clip-triton-admin"
+
+
+def check_host(host: str) -> str:
+    """An IPv4 address to bind to: an address, not a name (a name could resolve elsewhere tomorrow);
+    IPv4 only because tritonserver's three fronts each spell IPv6 addresses their own way."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        raise ClipTritonError(f"--host {host!r} is not an IPv4 address (e.g. 127.0.0.1 or 0.0.0.0)") from None
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.IPv4Address(host).is_loopback
+
+
+def _connect_host(host: str) -> str:
+    return LOOPBACK if ipaddress.IPv4Address(host).is_unspecified else host
 
 
 def _pytriton_server_dir() -> Path:
@@ -201,8 +225,17 @@ class TritonServer:
         supervise: bool = False,
         supervise_interval: float = 1.0,
         python: Path | None = None,
+        host: str = LOOPBACK,
+        expose_http: bool = False,
     ) -> None:
         self.repository = Path(repository).resolve()
+        # gRPC and metrics bind to `host`; HTTP/JSON stays on loopback unless `expose_http` (docs/limits.md,
+        # "The public surface"): its parser faults cannot be patched here, and the supervisor needs it.
+        self.host = check_host(host)
+        self.http_host = self.host if expose_http else LOOPBACK
+        # Model control, shared memory, trace and logging are refused without this header (a secret
+        # the supervisor alone knows): no client can load code, unload a model or map our /dev/shm.
+        self.admin_key = secrets.token_hex(16)
         self.python = Path(python) if python is not None else None
         self._requested = (grpc_port, http_port, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
@@ -222,15 +255,16 @@ class TritonServer:
     # -- endpoints ---------------------------------------------------------------------------
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        """Where a client on this machine connects (loopback when bound to every interface)."""
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{_connect_host(self.http_host)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{_connect_host(self.host)}:{self.metrics_port}/metrics"
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _command(self, server_dir: Path) -> list[str]:
@@ -241,9 +275,14 @@ class TritonServer:
             f"--model-repository={self.repository}",
             f"--backend-directory={server_dir / 'backends'}",
             f"--cache-directory={server_dir / 'caches'}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.http_host}",
             f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
+            f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=false",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
@@ -343,6 +382,8 @@ class TritonServer:
     def _http(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, str]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method=method)
+        if path.startswith("/v2/repository"):
+            request.add_header(ADMIN_HEADER, self.admin_key)
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
@@ -611,8 +652,45 @@ def _die_with_parent() -> None:
         pass
 
 
+def _where(host: str, port: int) -> str:
+    if ipaddress.IPv4Address(host).is_unspecified:
+        return f"{host}:{port} (every interface: reachable from other machines)"
+    if is_loopback(host):
+        return f"{host}:{port} (this machine only)"
+    return f"{host}:{port} (reachable from that interface's network)"
+
+
+def surface_lines(server: TritonServer) -> list[str]:
+    """What `serve` listens on, said as it is (docs/limits.md, "The public surface")."""
+    lines = [
+        f"  gRPC    {_where(server.host, server.grpc_port)}: the client API",
+        f"  HTTP    {_where(server.http_host, server.http_port)}: "
+        + ("Triton's HTTP/JSON front, EXPOSED (--expose-http)" if not is_loopback(server.http_host)
+           else "health and the supervisor; --expose-http to widen"),
+        f"  metrics {_where(server.host, server.metrics_port)}: Prometheus, read-only",
+        "  model control, shared memory, trace and logging APIs: refused to clients",
+    ]
+    if not is_loopback(server.host):
+        lines.append(
+            f"WARNING: --host {server.host} serves gRPC and metrics beyond this machine with no authentication "
+            "or TLS: put it behind a firewall or a gateway you trust (docs/limits.md)."
+        )
+    if not is_loopback(server.http_host):
+        lines.append(
+            "WARNING: --expose-http puts Triton's HTTP/JSON parser in front of clients; one crafted request "
+            "can crash or mislead it (docs/limits.md, \"The public surface\")."
+        )
+    return lines
+
+
 def serve_forever(
-    repository: Path, grpc_port: int, http_port: int, metrics_port: int, echo: Any = print
+    repository: Path,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    echo: Any = print,
+    host: str = LOOPBACK,
+    expose_http: bool = False,
 ) -> None:
     """`clip-triton serve`: run until Ctrl-C, print the endpoints once every model is READY."""
     repository = Path(repository)
@@ -621,14 +699,19 @@ def serve_forever(
     # Ctrl-C and SIGTERM both end in a clean stop (even where the shell started us with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    server = TritonServer(repository, grpc_port, http_port, metrics_port, supervise=True)
+    host = check_host(host)
+    for port, flag in ((grpc_port, "--grpc-port"), (http_port, "--http-port"), (metrics_port, "--metrics-port")):
+        if not 1 <= port <= 65535:
+            raise ClipTritonError(f"{flag} {port} is not a TCP port (1-65535)")
+    server = TritonServer(
+        repository, grpc_port, http_port, metrics_port, supervise=True, host=host, expose_http=expose_http
+    )
     server.start(timeout=600)
     try:
         states = server.model_states()
         echo(f"serving {repository} ({len(states)} models READY: {', '.join(sorted(states))})")
-        echo(f"  gRPC    {server.grpc_url}")
-        echo(f"  HTTP    http://{server.http_url}")
-        echo(f"  metrics {server.metrics_url}")
+        for line in surface_lines(server):
+            echo(line)
         echo(f"  log     {server.log_file}")
         echo("Ctrl-C to stop")
         while server.running():

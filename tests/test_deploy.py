@@ -120,7 +120,7 @@ def test_validators_refuse_broken_documents(repos: dict[str, Path]) -> None:
     for doc in [*k8s.values(), *kserve.values()]:
         validate(doc)  # as generated: valid
         unknown = copy.deepcopy(doc)
-        unknown["spec"]["notAField"] = 1
+        unknown.get("spec", unknown)["notAField"] = 1  # ConfigMap and Secret have no spec
         with pytest.raises(jsonschema.ValidationError):
             validate(unknown)
         bad_meta = copy.deepcopy(doc)
@@ -168,7 +168,7 @@ def test_k8s_manifests_validate(repos: dict[str, Path], tmp_path: Path, device: 
     kinds = _by_kind(docs)
     facts = repository_facts(repos[device])
     autoscale = "--max-replicas" not in args
-    assert set(kinds) == {"Deployment", "Service", "PodDisruptionBudget"} | (
+    assert set(kinds) == {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} | (
         {"HorizontalPodAutoscaler"} if autoscale else set()
     )
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
@@ -184,8 +184,7 @@ def test_k8s_manifests_validate(repos: dict[str, Path], tmp_path: Path, device: 
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    _assert_surface_locked(kinds, container, pod["volumes"], http_port=8000)
     limits = container["resources"]["limits"]
     assert container["resources"]["requests"] == limits
     if device == "gpu":
@@ -214,7 +213,11 @@ def test_k8s_manifests_validate(repos: dict[str, Path], tmp_path: Path, device: 
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] == budget >= 120
     service = kinds["Service"]
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    # Triton's HTTP/JSON front is not a port of the Service (it listens on loopback only).
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8001, "metrics": 8002}
+    policy = kinds["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": service["spec"]["selector"]}
+    assert sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"]) == [8001, 8002]
     assert service["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     assert kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     if "--namespace" in args:
@@ -233,6 +236,29 @@ def test_k8s_manifests_validate(repos: dict[str, Path], tmp_path: Path, device: 
         assert "nv_inference_request_success" in rule["metricsQuery"]
     else:
         assert kinds["Deployment"]["spec"]["replicas"] == 3 and not adapter.exists()
+
+
+def _assert_surface_locked(kinds: dict[str, dict], container: dict, volumes: list[dict], http_port: int) -> None:
+    """Issue 21: admin APIs locked by a key only the Secret holds, no model control, and probes that run a
+    real inference through the ensembles (health_probe.py from the ConfigMap), not Triton's own health."""
+    args = container["args"]
+    assert "--model-control-mode=none" in args
+    locked = "model-repository,shared-memory,trace,logging:clip-triton-admin=$(CLIP_TRITON_ADMIN_KEY)"
+    assert f"--http-restricted-api={locked}" in args and f"--grpc-restricted-protocol={locked}" in args
+    env = {e["name"]: e for e in container["env"]}
+    secret = kinds["Secret"]
+    ref = env["CLIP_TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and len(secret["stringData"][ref["key"]]) == 32
+    script = kinds["ConfigMap"]["data"]["health_probe.py"]
+    assert script == (Path(__file__).parents[1] / "model_repository" / "health_probe.py").read_text()
+    probe_volume = next(v for v in volumes if v["name"] == "health-probe")
+    assert probe_volume["configMap"]["name"] == kinds["ConfigMap"]["metadata"]["name"]
+    assert {"name": "health-probe", "mountPath": "/opt/clip-triton", "readOnly": True} in container["volumeMounts"]
+    command = ["python3", "/opt/clip-triton/health_probe.py", "--url", f"127.0.0.1:{http_port}", "--prefix", "clip"]
+    assert container["startupProbe"]["exec"]["command"] == [*command, "--ready-only"]
+    for kind in ("readinessProbe", "livenessProbe"):
+        assert container[kind]["exec"]["command"] == command
+    assert container["readinessProbe"]["failureThreshold"] == 1
 
 
 def test_tensorrt_plans_pin_the_compute_capability(repos: dict[str, Path]) -> None:
@@ -278,7 +304,8 @@ def test_kserve_manifests_validate(repos: dict[str, Path], tmp_path: Path, devic
     )
     assert result.returncode == 0, result.stderr
     docs = load_dir(out)
-    assert list(docs) == ["10-servingruntime.yaml", "20-inferenceservice.yaml"]  # the runtime applies first
+    # The probe script and admin key, then the runtime, then the service that names it.
+    assert list(docs) == ["05-support.yaml", "10-servingruntime.yaml", "20-inferenceservice.yaml"]
     for documents in docs.values():
         for doc in documents:
             validate(doc)
@@ -295,6 +322,11 @@ def test_kserve_manifests_validate(repos: dict[str, Path], tmp_path: Path, devic
         if "http" in args
         else {"name": "h2c", "containerPort": 9000, "protocol": "TCP"}
     )
+    (container,) = runtime["spec"]["containers"]
+    _assert_surface_locked(kinds, container, runtime["spec"]["volumes"], http_port=8080)
+    # gRPC: Triton's HTTP front on loopback; the user chose HTTP: it is the routed port.
+    address = "0.0.0.0" if "http" in args else "127.0.0.1"
+    assert f"--http-address={address}" in container["args"]
     if "--image" in args:
         assert "runtimeVersion" not in model  # it would replace the custom image's tag
         assert runtime["spec"]["containers"][0]["image"] == "registry.example.com/triton:custom"
@@ -377,3 +409,21 @@ def test_wheels_for_another_python_than_the_image_are_refused(vitb32_export: Pat
     with pytest.raises(ClipTritonError, match=f"carries python wheels for Python {local}, but"):
         deploy_documents(facts, DeployOptions(pvc="models"))
     deploy_documents(facts, DeployOptions(pvc="models", image="registry.example/triton:custom"))  # the user's image
+
+
+def test_http_front_stays_inside_the_pod_unless_asked(repos: dict[str, Path]) -> None:
+    """Issue 21: Triton's HTTP/JSON front (parser faults we cannot patch) binds to loopback and is neither a
+    container port, a Service port nor admitted by the NetworkPolicy, unless --expose-http asks for it."""
+    facts = repository_facts(repos["cpu"])
+    for expose in (False, True):
+        kinds = _by_kind(deploy_documents(facts, DeployOptions(pvc="m", cpu=True, expose_http=expose)))
+        for doc in kinds.values():
+            validate(doc)
+        (container,) = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
+        assert f"--http-address={'0.0.0.0' if expose else '127.0.0.1'}" in container["args"]
+        assert "--metrics-address=0.0.0.0" in container["args"]
+        ports = {p["name"] for p in container["ports"]}
+        assert ports == ({"http", "grpc", "metrics"} if expose else {"grpc", "metrics"})
+        assert {p["name"] for p in kinds["Service"]["spec"]["ports"]} == ports
+        admitted = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
+        assert admitted == ({8000, 8001, 8002} if expose else {8001, 8002})
