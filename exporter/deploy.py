@@ -385,6 +385,7 @@ def _triton_env(name: str) -> list[dict[str, Any]]:
     return [
         # glibc keeps freed request payloads in one arena per thread (docs/limits.md, "Memory").
         {"name": "MALLOC_ARENA_MAX", "value": "2"},
+        {"name": "MALLOC_MMAP_THRESHOLD_", "value": str(4 * 2**20)},  # large payloads returned on free
         # The header value that unlocks the admin APIs; nothing in the pod uses them, no client gets it.
         {
             "name": ADMIN_KEY_ENV,

@@ -184,3 +184,75 @@ def test_health_probe_fails_on_a_dead_server(served_vitb32, tmp_path: Path) -> N
         server.stop()
     code, message, wall, _ = _probe(server)
     assert code == 1 and "Connection refused" in message and wall < 15
+
+
+def _group_memory(server: TritonServer) -> tuple[float, float]:
+    """GiB of anonymous RSS (tritonserver and its stubs) and of the server's /dev/shm regions."""
+    anon = 0
+    for pid in [server.process.pid, *stub_processes(server.process.pid)]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        anon += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")) * 1024
+    shm = sum(p.stat().st_blocks * 512 for p in Path("/dev/shm").glob(f"{server._shm_prefix}*"))
+    return anon / 2**30, shm / 2**30
+
+
+def _text_request(client, size: int, compression: str | None):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    tensor = grpcclient.InferInput("text", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"a" * size], dtype=object).reshape(1, 1))
+    try:
+        return "OK", client.infer("clip_text", [tensor], compression_algorithm=compression).as_numpy("embedding")
+    except InferenceServerException as exc:
+        return str(exc.status()).rsplit(".", 1)[-1], exc.message()
+
+
+def test_gzip_request_is_held_to_the_same_limits(served_vitb32) -> None:
+    """A gzip-compressed gRPC request (32 MiB of text in ~32 KB on the wire) is refused by the same limit as
+    an uncompressed one, and the server answers the next request normally."""
+    import tritonclient.grpc as grpcclient
+
+    server, _, _ = served_vitb32
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        status, message = _text_request(client, 32 * 2**20, "gzip")
+        assert status == "INVALID_ARGUMENT" and "max_chars" in message, message
+        assert _text_request(client, 20, "gzip")[0] == "OK"
+        assert _text_request(client, 20, None)[0] == "OK"
+
+
+@pytest.mark.slow
+def test_memory_after_a_gigabyte_of_refused_requests(served_vitb32, tmp_path: Path, record_property) -> None:
+    """The red team's case: ~1 GiB of refused gRPC requests (gzip and plain). Anonymous memory comes back
+    within 0.5 GiB; the python stubs' shared memory keeps its largest request each (docs/limits.md, "Memory")."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    _, repo, _ = served_vitb32
+    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log").start(timeout=300)
+    try:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            assert _text_request(client, 20, None)[0] == "OK"
+            anon0, shm0 = _group_memory(server)
+            for i in range(4):
+                if i % 2 == 0:
+                    status, _ = _text_request(client, 256 * 2**20, "gzip")
+                else:
+                    tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
+                    tensor.set_data_from_numpy(np.array([b"\xff" * 256 * 2**20], dtype=object).reshape(1, 1))
+                    try:
+                        client.infer("clip_image", [tensor])
+                        status = "OK"
+                    except Exception as exc:  # noqa: BLE001
+                        status = str(exc.status()).rsplit(".", 1)[-1]
+                assert status == "INVALID_ARGUMENT"
+            time.sleep(2)
+            anon1, shm1 = _group_memory(server)
+            assert _text_request(client, 20, None)[0] == "OK"
+        record_property("anon_gib", f"{anon0:.2f} -> {anon1:.2f}")
+        record_property("shm_gib", f"{shm0:.2f} -> {shm1:.2f}")
+        assert anon1 - anon0 < 0.5, (anon0, anon1)
+        assert shm1 - shm0 < 2 * 0.26 + 0.05, (shm0, shm1)  # two stubs, 256 MiB each, not 1 GiB
+    finally:
+        server.stop()
