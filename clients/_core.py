@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import json
 import os
+import re
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +25,7 @@ from clients.errors import (
     ClientTimeoutError,
     ClipClientError,
     InvalidItemError,
+    InvalidUrlError,
     ItemError,
     ModelMismatchError,
     ModelNotFoundError,
@@ -105,21 +109,60 @@ class ClientOptions:
 
 
 def parse_urls(url: str | Sequence[str]) -> tuple[str, ...]:
-    """'a:8001,b:8001' or ['a:8001', 'b:8001'] -> ('a:8001', 'b:8001'): stripped, duplicates dropped."""
+    """'a:8001,b:8001' or ['a:8001', 'b:8001'] -> ('a:8001', 'b:8001'): stripped, each checked by
+    check_endpoint, duplicates dropped. Raises InvalidUrlError (a ValueError) naming the bad entry."""
     parts = [url] if isinstance(url, str) else list(url)
     urls: list[str] = []
     for part in parts:
         if not isinstance(part, str):
-            raise ClipClientError(f"url must be HOST:PORT strings, got {part!r}")
+            raise InvalidUrlError(f"url must be HOST:PORT strings, got {part!r}")
         for one in part.split(","):
             one = one.strip()
-            if "://" in one or (one and ":" not in one):
-                raise ClipClientError(f"url must be HOST:PORT (no scheme), got {one!r}")
-            if one and one not in urls:
+            if one and (one := check_endpoint(one)) not in urls:
                 urls.append(one)
     if not urls:
-        raise ClipClientError(f"url must name at least one HOST:PORT endpoint, got {url!r}")
+        raise InvalidUrlError(f"url must name at least one HOST:PORT endpoint, got {url!r}")
     return tuple(urls)
+
+
+# A host name or IPv4 address: letters, digits, '.', '-', '_' (no spaces, slashes or '@').
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def check_endpoint(url: str) -> str:
+    """'HOST:PORT' or '[IPV6]:PORT' with a port in 1-65535, as 'host:port' (leading zeros dropped).
+
+    gRPC itself takes '127.0.0.1:99999' and connects to port 34463 (the port wraps at 16 bits), so
+    every url is checked here before a channel is made."""
+    example = "e.g. 127.0.0.1:8001 or [::1]:8001"
+    if "://" in url:
+        raise InvalidUrlError(f"url must be HOST:PORT (no scheme), got {url!r}")
+    if url.startswith("["):
+        host, bracket, rest = url[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise InvalidUrlError(f"url {url!r} is not [IPV6]:PORT ({example})")
+        port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])  # a zone id (%eth0) may follow
+        except ValueError:
+            raise InvalidUrlError(f"url {url!r}: {host!r} is not an IPv6 address") from None
+        host = f"[{host}]"
+    else:
+        host, colon, port = url.rpartition(":")
+        if not colon:
+            raise InvalidUrlError(f"url must be HOST:PORT, got {url!r} ({example})")
+        if ":" in host:
+            raise InvalidUrlError(f"url {url!r}: an IPv6 host goes in brackets ({example})")
+        if not host:
+            raise InvalidUrlError(f"url {url!r} has no host ({example})")
+        if not _HOST.fullmatch(host):
+            raise InvalidUrlError(f"url {url!r}: {host!r} is not a host name or IP address")
+    if not _PORT.fullmatch(port):
+        raise InvalidUrlError(f"url {url!r}: port {port!r} is not a number 1-65535")
+    if not 1 <= int(port) <= 65535:
+        raise InvalidUrlError(f"url {url!r}: port {int(port)} is out of range (1-65535)")
+    return f"{host}:{int(port)}"
 
 
 @dataclass(frozen=True)
@@ -311,18 +354,125 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def encode_image(index: int, item: Any) -> bytes:
-    """Item -> encoded image bytes. Paths are read, bytes pass through, PIL images and arrays become PNG."""
-    label = item_label(item)
-    if isinstance(item, str | os.PathLike):
+# The server's default image byte limit (clip_preprocess.DEFAULT_MAX_BYTES), used when it declares none.
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+# A larger file cannot travel in one gRPC message (tritonclient's limit): the ceiling when max_bytes is 0 (off).
+MAX_MESSAGE_BYTES = 2**31 - 1
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """'a FIFO', 'a character device', ... for a stat mode that is not a regular file or a folder."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as an image file (one line), or None for a regular file.
+
+    Symlinks are followed, and named in the answer: 'not a regular file: x.jpg is a symlink to /dev/zero,
+    a character device'. Only stat() is used: a FIFO or a device is never opened."""
+    name = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            return f"file not found (a broken symlink to {os.readlink(name)})"
+        return "file not found"
+    except OSError as exc:  # a symlink loop, a name too long, a folder we may not enter
+        return f"cannot read: {exc.strerror or exc}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not an image file"
+    what = file_kind(st.st_mode)
+    if os.path.islink(path):
+        return f"not a regular file: {name} is a symlink to {os.path.realpath(path)}, {what}"
+    return f"not a regular file: {name} is {what}"
+
+
+def check_paths(items: Sequence[Any]) -> None:
+    """Fail before any request when a path is missing or not a regular file (a folder, a FIFO, a device),
+    instead of after minutes of embedding, or blocked on a FIFO."""
+    for index, item in enumerate(items):
+        if isinstance(item, str | os.PathLike) and (problem := path_problem(item)) is not None:
+            raise InvalidItemError(index, str(item), problem)
+
+
+def image_byte_limit(info: ModelInfo) -> int:
+    """The most bytes one encoded image may have: the served model's `max_bytes` parameter (its default
+    when it declares none); 0 (off) on the server still leaves gRPC's message limit."""
+    raw = info.parameters.get("max_bytes", "").strip()
+    try:
+        limit = int(raw) if raw else DEFAULT_MAX_IMAGE_BYTES
+    except ValueError:
+        limit = DEFAULT_MAX_IMAGE_BYTES
+    return limit if 0 < limit <= MAX_MESSAGE_BYTES else MAX_MESSAGE_BYTES
+
+
+def read_image_file(index: int, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """A regular file's bytes, refused without reading them when it is larger than `max_bytes`.
+
+    Opened non-blocking and checked with fstat before any read: a FIFO (even one swapped in after
+    check_paths) is refused at once instead of waiting for a writer, and a device such as /dev/zero is
+    never read. At most `max_bytes + 1` bytes are read, so a file that grows meanwhile is refused too."""
+    label = item_label(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except IsADirectoryError:
+        raise InvalidItemError(index, label, "is a folder, not an image file") from None
+    except OSError as exc:  # missing, a socket (ENXIO), no permission
+        problem = path_problem(path)
+        raise InvalidItemError(index, label, problem or f"cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        problem = path_problem(path) or f"not a regular file: {label} is {file_kind(st.st_mode)}"
+        raise InvalidItemError(index, label, problem)
+    os.set_blocking(fd, True)
+    with open(fd, "rb", buffering=0, closefd=True) as handle:
+        max_bytes = max_bytes if max_bytes > 0 else MAX_MESSAGE_BYTES
+        if st.st_size > max_bytes:
+            raise InvalidItemError(index, label, _too_large(st.st_size, max_bytes))
+        parts: list[bytes] = []
+        size, want = 0, st.st_size + 1  # one read for the whole file; more only if it grows meanwhile
         try:
-            return Path(item).read_bytes()
-        except FileNotFoundError:
-            raise InvalidItemError(index, label, "file not found") from None
-        except IsADirectoryError:
-            raise InvalidItemError(index, label, "is a folder, not an image file") from None
+            while size <= max_bytes and (part := handle.read(min(want, max_bytes + 1 - size))):
+                parts.append(part)
+                size, want = size + len(part), 1 << 20
         except OSError as exc:
             raise InvalidItemError(index, label, f"cannot read: {exc.strerror or exc}") from None
+    if size > max_bytes:
+        raise InvalidItemError(index, label, _too_large(size, max_bytes))
+    return b"".join(parts)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"image file too large: {_bytes(size)}, over the limit of {_bytes(limit)} "
+        "(the model's max_bytes parameter); not sent"
+    )
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def encode_image(index: int, item: Any, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """Item -> encoded image bytes. Paths are read (regular files of at most `max_bytes`), bytes pass
+    through, PIL images and arrays become PNG."""
+    label = item_label(item)
+    if isinstance(item, str | os.PathLike):
+        return read_image_file(index, item, max_bytes)
     if isinstance(item, bytes | bytearray | memoryview):
         data = bytes(item)
         if not data:
@@ -361,9 +511,11 @@ def pixel_encoder(info: ModelInfo) -> Callable[[int, Any], np.ndarray]:
     except (ValueError, TypeError, KeyError) as exc:
         raise ServerResponseError(f"model {info.image.model} has an unusable 'preprocess' parameter: {exc}") from None
 
+    max_bytes = limits.max_bytes if 0 < limits.max_bytes <= MAX_MESSAGE_BYTES else MAX_MESSAGE_BYTES
+
     def encode(index: int, item: Any) -> np.ndarray:
         if isinstance(item, str | os.PathLike | bytes | bytearray | memoryview):
-            data = encode_image(index, item)  # reads paths, checks bytes
+            data = encode_image(index, item, max_bytes)  # reads paths, checks bytes
             try:
                 return transform.crop_bytes(data, limits)
             except ImageInputError as exc:
@@ -372,6 +524,15 @@ def pixel_encoder(info: ModelInfo) -> Callable[[int, Any], np.ndarray]:
         return encode(index, encode_image(index, item))
 
     return encode
+
+
+def image_encoder(info: ModelInfo, preprocess: str) -> Callable[[int, Any], Any]:
+    """How embed_images turns an item into its request payload: encoded bytes (files read within the
+    model's byte limit), or with preprocess="client" the crop the server would make."""
+    if preprocess == "client":
+        return pixel_encoder(info)
+    limit = image_byte_limit(info)
+    return lambda index, item: encode_image(index, item, limit)
 
 
 def encode_text(index: int, text: Any) -> bytes:

@@ -239,7 +239,7 @@ class AsyncClipClient:
         items = list(items)
         _check_paths(items)
         info = await self.model_info()
-        encode = _core.pixel_encoder(info) if self.options.preprocess == "client" else _core.encode_image
+        encode = _core.image_encoder(info, self.options.preprocess)
         return await self._embed(info.image, items, encode, _core.item_label, progress, offload=True)
 
     async def embed_texts(self, texts: Iterable[str], *, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -263,6 +263,8 @@ class AsyncClipClient:
         progress: ProgressCallback | None = None,
     ) -> np.ndarray:
         """See ClipClient.classify."""
+        images = list(images)
+        _check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
         label_emb, image_emb = await _both(
             self.label_embeddings(labels, templates), self.embed_images(images, progress=progress)
         )

@@ -248,8 +248,14 @@ def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, 
     from clients.stream import embed_folder
 
     check_writable_parent(out / "index.json")
+
+    def notice(line: str) -> None:  # damage found and dealt with: shown even with --quiet
+        print(f"[embed] WARNING: {line}", file=sys.stderr, flush=True)
+
     with client:
-        result = embed_folder(client, folder, out, shard_size=shard_size, progress=_RateProgress(quiet))
+        result = embed_folder(
+            client, folder, out, shard_size=shard_size, progress=_RateProgress(quiet), notice=notice
+        )
         model = client.model_info.image.model
     summary = {
         "out": str(out),
@@ -259,13 +265,16 @@ def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, 
         "model": model,
         "shards": result.shards,
         "reused_shards": result.reused_shards,
+        "redone_shards": len(result.damaged),
         "embedded": result.embedded,
+        "skipped": len(result.skipped),
     }
+    redone = f"{len(result.damaged)} damaged and embedded again, " if result.damaged else ""
     typer.echo(
         json.dumps(summary)
         if json_out
         else f"wrote {result.count} x {result.dim} image embeddings to {out} in {result.shards} shard(s) "
-        f"({result.reused_shards} kept from an earlier run, {result.embedded} images embedded now)"
+        f"({result.reused_shards} kept from an earlier run, {redone}{result.embedded} images embedded now)"
     )
 
 
@@ -365,7 +374,7 @@ def search(
 ) -> None:
     """Rank a folder's images by similarity to --query; embeddings are cached next to the folder."""
     from clients._core import ranking
-    from clients.search import image_files, index_folder
+    from clients.search import describe_skipped, image_files, index_folder
 
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
@@ -378,6 +387,8 @@ def search(
         index = index_folder(
             client, images, use_cache=not no_cache, progress=_StderrProgress("search", quiet, "images")
         )
+        if index.skipped:  # a warning: shown even with --quiet
+            print(f"[search] WARNING: {describe_skipped(index.skipped, images)}", file=sys.stderr, flush=True)
         if not quiet:
             print(
                 f"[search] {len(index.paths)} images: {index.reused} from the cache, {index.embedded} embedded",

@@ -14,6 +14,10 @@ class UsageError(ClipClientError):
     """A client command was called with options that cannot work together."""
 
 
+class InvalidUrlError(UsageError, ValueError):
+    """A url is not HOST:PORT (port 1-65535, an IPv6 host in brackets); also a ValueError."""
+
+
 class ServerUnavailableError(ClipClientError):
     """The server cannot be reached (down, stopping, refused) after the configured retries."""
 

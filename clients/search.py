@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from clients._core import ProgressCallback
+from clients._core import ProgressCallback, file_kind
 from clients._files import staged_path
 from clients.errors import ClipClientError
 from clients.sync import ClipClient
@@ -20,22 +20,85 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 _CACHE_VERSION = 1
 
 
-def iter_image_files(folder: Path) -> Iterator[Path]:
+SkipCallback = Callable[[Path, str], None]
+"""Called as `skipped(path, what)` for an image-named entry that is not a regular file ('a FIFO', ...)."""
+
+
+def iter_image_files(folder: Path, skipped: SkipCallback | None = None) -> Iterator[Path]:
     """Image files under `folder`, lazily (one folder's listing at a time), hidden files and folders
-    skipped, in a deterministic order: each folder's files sorted, then its sub-folders, sorted."""
+    skipped, in a deterministic order: each folder's files sorted, then its sub-folders, sorted
+    (os.walk's order; symlinked folders are not entered).
+
+    Only regular files (or symlinks to them) are yielded: an image-named FIFO, device, socket or broken
+    symlink is never opened, only reported to `skipped`. The listing's file types come from the
+    directory entries (no stat per file, except for symlinks)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipClientError(f"{folder} is not a folder")
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(root) / name
+    yield from _walk(str(folder), skipped)
 
 
-def image_files(folder: Path) -> list[Path]:
+def _walk(top: str, skipped: SkipCallback | None) -> Iterator[Path]:
+    stack = [top]
+    while stack:
+        root = stack.pop()
+        try:
+            with os.scandir(root) as listing:
+                entries = list(listing)
+        except OSError:
+            continue  # an unreadable or vanished sub-folder: os.walk's default, skipped
+        files: list[os.DirEntry[str]] = []
+        dirs: list[os.DirEntry[str]] = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry)
+        for entry in sorted(files, key=lambda e: e.name):
+            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                regular = entry.is_file()
+            except OSError:
+                regular = False
+            if regular:
+                yield Path(entry.path)
+            elif skipped is not None:
+                skipped(Path(entry.path), _what(entry.path))
+        # Depth first, sub-folders in sorted order: pushed reversed so the first one is walked next.
+        subdirs = sorted(e.name for e in dirs if not e.name.startswith(".") and not e.is_symlink())
+        stack.extend(os.path.join(root, name) for name in reversed(subdirs))
+
+
+def _what(path: str) -> str:
+    """'a FIFO', 'a symlink to /dev/zero, a character device', 'a broken symlink', ... for a skip report."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symlink" if os.path.islink(path) else "gone"
+    what = file_kind(mode)
+    return f"a symlink to {os.path.realpath(path)}, {what}" if os.path.islink(path) else what
+
+
+def image_files(folder: Path, skipped: SkipCallback | None = None) -> list[Path]:
     """Image files under `folder` (recursive, hidden files and folders skipped), sorted for a stable order."""
-    return sorted(iter_image_files(folder))
+    return sorted(iter_image_files(folder, skipped))
+
+
+def describe_skipped(skipped: list[tuple[Path, str]], folder: Path, limit: int = 3) -> str:
+    """'skipped 2 image-named entries that are not regular files: a.jpg (a FIFO), b.png (...)'."""
+    shown = ", ".join(f"{_rel(path, folder)} ({what})" for path, what in skipped[:limit])
+    more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} image-named entr{'y' if len(skipped) == 1 else 'ies'} that are not regular " \
+        f"files: {shown}{more}"
+
+
+def _rel(path: Path, folder: Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
 
 
 @dataclass
@@ -45,6 +108,7 @@ class FolderIndex:
     reused: int  # how many came from the cache
     embedded: int  # how many were sent to the server
     cache_written: bool
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # image-named entries that are not files
 
 
 _PROBE_TEXT = "clip-triton cache probe: a photo of a cat"
@@ -105,9 +169,11 @@ def index_folder(
 ) -> FolderIndex:
     """Embeddings of every image in `folder`, reusing FOLDER/.clip-triton-cache.npz where file and model match."""
     folder = Path(folder)
-    paths = image_files(folder)
+    skipped: list[tuple[Path, str]] = []
+    paths = image_files(folder, lambda path, what: skipped.append((path, what)))
     if not paths:
-        raise ClipClientError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+        names = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ClipClientError(f"no images ({names}) under {folder}{_skipped_note(skipped, folder)}")
     identity = model_identity(client)
     cache = folder / CACHE_NAME
     keys = [_key(folder, p) for p in paths]
@@ -124,4 +190,8 @@ def index_folder(
     written = False
     if use_cache and (missing or len(cached) != len(keys)):
         written = _save_cache(cache, identity, keys, vectors)
-    return FolderIndex(paths, vectors, len(paths) - len(missing), len(missing), written)
+    return FolderIndex(paths, vectors, len(paths) - len(missing), len(missing), written, skipped)
+
+
+def _skipped_note(skipped: list[tuple[Path, str]], folder: Path) -> str:
+    return f" ({describe_skipped(skipped, folder)})" if skipped else ""

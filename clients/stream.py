@@ -3,22 +3,28 @@
 DIR/shard-00000.npy (float32 [n, D]) and DIR/shard-00000.paths.txt (the n image paths, relative to the
 folder, one per line) hold each run of `shard_size` images, in the folder's walk order
 (search.iter_image_files). DIR/index.json records the folder, the shard size, the served model (its
-key: the encoders' checksums) and, per shard, a digest of its files' names, sizes and mtimes.
+key: the encoders' checksums) and, per shard, a digest of its input files' names, sizes and mtimes and
+the sha256 of each of its two output files.
 
 Memory stays bounded: the folder is walked lazily and one shard's embeddings are held at a time.
 Each file is written beside its destination and renamed into place, and a shard enters the index
-only after both of its files are in place, so a killed run leaves no half shard; a rerun skips the
-shards whose digest still matches and redoes the rest (the interrupted shard included).
+only after both of its files are in place, so a killed run leaves no half shard. A rerun keeps a
+shard only when its input digest still matches and its output files check out (sha256, npy header,
+dtype, dim and row count, the paths equal to the folder's); it redoes the rest (the interrupted shard
+included), saying which shards were damaged and why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
+import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +33,26 @@ import numpy as np
 from clients._core import ModelInfo
 from clients._files import pid_alive, staged_path
 from clients.errors import ClipClientError, ModelMismatchError, UsageError
-from clients.search import IMAGE_SUFFIXES, iter_image_files
+from clients.search import IMAGE_SUFFIXES, describe_skipped, iter_image_files
 from clients.sync import ClipClient
 
 INDEX_NAME = "index.json"
 FORMAT = "clip-triton-embeddings"
-VERSION = 1
+VERSION = 2  # 2: per-shard sha256 of the output files. A version-1 index is read; its shards are redone.
+_READABLE = (1, 2)
 DEFAULT_SHARD_SIZE = 10_000
 # staged_path's temporary names: .NAME.tmp-PID
 _TEMP = re.compile(r"^\.(?:shard-\d+\.(?:npy|paths\.txt)|index\.json)\.tmp-(\d+)$")
+_SHARD = re.compile(r"shard-(\d{5,})")
+_SHARD_FILE = re.compile(r"(shard-\d{5,})\.(?:npy|paths\.txt)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENTRY_HASHES = ("digest", "npy_sha256", "paths_sha256")
 
 StreamProgress = Callable[[int, int, int], None]
 """Called as `progress(done, total, reused)`: images done (reused ones included) of the folder's total."""
+Notice = Callable[[str], None]
+"""Called with one line per thing the run found and dealt with (a damaged shard redone, a dropped index
+entry, skipped non-regular files); by default each becomes a warnings.warn."""
 
 
 @dataclass
@@ -49,6 +63,8 @@ class StreamResult:
     shards: int
     reused_shards: int  # found done by an earlier run and kept as they were
     embedded: int  # images sent to the server by this run
+    damaged: dict[str, str] = field(default_factory=dict)  # shard name -> why its kept files were redone
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # image-named entries that are not files
 
 
 def shard_name(k: int) -> str:
@@ -56,13 +72,44 @@ def shard_name(k: int) -> str:
 
 
 def iter_shards(out: Path) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(relative paths, float32 [n, D] embeddings) per shard of a finished DIR, in order; one shard in memory."""
-    index = _read_index(Path(out) / INDEX_NAME)
+    """(relative paths, float32 [n, D] embeddings) per shard of a finished DIR, in order; one shard in memory.
+
+    Each shard is checked as it is read (the sha256 recorded in the index, its row count): a damaged one
+    raises ClipClientError naming it (rerunning the same `clip-triton embed` redoes it)."""
+    out = Path(out)
+    path = out / INDEX_NAME
+    index = _read_index(path, out)
     if not index.get("complete"):
         raise ClipClientError(f"{out} is not finished: run the same `clip-triton embed` again to complete it")
+    again = "run the same `clip-triton embed` again to redo it"
+    for i, raw in enumerate(index["shards"]):
+        problem = _entry_problem(raw)
+        if problem is None and raw["name"] != shard_name(i):
+            problem = f"entry {i} is {raw['name']}, expected {shard_name(i)}"
+        if problem is not None:
+            raise ClipClientError(f"{path} is damaged: {problem}; {again}")
+    if sum(s["count"] for s in index["shards"]) != index.get("total"):
+        raise ClipClientError(f"{path} is damaged: its shards do not add up to its total; {again}")
     for shard in index["shards"]:
-        paths = (Path(out) / f"{shard['name']}.paths.txt").read_text(encoding="utf-8").splitlines()
-        yield paths, np.load(Path(out) / f"{shard['name']}.npy")
+        name = shard["name"]
+        try:
+            text = (out / f"{name}.paths.txt").read_bytes()
+            data = (out / f"{name}.npy").read_bytes()
+        except OSError as exc:
+            raise ClipClientError(f"{out / name} is damaged: {exc.strerror or exc}; {again}") from None
+        paths = text.decode("utf-8", errors="replace").splitlines()
+        problem = None
+        if hashlib.sha256(text).hexdigest() != shard["paths_sha256"]:
+            problem = "paths.txt checksum differs from index.json"
+        elif hashlib.sha256(data).hexdigest() != shard["npy_sha256"]:
+            problem = "npy checksum differs from index.json"
+        else:
+            vectors = np.load(io.BytesIO(data), allow_pickle=False)
+            if not (vectors.ndim == 2 and vectors.shape[0] == len(paths) == shard["count"]):
+                problem = f"{vectors.shape[0]} rows, {len(paths)} paths, index.json says {shard['count']}"
+        if problem is not None:
+            raise ClipClientError(f"{out / name} is damaged ({problem}); {again}")
+        yield paths, vectors
 
 
 def embed_folder(
@@ -72,54 +119,79 @@ def embed_folder(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: StreamProgress | None = None,
+    notice: Notice | None = None,
 ) -> StreamResult:
-    """Embed every image under `folder` into shards in `out`, resuming what an earlier run left there."""
+    """Embed every image under `folder` into shards in `out`, resuming what an earlier run left there.
+
+    `notice(line)` hears of everything found wrong and dealt with: image-named entries that are not
+    regular files (skipped), index entries dropped, kept shards whose files are damaged (redone)."""
     folder, out = Path(folder), Path(out)
+    note = notice if notice is not None else _warn
     if not folder.is_dir():
         raise ClipClientError(f"{folder} is not a folder")
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    total = sum(1 for _ in iter_image_files(folder))  # names only: the count gives progress its ETA
+    skipped: list[tuple[Path, str]] = []
+    # Names only: the count gives progress its ETA. FIFOs, devices and broken symlinks are never opened.
+    total = sum(1 for _ in iter_image_files(folder, lambda path, what: skipped.append((path, what))))
+    if skipped:
+        note(describe_skipped(skipped, folder))
     if total == 0:
         raise ClipClientError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     info = client.model_info
-    index = _open_index(out, folder, info, shard_size)
+    index, entries = _open_index(out, folder, info, shard_size, note)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(out)
-    entries: dict[str, dict[str, Any]] = {s["name"]: s for s in index["shards"]}
     index.update(total=total, complete=False)
     done = reused = embedded = reused_shards = 0
     count = 0
+    damaged: dict[str, str] = {}
     for k, paths in enumerate(_batches(iter_image_files(folder), shard_size)):
         count = k + 1
         name = shard_name(k)
         rels = [_relative(folder, p) for p in paths]
         digest = _digest(paths, rels)
         previous = entries.get(name)
-        if previous is not None and previous["digest"] == digest and _shard_files_exist(out, name):
-            done, reused, reused_shards = done + len(paths), reused + len(paths), reused_shards + 1
-            if progress is not None:
-                progress(done, total, reused)
-            continue
+        if previous is not None and previous["digest"] == digest:
+            problem = _shard_problem(out, previous, rels, info.dim)
+            if problem is None:
+                done, reused, reused_shards = done + len(paths), reused + len(paths), reused_shards + 1
+                if progress is not None:
+                    progress(done, total, reused)
+                continue
+            damaged[name] = problem
+            note(f"{name}: damaged ({problem}), embedding again")
         if previous is not None:  # its files are about to change: out of the index first
             del entries[name]
             _write_index(out, index, entries)
         within = None if progress is None else _offset(progress, done, total, reused)
         vectors = client.embed_images(paths, progress=within)
-        _write_shard(out, name, vectors, rels)
-        entries[name] = {"name": name, "count": len(paths), "digest": digest, "first": rels[0]}
+        npy_sha256, paths_sha256 = _write_shard(out, name, vectors, rels)
+        entries[name] = {
+            "name": name,
+            "count": len(paths),
+            "digest": digest,
+            "first": rels[0],
+            "npy_sha256": npy_sha256,
+            "paths_sha256": paths_sha256,
+        }
         _write_index(out, index, entries)
         done, embedded = done + len(paths), embedded + len(paths)
-    # The folder may have shrunk since an earlier run: drop shards past its end.
-    for name in [n for n in entries if n >= shard_name(count)]:
+    # The folder may have shrunk since an earlier run (or the index names shards it never had): drop
+    # entries past its end, and their files.
+    for name in sorted(n for n in entries if _number(n) >= count):
+        note(f"{name}: past the folder's end (it has {count} shard(s) now), removed")
         del entries[name]
-        for suffix in (".npy", ".paths.txt"):
-            (out / f"{name}{suffix}").unlink(missing_ok=True)
     index.update(total=done, complete=True)
     _write_index(out, index, entries)
-    return StreamResult(out, done, info.dim, count, reused_shards, embedded)
+    _remove_files_past(out, count)
+    return StreamResult(out, done, info.dim, count, reused_shards, embedded, damaged, skipped)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _offset(progress: StreamProgress, base: int, total: int, reused: int) -> Callable[[int, int], None]:
@@ -149,48 +221,165 @@ def _digest(paths: list[Path], rels: list[str]) -> str:
     return h.hexdigest()
 
 
-def _shard_files_exist(out: Path, name: str) -> bool:
-    return (out / f"{name}.npy").is_file() and (out / f"{name}.paths.txt").is_file()
+def _number(name: str) -> int:
+    return int(name.removeprefix("shard-"))
 
 
-def _write_shard(out: Path, name: str, vectors: np.ndarray, rels: list[str]) -> None:
-    with staged_path(out / f"{name}.npy") as tmp, open(tmp, "wb") as handle:  # a handle: np.save adds no suffix
-        np.save(handle, vectors.astype(np.float32, copy=False))
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_problem(out: Path, entry: dict[str, Any], rels: list[str], dim: int) -> str | None:
+    """Why a shard the index lists cannot be kept as it is (one short phrase), or None when its files
+    are exactly what was written: npy header, dtype, dim, rows and size, then the paths, then both
+    files' sha256 against the index."""
+    name = entry["name"]
+    if entry["count"] != len(rels):
+        return f"index.json says {entry['count']} images, the folder's shard has {len(rels)}"
+    npy, txt = out / f"{name}.npy", out / f"{name}.paths.txt"
+    for file, what in ((npy, "npy"), (txt, "paths.txt")):
+        if not file.exists():
+            return f"{what} missing"
+        if not file.is_file():
+            return f"{what} is not a regular file"
+    try:
+        with open(npy, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            offset = handle.tell()
+        size = os.stat(npy).st_size
+        raw = txt.read_bytes()
+    except OSError as exc:
+        return f"{Path(exc.filename or name).name} unreadable: {exc.strerror or exc}"
+    except (ValueError, EOFError) as exc:  # numpy's words for a truncated or foreign header
+        return f"npy unreadable: {' '.join(str(exc).split())[:120]}"
+    if dtype != np.dtype(np.float32) or fortran:
+        return f"npy holds {dtype}{' in Fortran order' if fortran else ''}, not float32"
+    if len(shape) != 2 or (dim > 0 and shape[1] != dim):
+        return f"npy shape is {list(shape)}, expected [{len(rels)}, {dim}]"
+    if shape[0] != len(rels):
+        return f"npy has {shape[0]} rows, expected {len(rels)}"
+    expected = offset + shape[0] * shape[1] * dtype.itemsize
+    if size < expected:
+        return f"npy truncated: {size} of {expected} bytes"
+    if size > expected:
+        return f"npy has {size - expected} bytes past its data"
+    if raw != _paths_text(rels):
+        listed = raw.decode("utf-8", errors="replace").splitlines()
+        if len(listed) != len(rels):
+            return f"paths.txt has {len(listed)} line(s), expected {len(rels)}"
+        line = next((i for i, (a, b) in enumerate(zip(listed, rels, strict=True)) if a != b), None)
+        if line is not None:
+            return f"paths.txt line {line + 1} is {listed[line][:80]!r}, expected {rels[line][:80]!r}"
+        return "paths.txt differs from the folder's paths (line breaks)"
+    if hashlib.sha256(raw).hexdigest() != entry["paths_sha256"]:
+        return "paths.txt checksum differs from index.json"
+    if _sha256_file(npy) != entry["npy_sha256"]:
+        return "npy checksum differs from index.json: replaced or edited"
+    return None
+
+
+def _paths_text(rels: list[str]) -> bytes:
+    return "".join(f"{rel}\n" for rel in rels).encode("utf-8")
+
+
+def _write_shard(out: Path, name: str, vectors: np.ndarray, rels: list[str]) -> tuple[str, str]:
+    """Both files of a shard, each renamed into place; returns their sha256 (npy, paths.txt)."""
+    with staged_path(out / f"{name}.npy") as tmp:
+        with open(tmp, "wb") as handle:  # a handle: np.save adds no suffix
+            np.save(handle, vectors.astype(np.float32, copy=False))
+        npy_sha256 = _sha256_file(tmp)
+    text = _paths_text(rels)
     with staged_path(out / f"{name}.paths.txt") as tmp:
-        tmp.write_text("".join(f"{rel}\n" for rel in rels), encoding="utf-8")
+        tmp.write_bytes(text)
+    return npy_sha256, hashlib.sha256(text).hexdigest()
 
 
 def _model_record(info: ModelInfo) -> dict[str, Any]:
     return {"key": info.key, "describe": info.describe(), "image_model": info.image.model, "dim": info.dim}
 
 
-def _read_index(path: Path) -> dict[str, Any]:
+def _read_index(path: Path, out: Path) -> dict[str, Any]:
+    """The index, its top level checked (shard entries are checked by _entry_problem): anything else
+    is a one-line ClipClientError (exit 2) rather than a guess at what the damaged index meant."""
+    fix = f"remove {out} (or give a new --out) to start again"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ClipClientError(f"cannot read {path}: {exc}; remove its folder to start again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ClipClientError(f"{path} is not a clip-triton embeddings index (version {VERSION})")
+    except OSError as exc:
+        raise ClipClientError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ClipClientError(f"{path} is damaged: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ClipClientError(f"{path} is not a clip-triton embeddings index; {fix}")
+    if data.get("version") not in _READABLE:
+        raise ClipClientError(f"{path} has version {data.get('version')!r}; this clip-triton reads {_READABLE}")
+    model = data.get("model")
+    problems = [
+        (not isinstance(data.get("folder"), str), "'folder' is not a path"),
+        (not _positive_int(data.get("shard_size")), "'shard_size' is not a positive integer"),
+        (not isinstance(model, dict), "'model' is not an object"),
+        (isinstance(model, dict) and not all(isinstance(model.get(k), str) for k in ("key", "describe")),
+         "'model' lacks its key or description"),
+        (not isinstance(data.get("shards"), list), "'shards' is not a list"),
+        (not isinstance(data.get("complete", False), bool), "'complete' is not true or false"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ClipClientError(f"{path} is damaged: {what}; {fix}")
     return data
 
 
-def _open_index(out: Path, folder: Path, info: ModelInfo, shard_size: int) -> dict[str, Any]:
-    """The index of an earlier run into `out` (checked against this one), or a fresh one."""
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _entry_problem(raw: Any) -> str | None:
+    """Why one `shards` entry of the index cannot be used (it is then dropped), or None."""
+    if not isinstance(raw, dict):
+        return f"{type(raw).__name__}, not an object"
+    name = raw.get("name")
+    if not isinstance(name, str) or not _SHARD.fullmatch(name):
+        return f"name {name!r} is not a shard name"
+    if "npy_sha256" not in raw and "paths_sha256" not in raw:
+        return f"{name} has no output checksums (written by an older clip-triton)"
+    if not _positive_int(raw.get("count")):
+        return f"{name} has no positive image count"
+    for key in _ENTRY_HASHES:
+        if not isinstance(raw.get(key), str) or not _SHA256.fullmatch(raw[key]):
+            return f"{name} has no valid {key}"
+    return None
+
+
+def _open_index(
+    out: Path, folder: Path, info: ModelInfo, shard_size: int, note: Notice
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The index of an earlier run into `out` (checked against this one) and its usable shard entries,
+    by name; or a fresh index. Entries that cannot be used are dropped, each with a notice."""
     path = out / INDEX_NAME
     source = str(folder.resolve())
-    if not path.is_file():
+    fresh = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": "image",
+        "folder": source,
+        "model": _model_record(info),
+        "shard_size": shard_size,
+        "shards": [],
+    }
+    if not path.exists():
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise UsageError(f"--out {out} holds other files and no {INDEX_NAME}: give a new or empty folder")
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "kind": "image",
-            "folder": source,
-            "model": _model_record(info),
-            "shard_size": shard_size,
-            "shards": [],
-        }
-    index = _read_index(path)
+        return fresh, {}
+    if not path.is_file():
+        raise UsageError(f"{path} is not a regular file: give a new or empty --out folder")
+    index = _read_index(path, out)
     if index["model"]["key"] != info.key:
         raise ModelMismatchError(
             f"{out} holds embeddings of {index['model']['describe']} but the server serves {info.describe()}: "
@@ -202,13 +391,37 @@ def _open_index(out: Path, folder: Path, info: ModelInfo, shard_size: int) -> di
         )
     if index["folder"] != source:
         raise UsageError(f"{out} holds embeddings of {index['folder']}, not {source}: write to a new --out")
-    return index
+    entries: dict[str, dict[str, Any]] = {}
+    twice: set[str] = set()
+    for i, raw in enumerate(index["shards"]):
+        problem = _entry_problem(raw)
+        if problem is not None:
+            note(f"{INDEX_NAME}: dropping entry {i} ({problem})")
+            continue
+        name = raw["name"]
+        if name in entries or name in twice:
+            if name not in twice:
+                note(f"{INDEX_NAME}: {name} is listed more than once; dropping it")
+            twice.add(name)
+            entries.pop(name, None)
+            continue
+        entries[name] = {k: raw[k] for k in ("name", "count", *_ENTRY_HASHES)} | {"first": raw.get("first")}
+    # Rebuilt from the fields this version knows: unknown ones are not carried forward.
+    return fresh, entries
 
 
 def _write_index(out: Path, index: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
-    index["shards"] = [entries[name] for name in sorted(entries)]
+    index["shards"] = [entries[name] for name in sorted(entries, key=_number)]
     with staged_path(out / INDEX_NAME) as tmp:
         tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+
+
+def _remove_files_past(out: Path, count: int) -> None:
+    """Shard files numbered `count` or more: an earlier run's over a larger folder (not in the index)."""
+    for entry in out.iterdir():
+        match = _SHARD_FILE.fullmatch(entry.name)
+        if match and _number(match.group(1)) >= count and entry.is_file():
+            entry.unlink(missing_ok=True)
 
 
 def _remove_stale_temp_files(out: Path) -> None:

@@ -249,7 +249,7 @@ class ClipClient:
         items = list(items)
         _check_paths(items)
         info = self.model_info
-        encode = _core.pixel_encoder(info) if self.options.preprocess == "client" else _core.encode_image
+        encode = _core.image_encoder(info, self.options.preprocess)
         return self._embed(info.image, items, encode, _core.item_label, progress)
 
     def embed_texts(self, texts: Iterable[str], *, progress: ProgressCallback | None = None) -> np.ndarray:
@@ -277,6 +277,8 @@ class ClipClient:
         softmax(logit_scale * cos) over the labels for CLIP; sigmoid(logit_scale * cos + logit_bias) per label
         when the server declares a logit_bias (SigLIP).
         """
+        images = list(images)
+        _check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
         label_emb = self.label_embeddings(labels, templates)
         image_emb = self.embed_images(images, progress=progress)
         info = self.model_info
@@ -294,12 +296,5 @@ class ClipClient:
 
 
 def _check_paths(items: list[Any]) -> None:
-    """Fail before any request when a path is missing, instead of after minutes of embedding."""
-    import os
-
-    from clients.errors import InvalidItemError
-
-    for index, item in enumerate(items):
-        if isinstance(item, str | os.PathLike) and not os.path.isfile(item):
-            reason = "is a folder, not an image file" if os.path.isdir(item) else "file not found"
-            raise InvalidItemError(index, str(item), reason)
+    """Fail before any request when a path is missing or not a regular file (_core.check_paths)."""
+    _core.check_paths(items)

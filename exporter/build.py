@@ -21,13 +21,14 @@ from exporter.common import (
     ClipTritonError,
     MissingDependencyError,
     Progress,
+    check_number,
     check_writable_parent,
     os_error_message,
     staged_file,
 )
 from exporter.manifest import MANIFEST_NAME, load_manifest
 from exporter.metrics import cosine_rows
-from exporter.parity import DEFAULT_SAMPLES, run_parity
+from exporter.parity import DEFAULT_SAMPLES, check_parity_options, run_parity
 from exporter.parity_report import FAIL, MIN_COSINE_FP16, MIN_COSINE_FP32, PASS, SKIP, format_table
 from exporter.runtimes.triton import TritonModels, TritonRunner
 
@@ -79,6 +80,13 @@ def _check_build_options(opts: BuildOptions) -> None:
         raise ClipTritonError("--skip-engines and --require-engines contradict each other")
     if opts.skip_engines and _needs_engines(opts.runtime):
         raise ClipTritonError(f"--runtime {opts.runtime} needs engines: drop --skip-engines")
+    # Every stage's numbers, before the first stage's work (each stage checks its own again).
+    from exporter.loading import MAX_SEED
+    from exporter.onnx_export import check_export_options
+
+    check_number("--seed", opts.seed, 0, MAX_SEED)
+    check_export_options(opts.opset, opts.max_batch, opts.exporter)
+    check_parity_options(opts.samples, opts.min_cosine_fp32, opts.min_cosine_fp16)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ClipTritonError(f"--out {out} is a file, not a folder")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from clients.errors import ClipClientError
-from exporter.common import ClipTritonError, Progress, os_error_message
+from exporter.common import INT32_MAX, ClipTritonError, Progress, check_number, os_error_message
 from exporter.runtimes import serving_names
 
 app = typer.Typer(
@@ -80,9 +80,10 @@ def export(
 ) -> None:
     """Export the image and text encoders to ONNX (dynamic batch) and write manifest.json."""
     from exporter.loading import load_model
-    from exporter.onnx_export import export_model
+    from exporter.onnx_export import check_export_options, export_model
 
     progress = Progress("export", quiet)
+    check_export_options(opset, max_batch, exporter)  # before the (slow) model load
     overrides = _preprocess(model, preprocess_from, image_mean, image_std, image_interpolation, image_resize_mode)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         # Checked before the (slow) model load as well as at the write.
@@ -139,9 +140,7 @@ def fp16(
 
     extra = parse_op_list(keep_fp32)
     policy = Fp16Policy.none(extra) if no_default_policy else Fp16Policy.default(extra)
-    if overflow_threshold is not None:
-        if overflow_threshold <= 0:
-            raise ClipTritonError("--overflow-threshold must be positive")
+    if overflow_threshold is not None:  # make_fp16 checks it (finite, positive)
         policy.overflow_threshold = overflow_threshold
     progress = Progress("fp16", quiet)
     manifest = make_fp16(
@@ -237,6 +236,9 @@ def repository(
         int, typer.Option(help="Refuse images whose resize step (before the crop) would exceed this many pixels.")
     ] = 16_000_000,
     max_chars: Annotated[int, typer.Option(help="Refuse texts longer than this many characters.")] = 100_000,
+    max_request_seconds: Annotated[
+        float, typer.Option(help="Fail a request still being preprocessed/tokenized after this many seconds (0: off).")
+    ] = 10.0,
     copy_files: Annotated[
         bool,
         typer.Option("--copy-files", help="Copy encoder files (default: hard-link them when on one filesystem)."),
@@ -274,6 +276,7 @@ def repository(
         max_aspect_ratio=max_aspect_ratio,
         max_resized_pixels=max_resized_pixels,
         max_chars=max_chars,
+        max_request_seconds=max_request_seconds,
         copy_files=copy_files,
         triton_release=triton_release,
         python_deps=python_deps,
@@ -290,11 +293,24 @@ def serve(
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Metrics port.")] = 8002,
+    host: Annotated[
+        str,
+        typer.Option(help="IPv4 address gRPC and metrics bind to; 0.0.0.0 opens them to every network (said loudly)."),
+    ] = "127.0.0.1",
+    expose_http: Annotated[
+        bool,
+        typer.Option(
+            "--expose-http",
+            help="Bind Triton's HTTP/JSON front to --host too (default: loopback only; docs/limits.md).",
+        ),
+    ] = False,
 ) -> None:
     """Run the embedded tritonserver (from nvidia-pytriton; CPU) in the foreground until Ctrl-C."""
     from exporter.server import serve_forever
 
-    serve_forever(repository, grpc_port, http_port, metrics_port, echo=typer.echo)
+    serve_forever(
+        repository, grpc_port, http_port, metrics_port, echo=typer.echo, host=host, expose_http=expose_http
+    )
 
 
 @app.command()
@@ -347,12 +363,26 @@ def deploy(
     kserve_protocol: Annotated[
         str, typer.Option(help="kserve: the one port Knative routes to, grpc or http.")
     ] = "grpc",
+    expose_http: Annotated[
+        bool,
+        typer.Option(
+            "--expose-http",
+            help="Expose Triton's HTTP/JSON front beyond the pod (default: loopback, for the probes only).",
+        ),
+    ] = False,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Write Kubernetes (Deployment, Service, HPA, PDB) or KServe manifests for a repository."""
+    """Write Kubernetes (Deployment, Service, HPA, PDB, NetworkPolicy) or KServe manifests for a repository."""
     from exporter.deploy import DeployOptions, write_deploy
 
+    for flag, value in (
+        ("--gpu-count", gpu_count),
+        ("--min-replicas", min_replicas),
+        ("--max-replicas", max_replicas),
+        ("--queue-time-target-us", queue_time_target_us),
+    ):
+        check_number(flag, value, high=INT32_MAX)  # Kubernetes' int32 fields; the lower bounds: write_deploy
     opts = DeployOptions(
         target=target,
         name=name,
@@ -373,6 +403,7 @@ def deploy(
         shm_size=shm_size,
         node_selector=list(node_selector or []),
         kserve_protocol=kserve_protocol,
+        expose_http=expose_http,
     )
     write_deploy(repository, out, opts, force=force, progress=Progress("deploy", quiet))
     typer.echo(f"wrote {target} manifests to {out}; apply them with: kubectl apply -f {out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import math
 import os
 import shutil
 import sys
@@ -42,6 +43,41 @@ def os_error_message(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"no space left on device{where}; free some space and run again (nothing was left half-written)"
     return f"{exc.strerror or exc}{where}"
+
+
+INT32_MAX = 2**31 - 1  # the protobuf int32 fields of a Triton config (max_batch_size, instance counts)
+
+
+def check_number(
+    flag: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    above: bool = False,
+    off: float | None = None,
+    note: str = "",
+) -> None:
+    """Refuse a numeric option that is NaN, infinite or outside [low, high] (`above`: low itself is
+    refused too). `off` is accepted besides (0: the limit is off). One line, exit 2; None passes (unset)."""
+    if value is None or (off is not None and value == off):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ClipTritonError(f"{flag} must be a number, got {value!r}")
+    if math.isfinite(value) and (low is None or value > low or (value == low and not above)):
+        if high is None or value <= high:
+            return
+
+    def text(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    span = " and ".join(
+        ([f"{'>' if above else '>='} {text(low)}"] if low is not None else [])
+        + ([f"<= {text(high)}"] if high is not None else [])
+    )
+    why = note or (f"{text(off)} turns the limit off" if off is not None else "")
+    kind = "a finite number " if isinstance(value, float) else ""
+    raise ClipTritonError(f"{flag} must be {kind}{span}{f' ({why})' if why else ''}, got {value}")
 
 
 class ParityError(ClipTritonError):

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.common import ClipTritonError, ParityError, Progress, staged_file
-from exporter.manifest import TOWERS, Manifest, file_record, load_manifest
+from exporter.common import INT32_MAX, ClipTritonError, ParityError, Progress, check_number, staged_file
+from exporter.export_inputs import load_export
+from exporter.manifest import TOWERS, Manifest, file_record
 from exporter.metrics import compare_embeddings, worst_of
 from exporter.runtimes.tensorrt import EngineRunner, TensorRTHost, require_runtime
 from exporter.runtimes.torch import torch_embed, tower_modules
@@ -50,6 +51,7 @@ def resolve_profile(
     opt = min(max(DEFAULT_OPT_BATCH, min_batch), top) if opt_batch is None else opt_batch
     if min_batch < 1:
         raise ClipTritonError(f"--min-batch must be at least 1, got {min_batch}")
+    check_number("--max-batch", top, 1, INT32_MAX)
     if not min_batch <= opt <= top:
         raise ClipTritonError(
             f"the batch profile needs 1 <= min <= opt <= max, got min {min_batch}, opt {opt}, max {top}"
@@ -178,13 +180,12 @@ def build_engines(
     export_dir = Path(export_dir)
     if not 0 <= builder_level <= MAX_BUILDER_LEVEL:
         raise ClipTritonError(f"--builder-level must be 0..{MAX_BUILDER_LEVEL}, got {builder_level}")
-    if workspace_gib is not None and workspace_gib <= 0:
-        raise ClipTritonError(f"--workspace-gib must be positive, got {workspace_gib}")
+    check_number("--workspace-gib", workspace_gib, 0, above=True)  # NaN and inf refused too
     if not 0.0 < min_cosine <= 1.0:
         raise ClipTritonError(f"--min-cosine must be in (0, 1], got {min_cosine}")
     if timing_cache is not None and timing_cache.exists() and not timing_cache.is_file():
         raise ClipTritonError(f"--timing-cache {timing_cache} is not a file")
-    manifest = load_manifest(export_dir)
+    manifest = load_export(export_dir, [("onnx", "fp16")])  # the FP16 graphs the plans are built from
     profile = resolve_profile(min_batch, opt_batch, max_batch, manifest.max_batch)
     runtime = require_runtime()
     graphs = manifest.artifacts("onnx", "fp16")

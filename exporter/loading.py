@@ -8,17 +8,17 @@ same model from the manifest).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError, Progress
-from exporter.manifest import Manifest, PreprocessConfig, TokenizerConfig, sha256_file
+from exporter.common import ClipTritonError, Progress, check_number
+from exporter.manifest import INTERPOLATIONS, RESIZE_MODES, Manifest, PreprocessConfig, TokenizerConfig, sha256_file
 
 DEFAULT_SEED = 0
-RESIZE_MODES = ("shortest", "longest", "squash")
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 @dataclass
@@ -69,6 +69,8 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
         values = values * 3
     if len(values) != 3:
         raise ClipTritonError(f"{what} needs 1 or 3 values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ClipTritonError(f"{what} values must be finite numbers, got {text!r}")
     if what.endswith("std") and any(v <= 0 for v in values):
         raise ClipTritonError(f"{what} values must be positive, got {text!r}")
     return values
@@ -244,25 +246,74 @@ def _load_checkpoint(model: Any, name: str, path: Path) -> None:
     open_clip = _import_open_clip()
     if not path.is_file():
         raise ClipTritonError(f"checkpoint {path} does not exist")
+    # The state dict open_clip finally loads (after its key conversions and position-embedding
+    # resizing), kept so a shape mismatch can be named key by key instead of by torch's 100-line message.
+    offered: dict[str, Any] = {}
+    load_state_dict = model.load_state_dict
+
+    def capture(state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        offered.update(state_dict)
+        return load_state_dict(state_dict, *args, **kwargs)
+
+    model.load_state_dict = capture
     try:
         incompatible = open_clip.load_checkpoint(model, str(path), strict=False)
     except Exception as exc:  # noqa: BLE001 - unpickling, shape mismatch, corrupt file
+        # Nothing offered yet: open_clip refused before loading (e.g. "pos_embed width changed"); compare
+        # the file's own tensors then.
+        shapes = _shape_mismatches(model, offered or _raw_state_dict(path))
+        if shapes:
+            raise ClipTritonError(f"checkpoint {path} does not match {name}: {shapes}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClipTritonError(f"checkpoint {path} does not fit {name}: {first}") from None
+    finally:
+        del model.load_state_dict  # the instance attribute: the class's method again
     missing = list(getattr(incompatible, "missing_keys", []) or [])
     unexpected = list(getattr(incompatible, "unexpected_keys", []) or [])
     if missing or unexpected:
-
-        def _few(keys: list[str]) -> str:
-            more = f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
-            return ", ".join(keys[:5]) + more
-
         parts = []
         if missing:
             parts.append(f"missing keys: {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_few(unexpected)}")
         raise ClipTritonError(f"checkpoint {path} does not match {name}: {'; '.join(parts)}")
+
+
+def _raw_state_dict(path: Path) -> dict[str, Any]:
+    try:
+        from open_clip.factory import load_state_dict  # what open_clip.load_checkpoint reads a file with
+
+        state = load_state_dict(str(path))
+    except Exception:  # noqa: BLE001 - not a state dict at all: the original error stands
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _few(items: list[str], limit: int = 5) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _shape_mismatches(model: Any, offered: dict[str, Any]) -> str:
+    """'N tensors differ in shape (checkpoint vs model): key [a, b] vs [c, d], ...' ('' when none do),
+    with the missing and unexpected keys after it: one line, whatever the checkpoint."""
+    own = model.state_dict()
+    differ = [
+        f"{key} {list(value.shape)} vs {list(own[key].shape)}"
+        for key, value in offered.items()
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    if not differ:
+        return ""
+    count = f"{len(differ)} tensors differ" if len(differ) > 1 else "1 tensor differs"
+    parts = [f"{count} in shape (checkpoint vs model): {_few(differ)}"]
+    missing = [key for key in own if key not in offered]
+    unexpected = [key for key in offered if key not in own]
+    if missing:
+        parts.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_few(unexpected)}")
+    return "; ".join(parts)
 
 
 def load_model(
@@ -277,6 +328,7 @@ def load_model(
     progress: Progress | None = None,
 ) -> LoadedModel:
     progress = progress or Progress("load", quiet=True)
+    check_number("--seed", seed, 0, MAX_SEED)
     sources = [s for s in (pretrained, checkpoint, random_weights or None) if s is not None]
     if len(sources) != 1:
         raise ClipTritonError("give exactly one of --pretrained TAG, --checkpoint FILE, --random-weights")

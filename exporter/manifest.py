@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError, staged_file
+from exporter.common import INT32_MAX, ClipTritonError, staged_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
+SCHEMA_VERSIONS = (1,)  # the manifest layouts this version reads (check_manifest)
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+# What each tower's graph takes and gives (docs/engines.md, "Token ids": int32, not int64).
+TOWER_INPUT_DTYPES = {"image": "float32", "text": "int32"}
+EMBEDDING_DTYPE = "float32"
 
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
@@ -138,19 +145,26 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"manifest has unknown keys: {sorted(unknown)}")
-        data["preprocess"] = PreprocessConfig(**data["preprocess"])
-        data["tokenizer"] = TokenizerConfig(**data["tokenizer"])
+        """Parse and check a manifest (check_manifest): ValueError names the first problem."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the manifest must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version", SCHEMA_VERSION)  # first: a newer layout has other keys
+        if type(version) is not int or version not in SCHEMA_VERSIONS:
+            raise ValueError(
+                f"schema_version {version!r} is not one this clip-triton reads "
+                f"({', '.join(map(str, SCHEMA_VERSIONS))}): written by another version? re-export with this one"
+            )
+        data = _fields_of(cls, data, "manifest")
+        data["preprocess"] = PreprocessConfig(**_fields_of(PreprocessConfig, data["preprocess"], "preprocess"))
+        data["tokenizer"] = TokenizerConfig(**_fields_of(TokenizerConfig, data["tokenizer"], "tokenizer"))
         for tower in TOWERS:
-            spec = dict(data[tower])
-            spec["input"] = TensorSpec(**spec["input"])
-            spec["output"] = TensorSpec(**spec["output"])
+            spec = _fields_of(TowerSpec, data[tower], tower)
+            for end in ("input", "output"):
+                spec[end] = TensorSpec(**_fields_of(TensorSpec, spec[end], f"{tower}.{end}"))
             data[tower] = TowerSpec(**spec)
-        return cls(**data)
+        manifest = cls(**data)
+        check_manifest(manifest)
+        return manifest
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -161,6 +175,130 @@ class Manifest:
         with staged_file(path) as tmp:  # atomic: a reader never sees half a manifest
             tmp.write_text(self.to_json())
         return path
+
+
+def _fields_of(cls: Any, data: Any, where: str) -> dict[str, Any]:
+    """`data` as keyword arguments of dataclass `cls`: an object with no unknown and no missing keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be an object, got {json.dumps(data)[:60]}")
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    unknown, missing = sorted(set(data) - known), sorted(required - set(data))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys: {unknown}")
+    if missing:
+        raise ValueError(f"{where} lacks keys: {missing}")
+    return dict(data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _int(where: str, value: Any, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{where} must be an integer {span}, got {json.dumps(value)}")
+
+
+def _text(where: str, value: Any, optional: bool = False) -> None:
+    if not ((optional and value is None) or (isinstance(value, str) and value)):
+        raise ValueError(f"{where} must be a non-empty string{' or null' if optional else ''}, got {json.dumps(value)}")
+
+
+def _numbers(where: str, value: Any, count: int) -> None:
+    if not (isinstance(value, list) and len(value) == count and all(_is_number(v) for v in value)):
+        raise ValueError(f"{where} must be {count} finite numbers, got {json.dumps(value)}")
+
+
+def _tensor(where: str, spec: TensorSpec, dtype: str, shape: list[int]) -> None:
+    _text(f"{where}.name", spec.name)
+    if spec.dtype != dtype:
+        raise ValueError(f"{where}.dtype must be {dtype}, got {json.dumps(spec.dtype)}")
+    if not (isinstance(spec.shape, list) and all(_is_int(d) for d in spec.shape)) or spec.shape != shape:
+        raise ValueError(f"{where}.shape must be {shape} (batch, then the manifest's sizes), got {spec.shape!r}")
+
+
+def check_manifest(m: Manifest) -> None:
+    """The values every later stage relies on, or ValueError naming the first one out of range.
+
+    Shapes are checked against each other here (image_size, context_length, embed_dim); against the
+    graphs themselves by exporter/export_inputs.py before any stage writes anything."""
+    _text("model_name", m.model_name)
+    _text("pretrained", m.pretrained, optional=True)
+    if m.checkpoint is not None and not (
+        isinstance(m.checkpoint, dict) and all(isinstance(m.checkpoint.get(k), str) for k in ("path", "sha256"))
+    ):
+        raise ValueError("checkpoint must be null or an object with a path and a sha256")
+    if not isinstance(m.random_weights, bool) or not (m.seed is None or _is_int(m.seed)):
+        raise ValueError("random_weights must be true or false and seed an integer or null")
+    sources = [s for s in (m.pretrained, m.checkpoint, m.random_weights or None) if s is not None]
+    if len(sources) != 1:
+        raise ValueError("exactly one of pretrained, checkpoint and random_weights must be set")
+    _int("embed_dim", m.embed_dim, 1)
+    if not _is_number(m.logit_scale) or not (m.logit_bias is None or _is_number(m.logit_bias)):
+        raise ValueError("logit_scale (and logit_bias, when set) must be finite numbers")
+    pre = m.preprocess
+    if not (isinstance(pre.size, list) and len(pre.size) == 2):
+        raise ValueError(f"preprocess.size must be [height, width], got {json.dumps(pre.size)}")
+    for i, side in enumerate(pre.size):
+        _int(f"preprocess.size[{i}]", side, 1, 65535)
+    if m.image_size != pre.size:
+        raise ValueError(f"image_size {json.dumps(m.image_size)} differs from preprocess.size {pre.size}")
+    _numbers("preprocess.mean", pre.mean, 3)
+    _numbers("preprocess.std", pre.std, 3)
+    if any(v <= 0 for v in pre.std):
+        raise ValueError(f"preprocess.std must be positive, got {pre.std}")
+    for key, value, allowed in (
+        ("mode", pre.mode, ("RGB",)),
+        ("interpolation", pre.interpolation, INTERPOLATIONS),
+        ("resize_mode", pre.resize_mode, RESIZE_MODES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"preprocess.{key} must be one of {', '.join(allowed)}, got {json.dumps(value)}")
+    _int("preprocess.fill_color", pre.fill_color, 0, 255)
+    tok = m.tokenizer
+    _text("tokenizer.kind", tok.kind)
+    _int("tokenizer.context_length", tok.context_length, 1, 1 << 20)
+    _int("tokenizer.vocab_size", tok.vocab_size, 1, INT32_MAX)
+    _int("tokenizer.pad_id", tok.pad_id, 0, tok.vocab_size - 1)
+    for key in ("sot_id", "eot_id"):
+        if getattr(tok, key) is not None:
+            _int(f"tokenizer.{key}", getattr(tok, key), 0, tok.vocab_size - 1)
+    for key in ("hf_name", "hf_file"):
+        _text(f"tokenizer.{key}", getattr(tok, key), optional=True)
+    _text("tokenizer.clean", tok.clean)
+    if not isinstance(tok.strip_sep_token, bool):
+        raise ValueError("tokenizer.strip_sep_token must be true or false")
+    inputs = {"image": [-1, 3, *pre.size], "text": [-1, tok.context_length]}
+    for tower in TOWERS:
+        spec = m.tower(tower)
+        _text(f"{tower}.file", spec.file)
+        _tensor(f"{tower}.input", spec.input, TOWER_INPUT_DTYPES[tower], inputs[tower])
+        _tensor(f"{tower}.output", spec.output, EMBEDDING_DTYPE, [-1, m.embed_dim])
+    if m.image.file == m.text.file:
+        raise ValueError(f"image.file and text.file both name {m.image.file}: each tower has its own graph")
+    _int("opset", m.opset, 1, 1000)
+    _int("max_batch", m.max_batch, 1, INT32_MAX)
+    _text("exporter", m.exporter)
+    for key in ("versions", "files", "export_parity"):
+        if not isinstance(getattr(m, key), dict):
+            raise ValueError(f"{key} must be an object")
+    for key in ("fp16", "engines", "repository", "parity"):
+        if getattr(m, key) is not None and not isinstance(getattr(m, key), dict):
+            raise ValueError(f"{key} must be an object or null")
+    profile = (m.engines or {}).get("profile")
+    if profile is not None:
+        if not isinstance(profile, dict):
+            raise ValueError("engines.profile must be an object")
+        for key in ("min", "opt", "max"):
+            _int(f"engines.profile.{key}", profile.get(key), 1, INT32_MAX)
+        if not profile["min"] <= profile["opt"] <= profile["max"]:
+            raise ValueError(f"engines.profile needs min <= opt <= max, got {json.dumps(profile)}")
 
 
 class ManifestError(ClipTritonError):

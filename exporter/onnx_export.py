@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, ParityError, Progress, staged_dir
+from exporter.common import INT32_MAX, ClipTritonError, ParityError, Progress, check_number, staged_dir
 from exporter.loading import LoadedModel, release_memory, release_tower, tower_parameter_bytes
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
 from exporter.metrics import compare_embeddings, worst_of
@@ -145,6 +145,19 @@ def _place_graph(raw: Path, path: Path) -> None:
     onnx.save_model(model, str(path))  # the skeleton: its initializers point at the sidecar
 
 
+MIN_OPSET = 7  # the oldest opset torch.onnx writes
+
+
+def check_export_options(opset: int, max_batch: int, exporter: str) -> None:
+    """The export's own options (`export`, and `build` before any work): one line each, exit 2."""
+    import onnx
+
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ClipTritonError("--exporter must be auto, dynamo or torchscript")
+    check_number("--opset", opset, MIN_OPSET, onnx.defs.onnx_opset_version(), note=f"this onnx {onnx.__version__}")
+    check_number("--max-batch", max_batch, 1, INT32_MAX)  # Triton's max_batch_size is an int32
+
+
 VERIFY_BATCHES = (1, 8)
 
 
@@ -237,10 +250,7 @@ def export_model(
     not need it.
     """
     progress = progress or Progress("export", quiet=True)
-    if exporter not in ("auto", "dynamo", "torchscript"):
-        raise ClipTritonError("--exporter must be auto, dynamo or torchscript")
-    if max_batch < 1:
-        raise ClipTritonError("--max-batch must be at least 1")
+    check_export_options(opset, max_batch, exporter)
     modules = tower_modules(loaded)
     files = ARTIFACTS[("onnx", "fp32")]
     inputs = {"image": IMAGE_INPUT, "text": TEXT_INPUT}

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from exporter import runtimes
-from exporter.common import ClipTritonError, ParityError, Progress, check_writable_parent
-from exporter.manifest import TOWERS, Manifest, load_manifest
+from exporter.common import ClipTritonError, ParityError, Progress, check_number, check_writable_parent
+from exporter.export_inputs import load_export
+from exporter.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
 from exporter.parity_report import (
     ERROR,
     MIN_COSINE_FP16,
@@ -38,6 +39,7 @@ from exporter.runtimes.triton import TritonPixelsRunner, TritonRunner, triton_ru
 from exporter.samples import SampleSet, build_samples
 
 DEFAULT_SAMPLES = 16
+MAX_SAMPLES = 10_000  # built-in samples of one run (each is rendered, preprocessed and embedded per stage)
 TRITON_STAGES = ("triton-preprocess", "triton-tokenize", "triton", TritonPixelsRunner.name)  # what a live server adds
 
 
@@ -144,6 +146,14 @@ def repository_section(manifest: Manifest, repository: Path | None) -> dict[str,
     return manifest.repository
 
 
+def check_parity_options(samples: int, min_cosine_fp32: float, min_cosine_fp16: float) -> None:
+    """The numbers of a parity run (`parity`, and `build` before any work): one line each, exit 2."""
+    check_number("--samples", samples, 0, MAX_SAMPLES)
+    for name, value in (("--min-cosine-fp32", min_cosine_fp32), ("--min-cosine-fp16", min_cosine_fp16)):
+        if not 0.0 < value <= 1.0:  # NaN fails too
+            raise ClipTritonError(f"{name} must be in (0, 1], got {value}")
+
+
 def plan_runners(ctx: runtimes.RunContext) -> list[runtimes.Runner | runtimes.Skipped]:
     """Every registered runtime's runners, in registry order: those that can run here, and a skip
     record (with its reason) for every other one."""
@@ -175,12 +185,10 @@ def run_parity(
     export_dir = Path(export_dir)
     if repository is not None and url is not None:
         raise ClipTritonError("give either --repository REPO (a local server is started) or --url, not both")
-    for name, value in (("--min-cosine-fp32", min_cosine_fp32), ("--min-cosine-fp16", min_cosine_fp16)):
-        if not 0.0 < value <= 1.0:
-            raise ClipTritonError(f"{name} must be in (0, 1], got {value}")
+    check_parity_options(samples, min_cosine_fp32, min_cosine_fp16)
     if repository is not None and not Path(repository).is_dir():
         raise ClipTritonError(f"--repository {repository} is not a folder")
-    manifest = load_manifest(export_dir)
+    manifest = load_export(export_dir, list(ARTIFACTS))  # every graph that exists is compared
     report = Path(report) if report is not None else export_dir / "parity.json"
     markdown = Path(markdown) if markdown is not None else report.with_suffix(".md")
     for dest in (report, markdown):

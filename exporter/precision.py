@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, ParityError, Progress
+from exporter.common import ClipTritonError, ParityError, Progress, check_number
+from exporter.export_inputs import load_export
 from exporter.loading import release_memory, release_model
-from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record, load_manifest
+from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record
 from exporter.metrics import compare_embeddings, top1, worst_of
 from exporter.onnx_export import EXTERNAL_DATA_BYTES
 from exporter.onnx_weights import (
@@ -218,7 +219,7 @@ def calibration_bytes(value: int | str | None = None) -> int:
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         try:
             number = int(float(text[:-1] if scale > 1 else text) * scale)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf
             source = "--calibration-bytes" if value is not None else CALIBRATION_BYTES_ENV
             raise ClipTritonError(
                 f"{source}={raw!r}: not a byte count (e.g. 536870912 or 512M)"
@@ -633,7 +634,8 @@ def make_fp16(
     export_dir = Path(export_dir)
     if not 0.0 < min_cosine <= 1.0:
         raise ClipTritonError(f"--min-cosine must be in (0, 1], got {min_cosine}")
-    manifest = load_manifest(export_dir)
+    check_number("--overflow-threshold", policy.overflow_threshold, 0, above=True)  # NaN and inf refused too
+    manifest = load_export(export_dir, [("onnx", "fp32")])  # the FP32 graphs, checked before any work
     for tower in TOWERS:
         if not (export_dir / manifest.tower(tower).file).exists():
             raise ClipTritonError(f"{export_dir / manifest.tower(tower).file} is missing; re-run export")

@@ -18,8 +18,17 @@ from typing import Any
 
 from clients import clip_preprocess
 from exporter import python_deps, runtimes
-from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, link_or_copy, staged_dir
-from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, load_manifest
+from exporter.common import (
+    INT32_MAX,
+    REPOSITORY_SOURCES,
+    ClipTritonError,
+    Progress,
+    check_number,
+    link_or_copy,
+    staged_dir,
+)
+from exporter.export_inputs import check_export, read_graph
+from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, ManifestError, load_manifest
 from exporter.pixels import PIXELS_INPUT, save_normalize_graph
 from exporter.releases import DEFAULT_RELEASE, TritonRelease, get_release, major_minor, release_for_tensorrt
 
@@ -34,9 +43,11 @@ DEFAULT_MAX_BYTES = _IMAGE_DEFAULTS.max_bytes
 DEFAULT_MAX_ASPECT_RATIO = _IMAGE_DEFAULTS.max_aspect_ratio
 DEFAULT_MAX_RESIZED_PIXELS = _IMAGE_DEFAULTS.max_resized_pixels
 DEFAULT_MAX_CHARS = 100_000
+DEFAULT_MAX_REQUEST_SECONDS = 10.0  # both python models' per-request time budget (0: none)
 # Their names (RepositoryOptions fields, config parameters, manifest keys), by the python step reading them.
 IMAGE_LIMITS = ("max_bytes", "max_pixels", "max_aspect_ratio", "max_resized_pixels")  # the preprocess model
 TEXT_LIMITS = ("max_chars",)  # the tokenize model
+REQUEST_LIMITS = ("max_request_seconds",)  # both python models (not the pixels ensemble: nothing runs there)
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEPS_LOADER = "bundled_deps.py"  # beside each python model.py: puts its deps/ on sys.path
 
@@ -75,6 +86,7 @@ class RepositoryOptions:
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
     max_chars: int = DEFAULT_MAX_CHARS
+    max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS
     copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
     # The NVIDIA container it is written for (exporter/releases.py): default, the one shipping the
     # engines' TensorRT, else the newest known. Decides the Python of the bundled wheels (docs/deploy.md).
@@ -86,8 +98,8 @@ class RepositoryOptions:
     deps_arch: str = "x86_64"  # or aarch64 (NVIDIA's arm64 / sbsa containers)
 
     def limits(self) -> dict[str, Any]:
-        """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS)."""
-        return {name: getattr(self, name) for name in (*IMAGE_LIMITS, *TEXT_LIMITS)}
+        """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS), then the per-request REQUEST_LIMITS."""
+        return {name: getattr(self, name) for name in (*IMAGE_LIMITS, *TEXT_LIMITS, *REQUEST_LIMITS)}
 
 
 def _limit_parameters(opts: RepositoryOptions, names: tuple[str, ...]) -> dict[str, str]:
@@ -126,20 +138,15 @@ def _check_options(opts: RepositoryOptions) -> str:
     serving.check_device(opts.runtime, device)
     if not opts.prefix or not all(c.isalnum() or c in "_-" for c in opts.prefix):
         raise ClipTritonError(f"--prefix must be letters, digits, '_' or '-', got {opts.prefix!r}")
-    if opts.max_batch is not None and opts.max_batch < 1:
-        raise ClipTritonError("--max-batch must be at least 1")
-    if opts.queue_delay_us < 0:
-        raise ClipTritonError("--queue-delay-us must be >= 0")
-    if opts.instances < 1:
-        raise ClipTritonError("--instances must be at least 1")
-    if opts.preprocess_instances < 1:
-        raise ClipTritonError("--preprocess-instances must be at least 1")
-    if opts.preprocess_threads < 0:
-        raise ClipTritonError("--preprocess-threads must be >= 0 (0: the serving host's cores)")
+    # Config fields are protobuf int32/uint64: out of range would be a traceback at the write.
+    check_number("--max-batch", opts.max_batch, 1, INT32_MAX)
+    check_number("--queue-delay-us", opts.queue_delay_us, 0, INT32_MAX)
+    check_number("--instances", opts.instances, 1, INT32_MAX)
+    check_number("--preprocess-instances", opts.preprocess_instances, 1, INT32_MAX)
+    check_number("--preprocess-threads", opts.preprocess_threads, 0, INT32_MAX, note="0: the serving host's cores")
     for name, value in opts.limits().items():
-        if value < 0:
-            flag = "--" + name.replace("_", "-")
-            raise ClipTritonError(f"{flag} must be >= 0 (0 turns the limit off), got {value}")
+        # 0 turns a limit off; an aspect ratio (long side / short side) under 1 would refuse every image.
+        check_number("--" + name.replace("_", "-"), value, 1 if name == "max_aspect_ratio" else 0, off=0)
     return device
 
 
@@ -160,17 +167,8 @@ def _encoder_files(export_dir: Path, manifest: Manifest, opts: RepositoryOptions
 
 
 def _external_data(path: Path) -> list[Path]:
-    """Sidecar files an ONNX graph refers to (external weights), read without loading them."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return [path.parent / loc for loc in sorted(locations)]
+    """Sidecar files an ONNX graph refers to (external weights), read without loading any weights."""
+    return [path.parent / loc for loc in sorted(set(read_graph(path).external.values()))]
 
 
 def _place_onnx(src: Path, version_dir: Path, copy: bool) -> None:
@@ -251,7 +249,15 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
     pre.input.add(**_tensor(pb, "image", "TYPE_STRING", [1]))
     pre.output.add(**_tensor(pb, img_in.name, _triton_type(img_in.dtype), img_dims))
     preprocess_params = {"preprocess": json.dumps(asdict(manifest.preprocess)), **_limit_parameters(opts, IMAGE_LIMITS)}
-    _set_params(pre, {**preprocess_params, "output_name": img_in.name, "threads": str(opts.preprocess_threads)})
+    _set_params(
+        pre,
+        {
+            **preprocess_params,
+            **_limit_parameters(opts, REQUEST_LIMITS),
+            "output_name": img_in.name,
+            "threads": str(opts.preprocess_threads),
+        },
+    )
     configs["image_preprocess"] = pre
 
     # The pixels entry point's first step: uint8 HWC -> the encoder's normalised CHW input, an ONNX
@@ -276,6 +282,7 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
             "output_name": txt_in.name,
             "output_dtype": txt_in.dtype,
             **_limit_parameters(opts, TEXT_LIMITS),
+            **_limit_parameters(opts, REQUEST_LIMITS),
         },
     )
     configs["text_tokenize"] = tok
@@ -429,7 +436,13 @@ def _readme(
     ]
     table = "\n".join(rows)
     pip = " ".join(sorted({p for wanted in _python_packages(manifest, opts).values() for p in wanted}))
-    start = "tritonserver --model-repository=/models --grpc-infer-allocation-pool-size=0"
+    # Triton's HTTP front on the container's loopback (health only), admin APIs locked by a key nobody
+    # is given (docs/limits.md, "The public surface").
+    start = (
+        "tritonserver --model-repository=/models --grpc-infer-allocation-pool-size=0 --http-address=127.0.0.1 "
+        "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:"
+        "clip-triton-admin=$(openssl rand -hex 16)"
+    )
     if target is not None:
         deps_note = (
             f"The python models carry their wheels (`<model>/1/deps/`: {pip}, pinned, for Python "
@@ -480,9 +493,14 @@ onnxruntime runtime on CPU):
 
 On a GPU host, NVIDIA's Triton container. {release_note}
 
-    docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 -e MALLOC_ARENA_MAX=2 \\
+    docker run --gpus all --rm --shm-size=1g -p 8001:8001 -p 8002:8002 -e MALLOC_ARENA_MAX=2 \\
+      --health-cmd "python3 /models/health_probe.py" --health-interval 10s \\
       -v "$PWD/{dest.name}":/models:ro {row.image} \\
       {start}
+
+gRPC (8001) is the client API; Triton's HTTP/JSON front stays inside the container (its parser has
+faults a client can trigger), where `health_probe.py` sends one tiny request through each ensemble:
+Triton's own readiness stays 200 while a dead python stub fails every request.
 
 {deps_note}
 Kubernetes or KServe: `clip-triton deploy --repository {dest.name} --out manifests/` writes the manifests.
@@ -535,6 +553,9 @@ def write_repository(
     out = Path(out)
     manifest = load_manifest(export_dir)
     device = _check_options(opts)
+    # Every file the manifest names inside the export, and the graphs served checked against it: before
+    # anything is written (exporter/export_inputs.py).
+    check_export(export_dir, manifest, [runtimes.serving(opts.runtime).artifact(opts.precision)])
     if manifest.tokenizer.kind not in ("clip", "hf"):
         raise ClipTritonError(f"tokenizer kind {manifest.tokenizer.kind!r} cannot be served by the tokenize model")
     if manifest.tokenizer.kind == "hf" and not (
@@ -612,6 +633,7 @@ def write_repository(
         }
         manifest.repository = record
         manifest.save(tmp)
+        shutil.copy2(REPOSITORY_SOURCES / "health_probe.py", tmp / "health_probe.py")
         (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out, release, target))
     # Record in the export's manifest only once the repository is in place.
     exported = load_manifest(export_dir)
@@ -628,4 +650,9 @@ def repository_models(repo: Path) -> list[str]:
 
 def repository_manifest(repo: Path) -> Manifest | None:
     path = Path(repo) / MANIFEST_NAME
-    return Manifest.from_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as exc:  # the same checks as an export's (load_manifest)
+        raise ManifestError(f"{path} is not a valid clip-triton manifest: {exc}") from None

@@ -656,7 +656,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _where(host: str, port: int) -> str:
+def _where(host: str, port: int | None) -> str:
     if ipaddress.IPv4Address(host).is_unspecified:
         return f"{host}:{port} (every interface: reachable from other machines)"
     if is_loopback(host):

@@ -256,3 +256,60 @@ def test_memory_after_a_gigabyte_of_refused_requests(served_vitb32, tmp_path: Pa
         assert shm1 - shm0 < 2 * 0.26 + 0.05, (shm0, shm1)  # two stubs, 256 MiB each, not 1 GiB
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_red_team_soak(served_vitb32) -> None:
+    """The red team's mixed soak, kept: 800 requests at concurrency 16, good and hostile interleaved (long
+    words, non-UTF-8, garbage and thin images, gzip). Every good answer is bit-identical to its reference,
+    every bad one INVALID_ARGUMENT, and the server ends healthy (the manifests' probe passes)."""
+    import io
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    server, _, _ = served_vitb32
+
+    def png(size: tuple[int, int], seed: int) -> bytes:
+        rng = np.random.default_rng(seed)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    good = [("clip_text", "text", t.encode()) for t in ("a photo of a cat", "a red circle", "zebra " * 40)]
+    good += [("clip_image", "image", png((64 + 16 * i, 48 + 8 * i), i)) for i in range(3)]
+    bad = [
+        ("clip_text", "text", b"\xff\xfe not utf-8"),
+        ("clip_text", "text", b"a" * 100_001),
+        ("clip_image", "image", b"GIF89a" + b"\0" * 50),
+        ("clip_image", "image", png((1, 3000), 9)),  # 3000:1
+        ("clip_image", "image", b""),
+    ]
+    slow_ok = [("clip_text", "text", b"x" * 100_000)]  # one long word: linear-time BPE, still answered
+
+    def call(case, compression=None):
+        model, name, data = case
+        tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=object).reshape(1, 1))
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            try:
+                return "OK", client.infer(model, [tensor], compression_algorithm=compression).as_numpy("embedding")
+            except InferenceServerException as exc:
+                return str(exc.status()).rsplit(".", 1)[-1], exc.message()
+
+    reference = {case[2]: call(case)[1] for case in good + slow_ok}
+    rng = random.Random(0)
+    plan = [(rng.choice(good + bad + slow_ok), rng.choice([None, None, "gzip"])) for _ in range(800)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda item: call(*item), plan))
+    for (case, _), (status, value) in zip(plan, results, strict=True):
+        if case in bad:
+            assert status == "INVALID_ARGUMENT", (case[0], case[2][:20], status, value)
+        else:
+            assert status == "OK", (case[0], case[2][:20], status, value)
+            assert np.array_equal(value, reference[case[2]])
+    assert _probe(server)[0] == 0

@@ -13,10 +13,12 @@ Hugging Face file path also needs the `tokenizers` package (not `transformers`).
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import json
 import os
 import string
+from collections import OrderedDict
 from functools import lru_cache
 
 import ftfy
@@ -38,10 +40,6 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(2**8 + n)
             n += 1
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
-def get_pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
-    return {(a, b) for a, b in zip(word[:-1], word[1:], strict=True)}
 
 
 def basic_clean(text: str) -> str:
@@ -78,7 +76,14 @@ def clean_fn(kind: str):
 class ClipBpeTokenizer:
     """open_clip.tokenizer.SimpleTokenizer without torch: returns an int64 array [N, context_length]."""
 
-    def __init__(self, bpe_path: str = DEFAULT_BPE, context_length: int = 77, clean: str = "lower") -> None:
+    def __init__(
+        self,
+        bpe_path: str = DEFAULT_BPE,
+        context_length: int = 77,
+        clean: str = "lower",
+        cache_size: int = 100_000,
+        cache_max_word: int = 64,
+    ) -> None:
         self.byte_encoder = bytes_to_unicode()
         with gzip.open(bpe_path) as handle:
             merges_text = handle.read().decode("utf-8").split("\n")
@@ -90,7 +95,11 @@ class ClipBpeTokenizer:
         vocab.extend(special)
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
-        self.cache = {t: t for t in special}
+        self.rank_pairs = {i: m for m, i in self.bpe_ranks.items()}
+        self.special = {t: t for t in special}  # open_clip's initial cache: never split
+        self.cache: OrderedDict[str, str] = OrderedDict()  # LRU of short words' BPE
+        self.cache_size = cache_size
+        self.cache_max_word = cache_max_word
         self.pat = re.compile(
             "|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             re.IGNORECASE,
@@ -102,49 +111,79 @@ class ClipBpeTokenizer:
         self.clean_fn = clean_fn(clean)
 
     def bpe(self, token: str) -> str:
-        if token in self.cache:
-            return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        pairs = get_pairs(word)
-        if not pairs:
+        """open_clip's SimpleTokenizer.bpe, same output, O(n log n) in the word's length (see _merge)."""
+        special = self.special.get(token)
+        if special is not None:
+            return special
+        cached = self.cache.get(token)
+        if cached is not None:
+            self.cache.move_to_end(token)
+            return cached
+        if len(token) < 2:
             return token + "</w>"
-        while True:
-            bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if bigram not in self.bpe_ranks:
-                break
-            first, second = bigram
-            new_word: list[str] = []
-            i = 0
-            while i < len(word):
-                try:
-                    j = word.index(first, i)
-                except ValueError:
-                    new_word.extend(word[i:])
-                    break
-                new_word.extend(word[i:j])
-                i = j
-                if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
-                    new_word.append(first + second)
-                    i += 2
-                else:
-                    new_word.append(word[i])
-                    i += 1
-            word = tuple(new_word)
-            if len(word) == 1:
-                break
-            pairs = get_pairs(word)
-        result = " ".join(word)
-        # Bounded: a server sees unbounded distinct words; open_clip's cache grows forever.
-        if len(self.cache) < 200_000:
+        result = " ".join(self._merge([*token[:-1], token[-1] + "</w>"]))
+        # Bounded (a server sees unbounded distinct words; open_clip's cache grows forever) and only
+        # short words: a hostile client's 100,000-letter words would otherwise fill it with megabytes.
+        if len(token) <= self.cache_max_word:
             self.cache[token] = result
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)  # least recently used
         return result
 
-    def encode(self, text: str) -> list[int]:
+    def _merge(self, word: list[str]) -> list[str]:
+        """The BPE merges of open_clip's loop, with a linked list of symbols and a heap of (rank, position).
+
+        open_clip repeats: take the lowest-rank pair present anywhere in the word, merge ALL its
+        occurrences left to right (non-overlapping), recompute the pairs. That loop is quadratic in the
+        word's length (78 s for one 100,000-letter word). Here each round pops every heap entry of the
+        lowest rank (in position order), merges those still valid (lazy invalidation: the entry's two
+        symbols are still there and not consumed by this round's merge just left of it), and only then
+        pushes the pairs the merges created: a new pair of lower rank waits for the next round, as in
+        open_clip. Positions are the index of a symbol's first character, so they stay in word order.
+        """
+        ranks, pairs = self.bpe_ranks, self.rank_pairs
+        n = len(word)
+        sym: list[str | None] = word  # None: merged into the symbol on its left
+        nxt = list(range(1, n + 1))  # n: no next symbol
+        prv = list(range(-1, n - 1))  # -1: no previous symbol
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((word[i], word[i + 1]))) is not None]
+        heapq.heapify(heap)
+        pop = heapq.heappop
+        while heap:
+            rank = heap[0][0]
+            first, second = pairs[rank]
+            merged = first + second
+            done = []
+            # Entries of one rank pop in position order (ties of a tuple heap): left to right, as open_clip.
+            # A duplicate, stale or consumed entry fails the check: its symbols are no longer (first, second).
+            while heap and heap[0][0] == rank:
+                i = pop(heap)[1]
+                j = nxt[i]
+                if sym[i] != first or j >= n or sym[j] != second:
+                    continue
+                sym[i], sym[j] = merged, None
+                k = nxt[i] = nxt[j]
+                if k < n:
+                    prv[k] = i
+                done.append(i)
+            for i in done:
+                p, k = prv[i], nxt[i]
+                if p >= 0 and (r := ranks.get((sym[p], sym[i]))) is not None:
+                    heapq.heappush(heap, (r, p))
+                if k < n and (r := ranks.get((sym[i], sym[k]))) is not None:
+                    heapq.heappush(heap, (r, i))
+        return [s for s in sym if s is not None]
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """BPE ids of `text` (open_clip's SimpleTokenizer.encode). With `max_tokens`, stops once it has
+        that many (and returns only those): the words after them are never split, as their ids are unused."""
         tokens: list[int] = []
-        for token in re.findall(self.pat, self.clean_fn(text)):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+        for match in self.pat.finditer(self.clean_fn(text)):
+            if max_tokens is not None and len(tokens) >= max_tokens:
+                break
+            token = "".join(self.byte_encoder[b] for b in match.group().encode("utf-8"))
             tokens.extend(self.encoder[t] for t in self.bpe(token).split(" "))
-        return tokens
+        return tokens if max_tokens is None else tokens[:max_tokens]
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> np.ndarray:
         if isinstance(texts, str):
@@ -152,7 +191,8 @@ class ClipBpeTokenizer:
         length = int(context_length or self.context_length)
         result = np.zeros((len(texts), length), dtype=np.int64)
         for row, text in enumerate(texts):
-            tokens = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+            # open_clip keeps tokens[:length] with EOT forced last: SOT + at most length - 2 BPE ids + EOT.
+            tokens = [self.sot_token_id, *self.encode(text, max(length - 2, 0)), self.eot_token_id]
             if len(tokens) > length:
                 tokens = tokens[:length]
                 tokens[-1] = self.eot_token_id

@@ -3,7 +3,8 @@
 Configuration comes from the model config's parameters (written from the manifest by
 `clip-triton repository`): `preprocess` (JSON of the manifest's preprocess section),
 `output_name`, `threads`, and the per-item limits `max_bytes`, `max_pixels`, `max_aspect_ratio`,
-`max_resized_pixels` (docs/limits.md). numpy + PIL only: no torch in the server.
+`max_resized_pixels`, and the per-request time budget `max_request_seconds` (docs/limits.md).
+numpy + PIL only: no torch in the server.
 
 Throughput: the items of every request in a dynamic batch are decoded and resized on a thread
 pool (PIL releases the GIL while decoding and resampling), so one instance uses several cores
@@ -11,11 +12,16 @@ pool (PIL releases the GIL while decoding and resampling), so one instance uses 
 
 A bad image is the client's fault: its request alone fails, with INVALID_ARGUMENT. Anything else
 that goes wrong is INTERNAL, so a client never reports a server fault as "your image is bad".
+A request whose items are still being processed `max_request_seconds` after its first item started
+fails (INTERNAL, the message says so): its remaining items are skipped, not decoded, so it cannot
+hold the instance's threads much longer than that (items already in progress finish).
 """
 
 import json
+import math
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -41,6 +47,16 @@ def _thread_count(requested, instances):
     return max(1, cores // max(1, instances))
 
 
+DEFAULT_MAX_REQUEST_SECONDS = 10.0
+
+
+class _Skipped:
+    """An item not processed: its request had run past max_request_seconds (the time it stopped at)."""
+
+    def __init__(self, elapsed):
+        self.elapsed = elapsed
+
+
 class _RequestFailed(Exception):
     """One request's failure (a value, never raised): the error to send and its code (None: INTERNAL)."""
 
@@ -57,6 +73,9 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_name = params.get("output_name") or config["output"][0]["name"]
         self.limits = ImageLimits.from_parameters(params)
+        self.max_request_seconds = float(params.get("max_request_seconds") or DEFAULT_MAX_REQUEST_SECONDS)
+        if not math.isfinite(self.max_request_seconds) or self.max_request_seconds < 0:
+            raise ValueError(f"max_request_seconds must be a finite number >= 0, got {self.max_request_seconds}")
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         self.threads = _thread_count(int(params.get("threads") or 0), instances)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess") if self.threads > 1 else None
@@ -69,8 +88,18 @@ class TritonPythonModel:
             return _RequestFailed(f"missing input {self.input_name!r}", self.invalid_arg)
         return [data if isinstance(data, bytes) else bytes(data) for data in tensor.as_numpy().reshape(-1)]
 
-    def _one_item(self, data):
-        """Pixels, or the exception for this item (answered later, in its own request's response)."""
+    def _one_item(self, job):
+        """Pixels, the exception for this item (answered later, in its own request's response), or _Skipped.
+
+        `job`: (its request's clock, the encoded bytes). The clock starts when the request's first item
+        starts; an item starting after its request's budget is spent is skipped. The pool takes items in
+        order, so a request's items start together and the next request's clock starts when they are done.
+        """
+        clock, data = job
+        now = time.monotonic()
+        start = clock.setdefault("start", now)  # atomic: the first of the request's items to start sets it
+        if self.max_request_seconds and now - start > self.max_request_seconds:
+            return _Skipped(now - start)
         try:
             return self.preprocess.from_bytes(data, self.limits)
         except Exception as exc:  # noqa: BLE001 - sorted out per request in execute()
@@ -82,6 +111,13 @@ class TritonPythonModel:
         """One request's pixels [N, 3, H, W], or the _RequestFailed naming its first bad item."""
         out = np.empty((len(results), 3, *self.preprocess.size), dtype=np.float32)
         for i, result in enumerate(results):
+            if isinstance(result, _Skipped):
+                done = sum(not isinstance(r, _Skipped) for r in results)
+                return _RequestFailed(
+                    f"{self.input_name}: request stopped after {result.elapsed:.2f} s, over its time budget of "
+                    f"{self.max_request_seconds:g} s (model parameter max_request_seconds): {done} of {len(results)} "
+                    f"items preprocessed, the other {len(results) - done} not processed"
+                )
             if isinstance(result, ImageInputError):
                 where = f"item {i}: " if len(results) > 1 else ""
                 return _RequestFailed(f"{self.input_name}: {where}{result}", self.invalid_arg)
@@ -105,8 +141,13 @@ class TritonPythonModel:
         # Every item of every request in this batch goes to the pool at once; responses are then
         # assembled request by request, so a bad image fails its own request, never the batch.
         # Failures are passed as values, not raised: no traceback outlives this call holding payloads.
+        # Each request has its own time budget (max_request_seconds), on a clock its first item starts.
         per_request = [self._read(request) for request in requests]
-        flat = [data for items in per_request if isinstance(items, list) for data in items]
+        flat = []
+        for items in per_request:
+            if isinstance(items, list):
+                clock = {}  # this request's: "start" is set by its first item to start
+                flat.extend((clock, data) for data in items)
         results = list(self.pool.map(self._one_item, flat)) if self.pool else [self._one_item(d) for d in flat]
         responses, start = [], 0
         for items in per_request:

@@ -2,14 +2,20 @@
 
 Parameters (written from the manifest): `tokenizer` (JSON of the manifest's tokenizer section),
 `output_name`, `output_dtype` (numpy name; INT32 by default, see the repository README),
-`max_chars` (docs/limits.md). The tokenizer code (clip_tokenizer.py) and its files sit beside this file.
+`max_chars`, `max_request_seconds` (docs/limits.md). The tokenizer code (clip_tokenizer.py) and its
+files sit beside this file.
 
 Bad text (not UTF-8, over max_chars) is the client's fault: INVALID_ARGUMENT; anything else INTERNAL.
+A request still tokenizing `max_request_seconds` after it started fails (INTERNAL, the message says
+so) and its remaining items are not tokenized: one request cannot hold the instance much longer than
+that (the item in progress finishes; one 100,000-character item takes well under a second).
 """
 
 import json
+import math
 import os
 import sys
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -27,8 +33,15 @@ def _param(config, key, default=None):
     return default if value in (None, "") else value
 
 
+DEFAULT_MAX_REQUEST_SECONDS = 10.0
+
+
 class TextInputError(ValueError):
     pass
+
+
+class RequestOverBudget(Exception):
+    """The request ran past max_request_seconds: not the item's fault, so INTERNAL with this message."""
 
 
 class TritonPythonModel:
@@ -49,6 +62,9 @@ class TritonPythonModel:
         self.output_name = _param(config, "output_name", config["output"][0]["name"])
         self.dtype = np.dtype(_param(config, "output_dtype", "int32"))
         self.max_chars = int(_param(config, "max_chars", 100_000))
+        self.max_request_seconds = float(_param(config, "max_request_seconds", DEFAULT_MAX_REQUEST_SECONDS))
+        if not math.isfinite(self.max_request_seconds) or self.max_request_seconds < 0:
+            raise ValueError(f"max_request_seconds must be a finite number >= 0, got {self.max_request_seconds}")
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
 
     def _error(self, message, code=None):
@@ -81,13 +97,33 @@ class TritonPythonModel:
             texts.append(text)
         return texts
 
+    def _tokenize(self, texts):
+        """Token ids [N, L], item by item, within the request's time budget (RequestOverBudget past it)."""
+        budget, start = self.max_request_seconds, time.monotonic()
+        rows = []
+        for i, text in enumerate(texts):
+            elapsed = time.monotonic() - start
+            if budget and elapsed > budget:
+                raise RequestOverBudget(
+                    f"{self.input_name}: request stopped after {elapsed:.2f} s, over its time budget of {budget:g} s "
+                    f"(model parameter max_request_seconds): {i} of {len(texts)} items tokenized, the other "
+                    f"{len(texts) - i} not processed"
+                )
+            rows.append(self.tokenizer([text]))
+        return np.concatenate(rows) if rows else self.tokenizer([])
+
     def execute(self, requests):
+        # Each request is answered on its own: a bad or over-budget one fails alone, the others of the batch
+        # are answered. Errors are values (a fresh TritonError per response), never re-raised.
         responses = []
         for request in requests:
             try:
-                ids = self.tokenizer(self._texts(request)).astype(self.dtype)
+                ids = self._tokenize(self._texts(request)).astype(self.dtype)
             except TextInputError as exc:
                 responses.append(pb_utils.InferenceResponse(error=self._error(str(exc), self.invalid_arg)))
+                continue
+            except RequestOverBudget as exc:
+                responses.append(pb_utils.InferenceResponse(error=self._error(str(exc))))
                 continue
             except Exception as exc:  # noqa: BLE001 - still only this request's failure
                 message = f"{self.input_name}: tokenization failed: {type(exc).__name__}: {exc}"
