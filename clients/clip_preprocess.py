@@ -125,7 +125,9 @@ _cap = threading.local()
 def _capped_bomb_check(size: tuple[int, int], *args: Any, **kwargs: Any) -> None:
     max_pixels = getattr(_cap, "max_pixels", None)
     if max_pixels is None:  # not inside decode(): Pillow's own check
-        return _pillow_bomb_check(size, *args, **kwargs)
+        if _pillow_bomb_check is not None:
+            _pillow_bomb_check(size, *args, **kwargs)
+        return None
     width, height = max(1, int(size[0])), max(1, int(size[1]))
     if max_pixels:
         if width * height > max_pixels:
@@ -243,13 +245,13 @@ def _check_jpeg(data: bytes, width: int, height: int) -> None:
 
 def _check_tiff(img: Image.Image) -> None:
     tags = getattr(img, "tag_v2", {})
-    tile = tags.get(322), tags.get(323)  # TileWidth, TileLength
-    if not all(isinstance(t, int) for t in tile):
+    tile_w, tile_h = tags.get(322), tags.get(323)  # TileWidth, TileLength
+    if not isinstance(tile_w, int) or not isinstance(tile_h, int):
         return
     width, height = (img.size[0] + 15) // 16 * 16, (img.size[1] + 15) // 16 * 16
-    if tile[0] * tile[1] > max(width * height, MAX_TIFF_TILE_PIXELS):
+    if tile_w * tile_h > max(width * height, MAX_TIFF_TILE_PIXELS):
         raise ImageInputError(
-            f"TIFF tiles of {tile[0]}x{tile[1]} for an image of {img.size[0]}x{img.size[1]}: a tile may not be "
+            f"TIFF tiles of {tile_w}x{tile_h} for an image of {img.size[0]}x{img.size[1]}: a tile may not be "
             "larger than the image"
         )
 
@@ -480,12 +482,17 @@ def _check_avif(data: bytes, max_pixels: int) -> None:
         )
 
 
+def _accepts(accept: Callable[[bytes], Any] | None, prefix: bytes) -> bool:
+    """A plugin's own signature test (Pillow registers None for plugins that have none)."""
+    return accept is not None and accept(prefix) is True
+
+
 def _check_before_open(data: bytes, max_pixels: int, header_check: Callable[[int, int], None] | None) -> None:
     if data[:4] == b"\0\0\1\0":
         _check_ico(data, max_pixels, header_check)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         _check_webp(data, max_pixels, header_check)
-    elif data[4:8] == b"ftyp" and "AVIF" in _formats() and Image.OPEN["AVIF"][1](data[:16]) is True:
+    elif data[4:8] == b"ftyp" and "AVIF" in _formats() and _accepts(Image.OPEN["AVIF"][1], data[:16]):
         _check_avif(data, max_pixels)
 
 
