@@ -24,13 +24,13 @@ from typing import Any
 
 from exporter.common import ClipTritonError
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
+from exporter.onnx_weights import GRAPH_INITIALIZER, MODEL_GRAPH, length_prefixed
 
 # Tensor data under this size stays in the skeleton (shape inference may need a Reshape's target);
 # larger data is what the weights are, and is skipped.
 _KEEP_DATA_BYTES = 1 << 16
 _TENSOR_DATA_FIELDS = {4, 5, 6, 7, 9, 10, 11}  # float/int32/string/int64/raw/double/uint64 _data
-_EXTERNAL_DATA, _DATA_LOCATION = 13, 14
-_GRAPH, _INITIALIZER, _INPUT, _OUTPUT = 7, 5, 11, 12
+_EXTERNAL_DATA, _DATA_LOCATION = 13, 14  # TensorProto fields (GraphProto's and ModelProto's: onnx_weights)
 
 
 class _Corrupt(Exception):
@@ -100,24 +100,8 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
         yield number, wire, first, a, b, b
 
 
-def _key(number: int, wire: int) -> bytes:
-    return _encode_varint(number << 3 | wire)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _delimited(number: int, payload: bytes) -> bytes:
-    return _key(number, 2) + _encode_varint(len(payload)) + payload
+    return length_prefixed(number, len(payload)) + payload
 
 
 def _weightless_tensor(buf: Any, start: int, end: int) -> tuple[bytes, str, str | None]:
@@ -145,20 +129,20 @@ def _skeleton(buf: Any, size: int) -> tuple[bytes, dict[str, str]]:
     external: dict[str, str] = {}
     graphs = 0
     for number, wire, first, a, b, last in _fields(buf, 0, size):
-        if number != _GRAPH or wire != 2:
+        if number != MODEL_GRAPH or wire != 2:
             out += buf[first:last]
             continue
         graphs += 1
         graph = bytearray()
         for g_number, g_wire, g_first, ga, gb, g_last in _fields(buf, a, b):
-            if g_number == _INITIALIZER and g_wire == 2:
+            if g_number == GRAPH_INITIALIZER and g_wire == 2:
                 tensor, name, location = _weightless_tensor(buf, ga, gb)
                 if location is not None:
                     external[name] = location
-                graph += _delimited(_INITIALIZER, tensor)
+                graph += _delimited(GRAPH_INITIALIZER, tensor)
             else:
                 graph += buf[g_first:g_last]
-        out += _delimited(_GRAPH, bytes(graph))
+        out += _delimited(MODEL_GRAPH, bytes(graph))
     if graphs != 1:
         raise _Corrupt("no graph in it" if not graphs else "several graphs in it")
     return bytes(out), external

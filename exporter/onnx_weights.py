@@ -233,7 +233,7 @@ def write_weights(
         return out.tell()
 
 
-def _length_prefixed(field_number: int, length: int) -> bytes:
+def length_prefixed(field_number: int, length: int) -> bytes:
     """A protobuf length-delimited field's key and length (wire type 2)."""
     out = bytearray()
     for value in (field_number << 3 | 2, length):
@@ -246,7 +246,7 @@ def _length_prefixed(field_number: int, length: int) -> bytes:
 
 
 # Field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 
 
 def save_inline(model: Any, path: Path, base_dir: Path) -> None:
@@ -272,7 +272,7 @@ def save_inline(model: Any, path: Path, base_dir: Path) -> None:
             meta.data_location = TensorProto.DEFAULT
         encoded = meta.SerializeToString()
         if where is not None:
-            encoded += _length_prefixed(_TENSOR_RAW_DATA, where.length)
+            encoded += length_prefixed(TENSOR_RAW_DATA, where.length)
         pieces.append((encoded, where))
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
@@ -282,13 +282,13 @@ def save_inline(model: Any, path: Path, base_dir: Path) -> None:
     shell.ClearField("graph")
     tensor_sizes = [len(head) + (where.length if where else 0) for head, where in pieces]
     graph_bytes = graph.SerializeToString()
-    graph_size = len(graph_bytes) + sum(len(_length_prefixed(_GRAPH_INITIALIZER, n)) + n for n in tensor_sizes)
+    graph_size = len(graph_bytes) + sum(len(length_prefixed(GRAPH_INITIALIZER, n)) + n for n in tensor_sizes)
     with path.open("wb") as out:
         out.write(shell.SerializeToString())
-        out.write(_length_prefixed(_MODEL_GRAPH, graph_size))
+        out.write(length_prefixed(MODEL_GRAPH, graph_size))
         out.write(graph_bytes)
         for (head, where), size in zip(pieces, tensor_sizes, strict=True):
-            out.write(_length_prefixed(_GRAPH_INITIALIZER, size))
+            out.write(length_prefixed(GRAPH_INITIALIZER, size))
             out.write(head)
             for chunk in where.chunks() if where else ():
                 out.write(chunk)
