@@ -20,7 +20,7 @@ from exporter import runtimes
 from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, staged_dir
 from exporter.releases import TritonRelease
 from exporter.repository import repository_manifest, repository_release
-from exporter.server import ADMIN_APIS, ADMIN_HEADER
+from exporter.server import MALLOC_ENV, admin_lock_args
 
 TARGETS = ("k8s", "kserve")
 KSERVE_PROTOCOLS = ("grpc", "http")
@@ -383,9 +383,7 @@ def _probe_config_name(name: str) -> str:
 
 def _triton_env(name: str) -> list[dict[str, Any]]:
     return [
-        # glibc keeps freed request payloads in one arena per thread (docs/limits.md, "Memory").
-        {"name": "MALLOC_ARENA_MAX", "value": "2"},
-        {"name": "MALLOC_MMAP_THRESHOLD_", "value": str(4 * 2**20)},  # large payloads returned on free
+        *({"name": name, "value": value} for name, value in MALLOC_ENV.items()),
         # The header value that unlocks the admin APIs; nothing in the pod uses them, no client gets it.
         {
             "name": ADMIN_KEY_ENV,
@@ -395,7 +393,6 @@ def _triton_env(name: str) -> list[dict[str, Any]]:
 
 
 def _triton_args(repository: str, http: int, grpc: int, expose_http: bool) -> list[str]:
-    locked = f"{ADMIN_APIS}:{ADMIN_HEADER}=$({ADMIN_KEY_ENV})"  # Kubernetes expands $(VAR) from env
     return [
         f"--model-repository={repository}",
         # Triton's HTTP/JSON front has parser faults we cannot patch (docs/limits.md, "The public
@@ -406,8 +403,7 @@ def _triton_args(repository: str, http: int, grpc: int, expose_http: bool) -> li
         f"--metrics-port={METRICS_PORT}",
         "--metrics-address=0.0.0.0",  # read-only; otherwise it would follow --http-address
         "--model-control-mode=none",  # no client loads, unloads or replaces a model
-        f"--http-restricted-api={locked}",
-        f"--grpc-restricted-protocol={locked}",
+        *admin_lock_args(f"$({ADMIN_KEY_ENV})"),  # Kubernetes expands $(VAR) from the container's env
         # Pooled gRPC request objects keep the capacity of the largest payload they carried (docs/limits.md).
         "--grpc-infer-allocation-pool-size=0",
         "--exit-on-error=true",  # a model that fails to load fails the pod, visibly

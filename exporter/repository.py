@@ -31,6 +31,7 @@ from exporter.export_inputs import check_export, read_graph
 from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, ManifestError, load_manifest
 from exporter.pixels import PIXELS_INPUT, save_normalize_graph
 from exporter.releases import DEFAULT_RELEASE, TritonRelease, get_release, major_minor, release_for_tensorrt
+from exporter.server import MALLOC_ENV, admin_lock_args
 
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
@@ -438,11 +439,13 @@ def _readme(
     pip = " ".join(sorted({p for wanted in _python_packages(manifest, opts).values() for p in wanted}))
     # Triton's HTTP front on the container's loopback (health only), admin APIs locked by a key nobody
     # is given (docs/limits.md, "The public surface").
-    start = (
-        "tritonserver --model-repository=/models --grpc-infer-allocation-pool-size=0 --http-address=127.0.0.1 "
-        "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:"
-        "clip-triton-admin=$(openssl rand -hex 16)"
+    start = " ".join(
+        [
+            "tritonserver --model-repository=/models --grpc-infer-allocation-pool-size=0 --http-address=127.0.0.1",
+            *admin_lock_args("$(openssl rand -hex 16)"),
+        ]
     )
+    malloc_env = " ".join(f"-e {name}={value}" for name, value in MALLOC_ENV.items())
     if target is not None:
         deps_note = (
             f"The python models carry their wheels (`<model>/1/deps/`: {pip}, pinned, for Python "
@@ -493,7 +496,7 @@ onnxruntime runtime on CPU):
 
 On a GPU host, NVIDIA's Triton container. {release_note}
 
-    docker run --gpus all --rm --shm-size=1g -p 8001:8001 -p 8002:8002 -e MALLOC_ARENA_MAX=2 \\
+    docker run --gpus all --rm --shm-size=1g -p 8001:8001 -p 8002:8002 {malloc_env} \\
       --health-cmd "python3 /models/health_probe.py" --health-interval 10s \\
       -v "$PWD/{dest.name}":/models:ro {row.image} \\
       {start}

@@ -46,6 +46,20 @@ LOOPBACK = "127.0.0.1"
 # gone), registering shared memory (mapping the python stubs' regions), trace and log files.
 ADMIN_APIS = "model-repository,shared-memory,trace,logging"
 ADMIN_HEADER = "clip-triton-admin"
+# glibc's allocator settings for tritonserver and its stubs, wherever they run (serve, the manifests, the
+# repository README's docker command): docs/limits.md, "Memory".
+#  - MALLOC_ARENA_MAX: glibc gives each gRPC thread its own heap arena and keeps freed large payloads
+#    there; two arenas return them (measured: +1.9 GB RSS after ten refused 300 MB requests without, none with).
+#  - MALLOC_MMAP_THRESHOLD_: fixed, because glibc raises its dynamic one after a large free and later large
+#    payloads then come from the heap and stay resident (measured: +0.33 GiB anonymous memory kept after four
+#    refused 256 MiB requests without it, +0.20 GiB with it).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
+
+
+def admin_lock_args(key: str) -> list[str]:
+    """tritonserver flags that refuse ADMIN_APIS on HTTP and gRPC to any request without `key` in ADMIN_HEADER."""
+    locked = f"{ADMIN_APIS}:{ADMIN_HEADER}={key}"
+    return [f"--http-restricted-api={locked}", f"--grpc-restricted-protocol={locked}"]
 
 
 def check_host(host: str) -> str:
@@ -178,13 +192,8 @@ def _server_env(python: Path | None = None) -> dict[str, str]:
     # Bundled wheels built for the container's Python, not this one, are skipped here (bundled_deps.py).
     env["CLIP_TRITON_EMBEDDED_SERVER"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # glibc gives each gRPC thread its own heap arena and keeps freed large payloads there; two
-    # arenas return them (measured: +1.9 GB RSS after ten refused 300 MB requests without, none with).
-    env.setdefault("MALLOC_ARENA_MAX", "2")
-    # A fixed mmap threshold: glibc raises its dynamic one after a large free, and later large payloads
-    # then come from the heap and stay resident (measured: +0.33 GiB anonymous memory kept after four
-    # refused 256 MiB requests without it, +0.20 GiB with it; docs/limits.md, "Memory").
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 * 2**20))
+    for name, value in MALLOC_ENV.items():
+        env.setdefault(name, value)
     return env
 
 
@@ -285,8 +294,7 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
-            f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}",
+            *admin_lock_args(self.admin_key),
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=false",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
@@ -703,7 +711,6 @@ def serve_forever(
     # Ctrl-C and SIGTERM both end in a clean stop (even where the shell started us with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    host = check_host(host)
     for port, flag in ((grpc_port, "--grpc-port"), (http_port, "--http-port"), (metrics_port, "--metrics-port")):
         if not 1 <= port <= 65535:
             raise ClipTritonError(f"{flag} {port} is not a TCP port (1-65535)")
