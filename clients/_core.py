@@ -371,6 +371,22 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
 
 
+def describe_entry(path: str | os.PathLike) -> str:
+    """What a path that is not a regular file is: 'a FIFO', 'a symlink to /dev/zero, a character device',
+    'a broken symlink' (stat() only: a FIFO or a device is never opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symlink" if os.path.islink(path) else "gone"
+    what = file_kind(mode)
+    return f"a symlink to {os.path.realpath(path)}, {what}" if os.path.islink(path) else what
+
+
+def byte_ceiling(limit: int) -> int:
+    """The most bytes a file may have under a byte limit: the limit, or gRPC's message limit when it is 0 (off)."""
+    return limit if 0 < limit <= MAX_MESSAGE_BYTES else MAX_MESSAGE_BYTES
+
+
 def path_problem(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be read as an image file (one line), or None for a regular file.
 
@@ -389,10 +405,7 @@ def path_problem(path: str | os.PathLike) -> str | None:
         return None
     if stat.S_ISDIR(st.st_mode):
         return "is a folder, not an image file"
-    what = file_kind(st.st_mode)
-    if os.path.islink(path):
-        return f"not a regular file: {name} is a symlink to {os.path.realpath(path)}, {what}"
-    return f"not a regular file: {name} is {what}"
+    return f"not a regular file: {name} is {describe_entry(path)}"
 
 
 def check_paths(items: Sequence[Any]) -> None:
@@ -411,7 +424,7 @@ def image_byte_limit(info: ModelInfo) -> int:
         limit = int(raw) if raw else DEFAULT_MAX_IMAGE_BYTES
     except ValueError:
         limit = DEFAULT_MAX_IMAGE_BYTES
-    return limit if 0 < limit <= MAX_MESSAGE_BYTES else MAX_MESSAGE_BYTES
+    return byte_ceiling(limit)
 
 
 def read_image_file(index: int, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
@@ -440,7 +453,7 @@ def read_image_file(index: int, path: str | os.PathLike, max_bytes: int = DEFAUL
         raise InvalidItemError(index, label, problem)
     os.set_blocking(fd, True)
     with open(fd, "rb", buffering=0, closefd=True) as handle:
-        max_bytes = max_bytes if max_bytes > 0 else MAX_MESSAGE_BYTES
+        max_bytes = byte_ceiling(max_bytes)
         if st.st_size > max_bytes:
             raise InvalidItemError(index, label, _too_large(st.st_size, max_bytes))
         parts: list[bytes] = []
@@ -511,7 +524,7 @@ def pixel_encoder(info: ModelInfo) -> Callable[[int, Any], np.ndarray]:
     except (ValueError, TypeError, KeyError) as exc:
         raise ServerResponseError(f"model {info.image.model} has an unusable 'preprocess' parameter: {exc}") from None
 
-    max_bytes = limits.max_bytes if 0 < limits.max_bytes <= MAX_MESSAGE_BYTES else MAX_MESSAGE_BYTES
+    max_bytes = byte_ceiling(limits.max_bytes)
 
     def encode(index: int, item: Any) -> np.ndarray:
         if isinstance(item, str | os.PathLike | bytes | bytearray | memoryview):

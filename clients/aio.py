@@ -21,7 +21,6 @@ from clients._core import (
     resolve_options,
 )
 from clients.errors import ClientTimeoutError, ClipClientError, ServerUnavailableError
-from clients.sync import _check_paths
 
 
 class AsyncClipClient:
@@ -237,7 +236,7 @@ class AsyncClipClient:
     async def embed_images(self, items: Iterable[Any], *, progress: ProgressCallback | None = None) -> np.ndarray:
         """See ClipClient.embed_images."""
         items = list(items)
-        _check_paths(items)
+        _core.check_paths(items)
         info = await self.model_info()
         encode = _core.image_encoder(info, self.options.preprocess)
         return await self._embed(info.image, items, encode, _core.item_label, progress, offload=True)
@@ -264,7 +263,7 @@ class AsyncClipClient:
     ) -> np.ndarray:
         """See ClipClient.classify."""
         images = list(images)
-        _check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
+        _core.check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
         label_emb, image_emb = await _both(
             self.label_embeddings(labels, templates), self.embed_images(images, progress=progress)
         )

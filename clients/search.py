@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients._core import ProgressCallback, file_kind
+from clients._core import ProgressCallback, describe_entry
 from clients._files import staged_path
 from clients.errors import ClipClientError
 from clients.sync import ClipClient
@@ -65,20 +65,10 @@ def _walk(top: str, skipped: SkipCallback | None) -> Iterator[Path]:
             if regular:
                 yield Path(entry.path)
             elif skipped is not None:
-                skipped(Path(entry.path), _what(entry.path))
+                skipped(Path(entry.path), describe_entry(entry.path))
         # Depth first, sub-folders in sorted order: pushed reversed so the first one is walked next.
         subdirs = sorted(e.name for e in dirs if not e.name.startswith(".") and not e.is_symlink())
         stack.extend(os.path.join(root, name) for name in reversed(subdirs))
-
-
-def _what(path: str) -> str:
-    """'a FIFO', 'a symlink to /dev/zero, a character device', 'a broken symlink', ... for a skip report."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "a broken symlink" if os.path.islink(path) else "gone"
-    what = file_kind(mode)
-    return f"a symlink to {os.path.realpath(path)}, {what}" if os.path.islink(path) else what
 
 
 def image_files(folder: Path, skipped: SkipCallback | None = None) -> list[Path]:

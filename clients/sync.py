@@ -247,7 +247,7 @@ class ClipClient:
         Returns float32 [N, D], L2-normalised, in input order. Raises ItemError naming the failing item.
         """
         items = list(items)
-        _check_paths(items)
+        _core.check_paths(items)
         info = self.model_info
         encode = _core.image_encoder(info, self.options.preprocess)
         return self._embed(info.image, items, encode, _core.item_label, progress)
@@ -278,7 +278,7 @@ class ClipClient:
         when the server declares a logit_bias (SigLIP).
         """
         images = list(images)
-        _check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
+        _core.check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
         label_emb = self.label_embeddings(labels, templates)
         image_emb = self.embed_images(images, progress=progress)
         info = self.model_info
@@ -294,7 +294,3 @@ class ClipClient:
         query = self.embed_texts([text])[0]
         return _core.ranking(query, self.embed_images(images, progress=progress), top)
 
-
-def _check_paths(items: list[Any]) -> None:
-    """Fail before any request when a path is missing or not a regular file (_core.check_paths)."""
-    _core.check_paths(items)
