@@ -51,6 +51,7 @@ TEXT_LIMITS = ("max_chars",)  # the tokenize model
 REQUEST_LIMITS = ("max_request_seconds",)  # both python models (not the pixels ensemble: nothing runs there)
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEPS_LOADER = "bundled_deps.py"  # beside each python model.py: puts its deps/ on sys.path
+REQUEST_BUDGET = "request_budget.py"  # beside the preprocess and tokenize model.py: max_request_seconds
 
 NP_TO_TRITON = {
     "float32": "TYPE_FP32",
@@ -586,13 +587,15 @@ def write_repository(
                 parse_config(text)  # round trip: what we write is what Triton will read
                 (model_dir / "config.pbtxt").write_text(text)
                 if role == "image_preprocess":
-                    _copy_sources(version, "image_preprocess/model.py", [DEPS_LOADER])
+                    _copy_sources(version, "image_preprocess/model.py", [DEPS_LOADER, REQUEST_BUDGET])
                     shutil.copy2(clip_preprocess.__file__, version / "clip_preprocess.py")
                 elif role == "image_normalize":
                     spec = manifest.image.input
                     save_normalize_graph(version / "model.onnx", manifest.preprocess, spec.name, spec.dtype)
                 elif role == "text_tokenize":
-                    _copy_sources(version, "text_tokenize/model.py", ["clip_tokenizer.py", BPE_FILE, DEPS_LOADER])
+                    _copy_sources(
+                        version, "text_tokenize/model.py", ["clip_tokenizer.py", BPE_FILE, DEPS_LOADER, REQUEST_BUDGET]
+                    )
                     if manifest.tokenizer.kind == "hf":
                         hf = manifest.tokenizer.hf_file or ""
                         shutil.copy2(export_dir / hf, version / hf)

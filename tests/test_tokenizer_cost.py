@@ -192,7 +192,7 @@ def load_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Load a python model's model.py from a folder laid out like a written repository's version folder."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stub_pb_utils())
     monkeypatch.setattr(sys, "path", list(sys.path))  # model.py puts its folder first
-    for name in ("clip_tokenizer", "clip_preprocess", "bundled_deps"):  # model.py imports these top-level
+    for name in ("clip_tokenizer", "clip_preprocess", "bundled_deps", "request_budget"):  # model.py's top-level imports
         monkeypatch.delitem(sys.modules, name, raising=False)
 
     def load(role: str, files: list[Path], parameters: dict[str, str], inputs, outputs, instances: int = 1):
@@ -212,7 +212,7 @@ def load_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return model
 
     yield load
-    for name in ("clip_tokenizer", "clip_preprocess", "bundled_deps", "_under_test_text_tokenize",
+    for name in ("clip_tokenizer", "clip_preprocess", "bundled_deps", "request_budget", "_under_test_text_tokenize",
                  "_under_test_image_preprocess"):
         sys.modules.pop(name, None)
 
@@ -220,7 +220,8 @@ def load_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _text_model(load_model, seconds: str):
     common = REPOSITORY_SOURCES / "common"
     tokenizer = json.dumps({"kind": "clip", "context_length": 77, "clean": "lower"})
-    files = [common / "clip_tokenizer.py", common / "bundled_deps.py", common / "bpe_simple_vocab_16e6.txt.gz"]
+    files = [common / name for name in ("clip_tokenizer.py", "bundled_deps.py", "request_budget.py")]
+    files.append(common / "bpe_simple_vocab_16e6.txt.gz")
     params = {"tokenizer": tokenizer, "output_dtype": "int32", "max_chars": "100000", "max_request_seconds": seconds}
     return load_model("text_tokenize", files, params, "text", "input_ids")
 
@@ -270,7 +271,8 @@ def test_image_request_over_its_budget_fails_alone(load_model) -> None:
     from exporter.manifest import PreprocessConfig
 
     preprocess = asdict(PreprocessConfig(size=[224, 224]))
-    files = [REPOSITORY_SOURCES / "common" / "bundled_deps.py", Path(clip_preprocess.__file__)]
+    common = REPOSITORY_SOURCES / "common"
+    files = [common / "bundled_deps.py", common / "request_budget.py", Path(clip_preprocess.__file__)]
     params = {"preprocess": json.dumps(preprocess), "threads": "2", "max_request_seconds": "0.15"}
     model = load_model("image_preprocess", files, params, "image", "pixel_values")
     big = _png(3000, 3000)  # 33 KB, ~0.1 s to decode and resize

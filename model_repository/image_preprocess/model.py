@@ -18,7 +18,6 @@ hold the instance's threads much longer than that (items already in progress fin
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from bundled_deps import use_bundled_deps  # noqa: E402
 
 use_bundled_deps(HERE)  # Pillow, when the repository carries its wheels (docs/deploy.md)
 from clip_preprocess import ImageInputError, ImageLimits, Preprocessor  # noqa: E402
+from request_budget import over_budget, read_budget  # noqa: E402
 
 
 def _parameters(config):
@@ -45,9 +45,6 @@ def _thread_count(requested, instances):
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, instances))
-
-
-DEFAULT_MAX_REQUEST_SECONDS = 10.0
 
 
 class _Skipped:
@@ -73,9 +70,7 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_name = params.get("output_name") or config["output"][0]["name"]
         self.limits = ImageLimits.from_parameters(params)
-        self.max_request_seconds = float(params.get("max_request_seconds") or DEFAULT_MAX_REQUEST_SECONDS)
-        if not math.isfinite(self.max_request_seconds) or self.max_request_seconds < 0:
-            raise ValueError(f"max_request_seconds must be a finite number >= 0, got {self.max_request_seconds}")
+        self.max_request_seconds = read_budget(params.get("max_request_seconds"))
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         self.threads = _thread_count(int(params.get("threads") or 0), instances)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess") if self.threads > 1 else None
@@ -114,9 +109,9 @@ class TritonPythonModel:
             if isinstance(result, _Skipped):
                 done = sum(not isinstance(r, _Skipped) for r in results)
                 return _RequestFailed(
-                    f"{self.input_name}: request stopped after {result.elapsed:.2f} s, over its time budget of "
-                    f"{self.max_request_seconds:g} s (model parameter max_request_seconds): {done} of {len(results)} "
-                    f"items preprocessed, the other {len(results) - done} not processed"
+                    over_budget(
+                        self.input_name, result.elapsed, self.max_request_seconds, done, len(results), "preprocessed"
+                    )
                 )
             if isinstance(result, ImageInputError):
                 where = f"item {i}: " if len(results) > 1 else ""

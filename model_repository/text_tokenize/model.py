@@ -12,7 +12,6 @@ that (the item in progress finishes; one 100,000-character item takes well under
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -26,14 +25,12 @@ from bundled_deps import use_bundled_deps  # noqa: E402
 
 use_bundled_deps(HERE)  # ftfy, regex, tokenizers, when the repository carries their wheels (docs/deploy.md)
 from clip_tokenizer import make_tokenizer  # noqa: E402
+from request_budget import over_budget, read_budget  # noqa: E402
 
 
 def _param(config, key, default=None):
     value = config.get("parameters", {}).get(key, {}).get("string_value")
     return default if value in (None, "") else value
-
-
-DEFAULT_MAX_REQUEST_SECONDS = 10.0
 
 
 class TextInputError(ValueError):
@@ -62,9 +59,7 @@ class TritonPythonModel:
         self.output_name = _param(config, "output_name", config["output"][0]["name"])
         self.dtype = np.dtype(_param(config, "output_dtype", "int32"))
         self.max_chars = int(_param(config, "max_chars", 100_000))
-        self.max_request_seconds = float(_param(config, "max_request_seconds", DEFAULT_MAX_REQUEST_SECONDS))
-        if not math.isfinite(self.max_request_seconds) or self.max_request_seconds < 0:
-            raise ValueError(f"max_request_seconds must be a finite number >= 0, got {self.max_request_seconds}")
+        self.max_request_seconds = read_budget(_param(config, "max_request_seconds"))
         self.invalid_arg = getattr(pb_utils.TritonError, "INVALID_ARG", None)
 
     def _error(self, message, code=None):
@@ -104,11 +99,7 @@ class TritonPythonModel:
         for i, text in enumerate(texts):
             elapsed = time.monotonic() - start
             if budget and elapsed > budget:
-                raise RequestOverBudget(
-                    f"{self.input_name}: request stopped after {elapsed:.2f} s, over its time budget of {budget:g} s "
-                    f"(model parameter max_request_seconds): {i} of {len(texts)} items tokenized, the other "
-                    f"{len(texts) - i} not processed"
-                )
+                raise RequestOverBudget(over_budget(self.input_name, elapsed, budget, i, len(texts), "tokenized"))
             rows.append(self.tokenizer([text]))
         return np.concatenate(rows) if rows else self.tokenizer([])
 
