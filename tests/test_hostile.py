@@ -46,10 +46,10 @@ def _array_input(name: str, array: np.ndarray):
     return tensor
 
 
-def _call(client, model: str, tensor) -> tuple[str, np.ndarray | str]:
-    """('OK', embedding) or (gRPC status name, message)."""
+def _call(client, model: str, tensor, **infer_options) -> tuple[str, np.ndarray | str]:
+    """('OK', embedding) or (gRPC status name, message). `infer_options`: client.infer's (compression...)."""
     try:
-        return "OK", client.infer(model, [tensor]).as_numpy("embedding")
+        return "OK", client.infer(model, [tensor], **infer_options).as_numpy("embedding")
     except Exception as exc:  # noqa: BLE001 - InferenceServerException: the status is what we test
         return str(exc.status()).rsplit(".", 1)[-1], exc.message()
 

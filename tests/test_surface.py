@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli
+from test_hostile import _bytes_input, _call
+from test_repository import _image_bytes
 
 from exporter.common import REPOSITORY_SOURCES
 from exporter.server import TritonServer, stub_processes, surface_lines
@@ -197,16 +199,7 @@ def _group_memory(server: TritonServer) -> tuple[float, float]:
 
 
 def _text_request(client, size: int, compression: str | None):
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    tensor = grpcclient.InferInput("text", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([b"a" * size], dtype=object).reshape(1, 1))
-    try:
-        return "OK", client.infer("clip_text", [tensor], compression_algorithm=compression).as_numpy("embedding")
-    except InferenceServerException as exc:
-        return str(exc.status()).rsplit(".", 1)[-1], exc.message()
+    return _call(client, "clip_text", _bytes_input("text", [b"a" * size]), compression_algorithm=compression)
 
 
 def test_gzip_request_is_held_to_the_same_limits(served_vitb32) -> None:
@@ -226,7 +219,6 @@ def test_gzip_request_is_held_to_the_same_limits(served_vitb32) -> None:
 def test_memory_after_a_gigabyte_of_refused_requests(served_vitb32, tmp_path: Path, record_property) -> None:
     """The red team's case: ~1 GiB of refused gRPC requests (gzip and plain). Anonymous memory comes back
     within 0.5 GiB; the python stubs' shared memory keeps its largest request each (docs/limits.md, "Memory")."""
-    import numpy as np
     import tritonclient.grpc as grpcclient
 
     _, repo, _ = served_vitb32
@@ -239,13 +231,7 @@ def test_memory_after_a_gigabyte_of_refused_requests(served_vitb32, tmp_path: Pa
                 if i % 2 == 0:
                     status, _ = _text_request(client, 256 * 2**20, "gzip")
                 else:
-                    tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
-                    tensor.set_data_from_numpy(np.array([b"\xff" * 256 * 2**20], dtype=object).reshape(1, 1))
-                    try:
-                        client.infer("clip_image", [tensor])
-                        status = "OK"
-                    except Exception as exc:  # noqa: BLE001
-                        status = str(exc.status()).rsplit(".", 1)[-1]
+                    status, _ = _call(client, "clip_image", _bytes_input("image", [b"\xff" * 256 * 2**20]))
                 assert status == "INVALID_ARGUMENT"
             time.sleep(2)
             anon1, shm1 = _group_memory(server)
@@ -263,43 +249,29 @@ def test_red_team_soak(served_vitb32) -> None:
     """The red team's mixed soak, kept: 800 requests at concurrency 16, good and hostile interleaved (long
     words, non-UTF-8, garbage and thin images, gzip). Every good answer is bit-identical to its reference,
     every bad one INVALID_ARGUMENT, and the server ends healthy (the manifests' probe passes)."""
-    import io
     import random
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import tritonclient.grpc as grpcclient
-    from PIL import Image
-    from tritonclient.utils import InferenceServerException
 
     server, _, _ = served_vitb32
 
-    def png(size: tuple[int, int], seed: int) -> bytes:
-        rng = np.random.default_rng(seed)
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
-        return buf.getvalue()
-
     good = [("clip_text", "text", t.encode()) for t in ("a photo of a cat", "a red circle", "zebra " * 40)]
-    good += [("clip_image", "image", png((64 + 16 * i, 48 + 8 * i), i)) for i in range(3)]
+    good += [("clip_image", "image", _image_bytes("RGB", (64 + 16 * i, 48 + 8 * i), "PNG", i)) for i in range(3)]
     bad = [
         ("clip_text", "text", b"\xff\xfe not utf-8"),
         ("clip_text", "text", b"a" * 100_001),
         ("clip_image", "image", b"GIF89a" + b"\0" * 50),
-        ("clip_image", "image", png((1, 3000), 9)),  # 3000:1
+        ("clip_image", "image", _image_bytes("RGB", (1, 3000), "PNG", 9)),  # 3000:1
         ("clip_image", "image", b""),
     ]
     slow_ok = [("clip_text", "text", b"x" * 100_000)]  # one long word: linear-time BPE, still answered
 
     def call(case, compression=None):
         model, name, data = case
-        tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([data], dtype=object).reshape(1, 1))
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            try:
-                return "OK", client.infer(model, [tensor], compression_algorithm=compression).as_numpy("embedding")
-            except InferenceServerException as exc:
-                return str(exc.status()).rsplit(".", 1)[-1], exc.message()
+            return _call(client, model, _bytes_input(name, [data]), compression_algorithm=compression)
 
     reference = {case[2]: call(case)[1] for case in good + slow_ok}
     rng = random.Random(0)
