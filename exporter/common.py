@@ -80,6 +80,12 @@ def check_number(
     raise ClipTritonError(f"{flag} must be {kind}{span}{f' ({why})' if why else ''}, got {value}")
 
 
+def check_min_cosine(flag: str, value: float) -> None:
+    """A stage gate's threshold: a cosine in (0, 1] (NaN fails too); one line, exit 2."""
+    if not 0.0 < value <= 1.0:
+        raise ClipTritonError(f"{flag} must be in (0, 1], got {value}")
+
+
 class ParityError(ClipTritonError):
     """A stage's outputs drifted from the PyTorch reference beyond its tolerance."""
 

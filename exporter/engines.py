@@ -17,7 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.common import INT32_MAX, ClipTritonError, ParityError, Progress, check_number, staged_file
+from exporter.common import (
+    INT32_MAX,
+    ClipTritonError,
+    ParityError,
+    Progress,
+    check_min_cosine,
+    check_number,
+    staged_file,
+)
 from exporter.export_inputs import load_export
 from exporter.manifest import TOWERS, Manifest, file_record
 from exporter.metrics import compare_embeddings, worst_of
@@ -181,8 +189,7 @@ def build_engines(
     if not 0 <= builder_level <= MAX_BUILDER_LEVEL:
         raise ClipTritonError(f"--builder-level must be 0..{MAX_BUILDER_LEVEL}, got {builder_level}")
     check_number("--workspace-gib", workspace_gib, 0, above=True)  # NaN and inf refused too
-    if not 0.0 < min_cosine <= 1.0:
-        raise ClipTritonError(f"--min-cosine must be in (0, 1], got {min_cosine}")
+    check_min_cosine("--min-cosine", min_cosine)
     if timing_cache is not None and timing_cache.exists() and not timing_cache.is_file():
         raise ClipTritonError(f"--timing-cache {timing_cache} is not a file")
     manifest = load_export(export_dir, [("onnx", "fp16")])  # the FP16 graphs the plans are built from

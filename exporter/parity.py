@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from exporter import runtimes
-from exporter.common import ClipTritonError, ParityError, Progress, check_number, check_writable_parent
+from exporter.common import (
+    ClipTritonError,
+    ParityError,
+    Progress,
+    check_min_cosine,
+    check_number,
+    check_writable_parent,
+)
 from exporter.export_inputs import load_export
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
 from exporter.parity_report import (
@@ -149,9 +156,8 @@ def repository_section(manifest: Manifest, repository: Path | None) -> dict[str,
 def check_parity_options(samples: int, min_cosine_fp32: float, min_cosine_fp16: float) -> None:
     """The numbers of a parity run (`parity`, and `build` before any work): one line each, exit 2."""
     check_number("--samples", samples, 0, MAX_SAMPLES)
-    for name, value in (("--min-cosine-fp32", min_cosine_fp32), ("--min-cosine-fp16", min_cosine_fp16)):
-        if not 0.0 < value <= 1.0:  # NaN fails too
-            raise ClipTritonError(f"{name} must be in (0, 1], got {value}")
+    check_min_cosine("--min-cosine-fp32", min_cosine_fp32)
+    check_min_cosine("--min-cosine-fp16", min_cosine_fp16)
 
 
 def plan_runners(ctx: runtimes.RunContext) -> list[runtimes.Runner | runtimes.Skipped]:

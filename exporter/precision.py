@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, ParityError, Progress, check_number
+from exporter.common import ClipTritonError, ParityError, Progress, check_min_cosine, check_number
 from exporter.export_inputs import load_export
 from exporter.loading import release_memory, release_model
 from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record
@@ -632,8 +632,7 @@ def make_fp16(
     policy = policy or Fp16Policy.default()
     check_range = True  # always: the range check is the one CPU-side signal of GPU FP16 overflow
     export_dir = Path(export_dir)
-    if not 0.0 < min_cosine <= 1.0:
-        raise ClipTritonError(f"--min-cosine must be in (0, 1], got {min_cosine}")
+    check_min_cosine("--min-cosine", min_cosine)
     check_number("--overflow-threshold", policy.overflow_threshold, 0, above=True)  # NaN and inf refused too
     manifest = load_export(export_dir, [("onnx", "fp32")])  # the FP32 graphs, checked before any work
     for tower in TOWERS:
