@@ -32,17 +32,24 @@ demo: install
 	$(BIN)/clip-triton demo --model $(MODEL) --out $(OUT)/demo
 
 TRT_STUBS := $(OUT)/trt-stubs
+MYPY_NS := $(OUT)/mypy-ns
 lint: install
-	$(BIN)/ruff check exporter clients model_repository benchmarks tests
-	# mypy checks exporter/ and clients/, the TensorRT code against tensorrt-stubs. The 10.13 stubs have two
-	# syntax errors (parameters named `in`, a required parameter after defaulted ones) and no py.typed,
-	# so mypy is pointed at a patched copy; without it mypy would silently treat tensorrt as untyped.
+	$(BIN)/ruff check clip_triton exporter clients model_repository benchmarks tests
+	# mypy checks the clip_triton namespace (exporter/ and clients/), the TensorRT code against tensorrt-stubs.
+	# The 10.13 stubs have two syntax errors (parameters named `in`, a required parameter after defaulted
+	# ones) and no py.typed, so mypy is pointed at a patched copy; without it mypy would silently treat
+	# tensorrt as untyped.
 	rm -rf $(TRT_STUBS) && mkdir -p $(TRT_STUBS)
 	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  cp -r $$site/tensorrt $$site/tensorrt_bindings $(TRT_STUBS)/
 	sed -i -E 's/, in: /, in_: /; s/channel_axis: int\)/channel_axis: int = ...)/' \
 	  $(TRT_STUBS)/tensorrt_bindings/tensorrt.pyi
-	MYPYPATH=$(TRT_STUBS) $(BIN)/mypy --follow-imports=silent exporter clients
+	# mypy cannot follow pyproject's package-dir: it reads the namespace through a tree of links.
+	rm -rf $(MYPY_NS) && mkdir -p $(MYPY_NS)/clip_triton
+	cp clip_triton/__init__.py $(MYPY_NS)/clip_triton/
+	ln -s $(CURDIR)/exporter $(CURDIR)/clients $(MYPY_NS)/clip_triton/
+	cd $(MYPY_NS) && MYPYPATH=$(abspath $(TRT_STUBS)) $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml \
+	  --follow-imports=silent -p clip_triton
 
 ## The README's test command: lint, then every tier but `slow` (gpu/tensorrt tests skip without hardware).
 test: lint perf-tools

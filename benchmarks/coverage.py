@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.common import staged_file
+from clip_triton.exporter.base.common import staged_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of waiting on it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,8 +86,8 @@ def _towers_from_manifest(manifest: Any) -> dict[str, dict[str, Any]]:
 
 def run_fp16(out: Path, progress: Any) -> dict[str, Any]:
     """The fp16 stage on an export: its per-tower parity (ONNX Runtime CPU vs PyTorch FP32)."""
-    from exporter.common import ClipTritonError
-    from exporter.precision import make_fp16
+    from clip_triton.exporter.base.common import ClipTritonError
+    from clip_triton.exporter.stages.fp16 import make_fp16
 
     start = time.perf_counter()
     try:
@@ -102,9 +102,9 @@ def run_fp16(out: Path, progress: Any) -> dict[str, Any]:
 
 def run_one(entry: Entry, workdir: Path, exporter: str | None = None, fp16: bool = False) -> dict[str, Any]:
     """Export one model; never raises for a model that fails (the row records why)."""
-    from exporter.common import ClipTritonError, Progress
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
+    from clip_triton.exporter.base.common import ClipTritonError, Progress
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
 
     progress = Progress(f"coverage {entry.name}")
     row: dict[str, Any] = {"family": entry.family, "slow": entry.slow, "test_tier": entry.test_tier,
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "slow": entry.slow, "notes": entry.note, "status": "not run",
                                     "error": args.not_run}
     elif not args.render:
-        import exporter.onnx_export as onnx_export
+        import clip_triton.exporter.stages.export as onnx_export
 
         names = args.models or [e.name for e in MODELS if args.slow or not e.slow]
         entries = [BY_NAME.get(n, Entry(n, "other")) for n in names]

@@ -1,6 +1,6 @@
 """Encoder throughput and latency by batch size, per runner and tower.
 
-The runners are the runtime registry's (exporter.runtimes), under the names parity reports use:
+The runners are the runtime registry's (clip_triton.exporter.runtimes), under the names parity reports use:
   pytorch       PyTorch eager FP32 on CPU (the open_clip module the graphs were exported from): the baseline
   pytorch-cuda  PyTorch eager FP32 on the GPU, when one is present (the fair baseline for TensorRT)
   onnx-fp32     ONNX Runtime CPU, the FP32 graph, graph optimiser on
@@ -26,19 +26,19 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Settings, latency_stats, time_calls
-from exporter import runtimes
-from exporter.common import Progress
-from exporter.metrics import compare_embeddings
-from exporter.samples import sample_inputs
+from clip_triton.exporter import runtimes
+from clip_triton.exporter.base.common import Progress
+from clip_triton.exporter.parity.metrics import compare_embeddings
+from clip_triton.exporter.parity.samples import sample_inputs
 
 BASELINE = "pytorch"
 
 
 def prepare_model(name: str, work: Path, max_batch: int, progress: Progress) -> tuple[Any, Path, dict[str, Any]]:
     """Random-weight model -> export (FP32 graphs) -> FP16 graphs (-> TensorRT plans where possible)."""
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
-    from exporter.precision import make_fp16
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
+    from clip_triton.exporter.stages.fp16 import make_fp16
 
     info: dict[str, Any] = {}
     export_dir = work / f"export-{name}"
@@ -61,7 +61,7 @@ def prepare_model(name: str, work: Path, max_batch: int, progress: Progress) -> 
 
 
 def _maybe_build_engines(export_dir: Path, max_batch: int, progress: Progress) -> str:
-    from exporter.engines import build_engines
+    from clip_triton.exporter.stages.engines import build_engines
 
     why = runtimes.get("tensorrt").available()
     if why is not None:
@@ -76,7 +76,7 @@ def _maybe_build_engines(export_dir: Path, max_batch: int, progress: Progress) -
 
 def bench_runners(loaded: Any, export_dir: Path, settings: Settings) -> list[runtimes.Runner | runtimes.Skipped]:
     """Every registered runtime's runners for this export, the baseline first."""
-    from exporter.manifest import load_manifest
+    from clip_triton.exporter.base.manifest import load_manifest
 
     ctx = runtimes.RunContext(
         export_dir, load_manifest(export_dir), purpose="bench", loaded=loaded, threads=settings.threads,

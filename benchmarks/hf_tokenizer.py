@@ -56,7 +56,7 @@ def write_tokenizer_json(model_name: str, dest: Path) -> Path:
     """Write the stand-in tokenizer.json for `model_name` to `dest`; returns `dest`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    from exporter.samples import SAMPLE_TEXTS
+    from clip_triton.exporter.parity.samples import SAMPLE_TEXTS
 
     text = text_config(model_name)
     family = FAMILIES[family_of(str(text["hf_tokenizer_name"]))]

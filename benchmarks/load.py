@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.common import Settings, latency_stats
 from benchmarks.perf_analyzer import PerfAnalyzer, PerfAnalyzerError, locate, write_inputs
-from exporter.common import Progress
+from clip_triton.exporter.base.common import Progress
 
 VARIANTS = ("dynamic_batching", "no_batching", "preprocess_1_thread")
 # Photo-like sizes and formats (what a client sends): 0.3 to 2 megapixels.
@@ -46,7 +46,7 @@ PREPROCESS_CONCURRENCY = [1, 8, 32]
 
 
 def _payloads(tower: str) -> list[bytes]:
-    from exporter.samples import builtin_texts, render_image
+    from clip_triton.exporter.parity.samples import builtin_texts, render_image
 
     if tower == "image":
         return [render_image(p, w, h, "RGB", fmt, seed=i) for i, (p, w, h, fmt) in enumerate(CLIENT_IMAGES)]
@@ -54,7 +54,7 @@ def _payloads(tower: str) -> list[bytes]:
 
 
 def write_repositories(export_dir: Path, work: Path) -> dict[str, Path]:
-    from exporter.repository import RepositoryOptions, write_repository
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     options = {
         "dynamic_batching": RepositoryOptions(runtime="python"),
@@ -126,8 +126,8 @@ def _input_files(url: str, names: dict[str, str], work: Path) -> dict[str, tuple
     ids the server's preprocess and tokenize steps make from the same photos and captions."""
     import json
 
-    from clients.clip_preprocess import Preprocessor
-    from exporter.runtimes.triton import triton_runner
+    from clip_triton.clients.clip_preprocess import Preprocessor
+    from clip_triton.exporter.runtimes.triton import triton_runner
 
     photos, captions = _payloads("image"), _payloads("text")[:16]
     server = triton_runner(url, {"prefix": "clip", "models": names})
@@ -162,8 +162,8 @@ def _line(model: str, level: dict[str, Any]) -> str:
 def bench_repository(
     repo: Path, variant: str, tool: PerfAnalyzer, settings: Settings, work: Path, progress: Progress
 ) -> dict[str, Any]:
-    from exporter.repository import model_names
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import model_names
 
     names = model_names("clip")
     if variant == "preprocess_1_thread":
@@ -236,13 +236,13 @@ def run(settings: Settings, export_dir: Path | None, work: Path, progress: Progr
         progress.warn(str(exc))
         return {"skipped": str(exc)}
     if export_dir is None:
-        from exporter.loading import load_model
-        from exporter.onnx_export import export_model
+        from clip_triton.exporter.sources.open_clip import load_model
+        from clip_triton.exporter.stages.export import export_model
 
         export_dir = work / f"export-{settings.load_model}"
         with progress.step(f"{settings.load_model}: export for the server"):
             export_model(load_model(settings.load_model, random_weights=True), export_dir, force=True)
-    from exporter.repository import DEFAULT_QUEUE_DELAY_US
+    from clip_triton.exporter.stages.repository import DEFAULT_QUEUE_DELAY_US
 
     repos = write_repositories(export_dir, work)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -256,7 +256,7 @@ def merge(previous: dict[str, Any] | None, section: dict[str, Any]) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import run as bench_run
-    from exporter.common import ClipTritonError, Progress
+    from clip_triton.exporter.base.common import ClipTritonError, Progress
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder with results.json / RESULTS.md / memory.png")

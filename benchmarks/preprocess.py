@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Settings, latency_stats, time_calls
-from exporter.common import Progress
+from clip_triton.exporter.base.common import Progress
 
-# Photo-like sizes a client sends, on top of exporter.samples' odd sizes/modes/formats.
+# Photo-like sizes a client sends, on top of clip_triton.exporter.parity.samples' odd sizes/modes/formats.
 # The 12-megapixel noise JPEG (~11 MB) is the worst case for decoding, not a typical photo.
 EXTRA_IMAGES = [
     ("shapes", 640, 480, "RGB", "JPEG"),
@@ -44,13 +44,13 @@ EXTRA_IMAGES = [
 
 def clip_preprocess() -> ModuleType:
     """clients/clip_preprocess.py: the preprocess model's own code."""
-    from clients import clip_preprocess
+    from clip_triton.clients import clip_preprocess
 
     return clip_preprocess
 
 
 def sample_images(quick: bool) -> list[tuple[str, bytes]]:
-    from exporter.samples import builtin_images, render_image
+    from clip_triton.exporter.parity.samples import builtin_images, render_image
 
     images = [(s.name, s.data) for s in builtin_images(8 if quick else 16)]
     extra = EXTRA_IMAGES[:4] if quick else EXTRA_IMAGES
@@ -161,8 +161,8 @@ def bench_images(manifest_preprocess: Any, settings: Settings, progress: Progres
 
 def bench_tokenizer(loaded: Any, settings: Settings, progress: Progress) -> dict[str, Any]:
     """The tokenize model's code (clip_tokenizer.make_tokenizer), per text and in batches of 64."""
-    from exporter.samples import builtin_texts
-    from exporter.tokenization import tokenizer_module
+    from clip_triton.exporter.base.tokenization import tokenizer_module
+    from clip_triton.exporter.parity.samples import builtin_texts
 
     make_tokenizer = tokenizer_module().make_tokenizer
     cfg = loaded.tokenizer_cfg
@@ -196,7 +196,7 @@ def bench_tokenizer(loaded: Any, settings: Settings, progress: Progress) -> dict
 
 
 def run(settings: Settings, progress: Progress) -> dict[str, Any]:
-    from exporter.loading import load_model
+    from clip_triton.exporter.sources.open_clip import load_model
 
     name = settings.models[0]
     loaded = load_model(name, random_weights=True, progress=Progress("load", quiet=True))

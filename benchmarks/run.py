@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import Settings, load_average, machine, now_utc, versions  # noqa: E402
-from exporter.common import ClipTritonError, Progress  # noqa: E402
-from exporter.runtimes.onnxruntime import parse_providers  # noqa: E402
+from clip_triton.exporter.base.common import ClipTritonError, Progress  # noqa: E402
+from clip_triton.exporter.runtimes.onnxruntime import parse_providers  # noqa: E402
 
 SECTIONS = ("encoders", "preprocess", "load", "memory")
 NOT_MEASURED = [
@@ -75,14 +75,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     settings.sections = [s for s in SECTIONS if s in args.sections]
     settings.ort_providers = parse_providers(args.ort_providers)
     if args.models:
-        from exporter.loading import check_model_name
+        from clip_triton.exporter.sources.open_clip import check_model_name
 
         for name in args.models:
             check_model_name(name)
         settings.models = list(args.models)
         settings.load_model = args.models[0]
     if args.memory_models:
-        from exporter.loading import check_model_name
+        from clip_triton.exporter.sources.open_clip import check_model_name
 
         for name in args.memory_models:
             check_model_name(name)

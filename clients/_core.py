@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.errors import (
+from clip_triton.clients.errors import (
     ClientTimeoutError,
     ClipClientError,
     InvalidItemError,
@@ -513,7 +513,7 @@ def encode_image(index: int, item: Any, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 def pixel_encoder(info: ModelInfo) -> Callable[[int, Any], np.ndarray]:
     """Item -> the uint8 [H, W, 3] crop the server's preprocess model would make, with the transform
     and limits the `<prefix>_image_pixels` ensemble declares in its parameters."""
-    from clients.clip_preprocess import ImageInputError, ImageLimits, Preprocessor
+    from clip_triton.clients.clip_preprocess import ImageInputError, ImageLimits, Preprocessor
 
     raw = info.parameters.get("preprocess")
     if not raw:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from clients.errors import UsageError
+from clip_triton.clients.errors import UsageError
 
 if TYPE_CHECKING:
-    from clients.sync import ClipClient
+    from clip_triton.clients.sync import ClipClient
 
 Url = Annotated[
     str,
@@ -75,7 +75,7 @@ def _client(
     header: list[str] | None,
     preprocess: str = "server",
 ) -> ClipClient:
-    from clients.sync import ClipClient
+    from clip_triton.clients.sync import ClipClient
 
     return ClipClient(
         url,
@@ -191,7 +191,7 @@ def embed(
     if out is not None and out.suffix.lower() not in (".npy", ".jsonl"):
         raise UsageError(f"--out must end in .npy or .jsonl, got {out.name}")
     if out is not None:
-        from clients._files import check_writable_parent
+        from clip_triton.clients.files import check_writable_parent
 
         check_writable_parent(out)
     client = _client(
@@ -244,8 +244,8 @@ def embed(
 
 
 def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, json_out: bool, quiet: bool) -> None:
-    from clients._files import check_writable_parent
-    from clients.stream import embed_folder
+    from clip_triton.clients.files import check_writable_parent
+    from clip_triton.clients.stream import embed_folder
 
     check_writable_parent(out / "index.json")
 
@@ -281,7 +281,7 @@ def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, 
 def _write_embeddings(out: Path, labels: list[str], vectors: Any, kind: str) -> None:
     import numpy as np
 
-    from clients._files import staged_path
+    from clip_triton.clients.files import staged_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_path(out) as tmp:
@@ -317,7 +317,7 @@ def classify(
     quiet: Quiet = False,
 ) -> None:
     """Zero-shot classification of images against --labels (prompt-ensembled, the model's logit scale)."""
-    from clients._core import DEFAULT_TEMPLATES
+    from clip_triton.clients._core import DEFAULT_TEMPLATES
 
     names = [name.strip() for name in labels.split(",") if name.strip()]
     if not names:
@@ -373,8 +373,8 @@ def search(
     quiet: Quiet = False,
 ) -> None:
     """Rank a folder's images by similarity to --query; embeddings are cached next to the folder."""
-    from clients._core import ranking
-    from clients.search import describe_skipped, image_files, index_folder
+    from clip_triton.clients._core import ranking
+    from clip_triton.clients.search import describe_skipped, image_files, index_folder
 
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")

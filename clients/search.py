@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from clients._core import ProgressCallback, describe_entry
-from clients._files import staged_path
-from clients.errors import ClipClientError
-from clients.sync import ClipClient
+from clip_triton.clients._core import ProgressCallback, describe_entry
+from clip_triton.clients.errors import ClipClientError
+from clip_triton.clients.files import staged_path
+from clip_triton.clients.sync import ClipClient
 
 CACHE_NAME = ".clip-triton-cache.npz"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from clients._core import ModelInfo
-from clients._files import pid_alive, staged_path
-from clients.errors import ClipClientError, ModelMismatchError, UsageError
-from clients.search import IMAGE_SUFFIXES, describe_skipped, iter_image_files
-from clients.sync import ClipClient
+from clip_triton.clients._core import ModelInfo
+from clip_triton.clients.errors import ClipClientError, ModelMismatchError, UsageError
+from clip_triton.clients.files import pid_alive, staged_path
+from clip_triton.clients.search import IMAGE_SUFFIXES, describe_skipped, iter_image_files
+from clip_triton.clients.sync import ClipClient
 
 INDEX_NAME = "index.json"
 FORMAT = "clip-triton-embeddings"

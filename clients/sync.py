@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from clients import _core
-from clients._core import (
+from clip_triton.clients import _core
+from clip_triton.clients._core import (
     DEFAULT_TEMPLATES,
     ClientOptions,
     Endpoint,
@@ -22,7 +22,7 @@ from clients._core import (
     TowerInfo,
     resolve_options,
 )
-from clients.errors import ClientTimeoutError, ClipClientError, ServerUnavailableError
+from clip_triton.clients.errors import ClientTimeoutError, ClipClientError, ServerUnavailableError
 
 
 class ClipClient:

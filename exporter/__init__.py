@@ -1,3 +1,5 @@
-"""clip-triton: OpenCLIP -> ONNX -> FP16 -> TensorRT -> Triton model repository, with parity checks."""
+"""The exporter: the `clip-triton` CLI and the stages it composes (docs/design.md has the module map)."""
 
-__version__ = "0.1.0"
+from clip_triton import __version__
+
+__all__ = ["__version__"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter import runtimes
-from exporter.common import (
+from clip_triton.exporter import runtimes
+from clip_triton.exporter.base.common import (
     ClipTritonError,
     MissingDependencyError,
     Progress,
@@ -26,11 +26,11 @@ from exporter.common import (
     os_error_message,
     staged_file,
 )
-from exporter.manifest import MANIFEST_NAME, load_manifest
-from exporter.metrics import cosine_rows
-from exporter.parity import DEFAULT_SAMPLES, check_parity_options, run_parity
-from exporter.parity_report import FAIL, MIN_COSINE_FP16, MIN_COSINE_FP32, PASS, SKIP, format_table
-from exporter.runtimes.triton import TritonModels, TritonRunner
+from clip_triton.exporter.base.manifest import MANIFEST_NAME, load_manifest
+from clip_triton.exporter.parity.metrics import cosine_rows
+from clip_triton.exporter.parity.report import FAIL, MIN_COSINE_FP16, MIN_COSINE_FP32, PASS, SKIP, format_table
+from clip_triton.exporter.parity.run import DEFAULT_SAMPLES, check_parity_options, run_parity
+from clip_triton.exporter.runtimes.triton import TritonModels, TritonRunner
 
 # ---------------------------------------------------------------------------------------------
 # `clip-triton build`: every stage in order, called directly; the CI entry point
@@ -81,8 +81,8 @@ def _check_build_options(opts: BuildOptions) -> None:
     if opts.skip_engines and _needs_engines(opts.runtime):
         raise ClipTritonError(f"--runtime {opts.runtime} needs engines: drop --skip-engines")
     # Every stage's numbers, before the first stage's work (each stage checks its own again).
-    from exporter.loading import MAX_SEED
-    from exporter.onnx_export import check_export_options
+    from clip_triton.exporter.sources.open_clip import MAX_SEED
+    from clip_triton.exporter.stages.export import check_export_options
 
     check_number("--seed", opts.seed, 0, MAX_SEED)
     check_export_options(opts.opset, opts.max_batch, opts.exporter)
@@ -95,7 +95,7 @@ def _check_build_options(opts: BuildOptions) -> None:
     check_writable_parent(out / "export")
     if opts.require_engines or _needs_engines(opts.runtime):
         # Fail before the slow stages when engines are required and cannot be built here.
-        from exporter.runtimes.tensorrt import require_runtime
+        from clip_triton.exporter.runtimes.tensorrt import require_runtime
 
         why = "--require-engines" if opts.require_engines else f"--runtime {opts.runtime}"
         try:
@@ -129,7 +129,7 @@ def _same_model(manifest: Any, opts: BuildOptions) -> str | None:
         "seed": manifest.seed if manifest.random_weights else None,
     }
     if opts.checkpoint is not None:
-        from exporter.manifest import sha256_file
+        from clip_triton.exporter.base.manifest import sha256_file
 
         recorded = (manifest.checkpoint or {}).get("sha256")
         if not Path(opts.checkpoint).is_file() or recorded != sha256_file(Path(opts.checkpoint)):
@@ -145,7 +145,7 @@ def resumable_stages(out: Path, opts: BuildOptions) -> tuple[set[str], list[str]
     file their manifest section records is present with its recorded size and sha256; anything
     else is redone. Refuses (ClipTritonError) when `out` holds another model's build.
     """
-    from exporter.manifest import load_manifest, verify_files
+    from clip_triton.exporter.base.manifest import load_manifest, verify_files
 
     reuse: set[str] = set()
     notes: list[str] = []
@@ -186,10 +186,10 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     Resumable: run again after an interruption and the complete, verified stages are reused
     (resumable_stages); --force rebuilds everything.
     """
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
-    from exporter.precision import make_fp16
-    from exporter.repository import RepositoryOptions, write_repository
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
+    from clip_triton.exporter.stages.fp16 import make_fp16
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     _check_build_options(opts)
     out = Path(opts.out)
@@ -239,7 +239,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         )
 
     def engines() -> bool:
-        from exporter.engines import build_engines
+        from clip_triton.exporter.stages.engines import build_engines
 
         if opts.skip_engines:
             record["stages"]["engines"] = {"status": SKIP, "reason": "--skip-engines"}
@@ -338,8 +338,8 @@ def reusable_build(out: Path, model: str) -> bool:
 
 def run_demo(model: str, out: Path, quiet: bool = False, rebuild: bool = False, echo: Any = print) -> float:
     """Returns the cosine similarity of the demo image and caption, as served over gRPC."""
-    from exporter import samples as builtin
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.parity import samples as builtin
 
     out = Path(out)
     progress = Progress("demo", quiet)

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from clients.errors import ClipClientError
-from exporter.common import INT32_MAX, ClipTritonError, Progress, check_number, os_error_message
-from exporter.runtimes import serving_names
+from clip_triton.clients.errors import ClipClientError
+from clip_triton.exporter.base.common import INT32_MAX, ClipTritonError, Progress, check_number, os_error_message
+from clip_triton.exporter.runtimes import serving_names
 
 app = typer.Typer(
     name="clip-triton",
@@ -52,7 +52,7 @@ def _preprocess(
     model: str, tag: str | None, mean: str | None, std: str | None, interpolation: str | None, resize: str | None
 ) -> dict:
     """The preprocessing overlay: a tag's config (if named), then the explicit --image-* options."""
-    from exporter.loading import preprocess_overrides, tag_preprocess
+    from clip_triton.exporter.sources.open_clip import preprocess_overrides, tag_preprocess
 
     overrides = preprocess_overrides(mean, std, interpolation, resize)
     return {**tag_preprocess(model, tag), **overrides} if tag is not None else overrides
@@ -79,8 +79,8 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """Export the image and text encoders to ONNX (dynamic batch) and write manifest.json."""
-    from exporter.loading import load_model
-    from exporter.onnx_export import check_export_options, export_model
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import check_export_options, export_model
 
     progress = Progress("export", quiet)
     check_export_options(opset, max_batch, exporter)  # before the (slow) model load
@@ -136,7 +136,7 @@ def fp16(
     quiet: Quiet = False,
 ) -> None:
     """Write image/text_encoder.fp16.onnx (FP16 weights and compute, FP32 I/O) after a parity check."""
-    from exporter.precision import Fp16Policy, make_fp16, parse_op_list
+    from clip_triton.exporter.stages.fp16 import Fp16Policy, make_fp16, parse_op_list
 
     extra = parse_op_list(keep_fp32)
     policy = Fp16Policy.none(extra) if no_default_policy else Fp16Policy.default(extra)
@@ -172,7 +172,7 @@ def engines(
     quiet: Quiet = False,
 ) -> None:
     """Build image/text_encoder.plan with TensorRT (on the GPU that will serve them) and check parity."""
-    from exporter.engines import build_engines
+    from clip_triton.exporter.stages.engines import build_engines
 
     progress = Progress("engines", quiet)
     manifest = build_engines(
@@ -194,7 +194,7 @@ def engines(
     )
 
 
-from clients.cli import register as _register_client_commands  # noqa: E402 - typer only; tritonclient loads lazily
+from clip_triton.clients.cli import register as _register_client_commands  # noqa: E402 - typer only; tritonclient loads lazily
 
 _register_client_commands(app)
 
@@ -258,7 +258,7 @@ def repository(
     quiet: Quiet = False,
 ) -> None:
     """Write a deployable Triton model repository (preprocess, tokenize, encoders, ensembles)."""
-    from exporter.repository import RepositoryOptions, write_repository
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     opts = RepositoryOptions(
         runtime=runtime,
@@ -306,7 +306,7 @@ def serve(
     ] = False,
 ) -> None:
     """Run the embedded tritonserver (from nvidia-pytriton; CPU) in the foreground until Ctrl-C."""
-    from exporter.server import serve_forever
+    from clip_triton.exporter.base.server import serve_forever
 
     serve_forever(
         repository, grpc_port, http_port, metrics_port, echo=typer.echo, host=host, expose_http=expose_http
@@ -374,7 +374,7 @@ def deploy(
     quiet: Quiet = False,
 ) -> None:
     """Write Kubernetes (Deployment, Service, HPA, PDB, NetworkPolicy) or KServe manifests for a repository."""
-    from exporter.deploy import DeployOptions, write_deploy
+    from clip_triton.exporter.stages.deploy import DeployOptions, write_deploy
 
     for flag, value in (
         ("--gpu-count", gpu_count),
@@ -440,8 +440,8 @@ def parity(
     quiet: Quiet = False,
 ) -> None:
     """Compare every stage that exists (ONNX FP32/FP16, TensorRT, live Triton) with PyTorch; exit 1 on drift."""
-    from exporter.parity import run_parity
-    from exporter.runtimes.onnxruntime import parse_providers
+    from clip_triton.exporter.parity.run import run_parity
+    from clip_triton.exporter.runtimes.onnxruntime import parse_providers
 
     run_parity(
         export,
@@ -495,7 +495,7 @@ def build(
     quiet: Quiet = False,
 ) -> None:
     """CI entry point: export -> fp16 -> engines -> repository -> parity; exit 0 only if every stage passed."""
-    from exporter.build import BuildOptions, run_build
+    from clip_triton.exporter.build import BuildOptions, run_build
 
     opts = BuildOptions(
         model=model,
@@ -533,7 +533,7 @@ def demo(
     quiet: Quiet = False,
 ) -> None:
     """Build (or reuse) a random-weights python-runtime repository, serve it, embed an image and a caption."""
-    from exporter.build import run_demo
+    from clip_triton.exporter.build import run_demo
 
     run_demo(model, out, quiet=quiet, rebuild=rebuild, echo=typer.echo)
 

@@ -21,7 +21,7 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from exporter.runtimes.tensorrt import find_tensorrt
+    from clip_triton.exporter.runtimes.tensorrt import find_tensorrt
 
     has_gpu = _cuda_available()
     trt_module, trt_missing = find_tensorrt()  # the stage's own check: type stubs alone do not count
@@ -38,8 +38,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ViT-B-32 with seeded random weights, exported once per test session."""
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
 
     out = tmp_path_factory.mktemp("exports") / "vitb32"
     export_model(load_model("ViT-B-32", random_weights=True), out)
@@ -49,9 +49,8 @@ def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ViT-B-32 export with its FP16 graphs (hard links to the FP32 files), once per session."""
+    from clip_triton.exporter.stages.fp16 import make_fp16
     from helpers import linked_copy, scratch_dir
-
-    from exporter.precision import make_fp16
 
     with scratch_dir(tmp_path_factory, "fp16") as base:
         out = linked_copy(vitb32_export, base / "vitb32")
@@ -65,8 +64,8 @@ def served_vitb32(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory)
 
     Yields (server, repo_path, export_dir); one server for the whole session, stopped at the end.
     """
-    from exporter.repository import RepositoryOptions, write_repository
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     base = tmp_path_factory.mktemp("served_vitb32")
     repo = write_repository(vitb32_export, base / "repo", RepositoryOptions(runtime="python"))

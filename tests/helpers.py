@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "exporter.cli"]
+CLI = [sys.executable, "-m", "clip_triton.exporter.cli"]
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

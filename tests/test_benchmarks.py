@@ -11,7 +11,7 @@ import pytest
 # benchmarks/ is a folder of the source tree, not an installed package (`python -m benchmarks.run`).
 from benchmarks import encoders, load, plots, report, run
 from benchmarks.common import Settings, latency_stats, machine, versions
-from exporter.common import Progress
+from clip_triton.exporter.base.common import Progress
 
 QUIET = Progress("bench", quiet=True)
 
@@ -37,7 +37,7 @@ def test_latency_stats() -> None:
 
 
 def test_encoder_bench_report_and_plots(vitb32_export: Path, tmp_path: Path) -> None:
-    from exporter.loading import load_model
+    from clip_triton.exporter.sources.open_clip import load_model
 
     settings = _tiny_settings()
     loaded = load_model("ViT-B-32", random_weights=True)
@@ -125,7 +125,7 @@ def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) 
     """NVIDIA's perf_analyzer (make perf-tools) against the real server, with the inputs load.py writes:
     every model answers, and the figures are parsed from its CSV report."""
     from benchmarks.perf_analyzer import PerfAnalyzerError, locate
-    from exporter.repository import model_names
+    from clip_triton.exporter.stages.repository import model_names
 
     try:
         tool = locate()
@@ -144,7 +144,7 @@ def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) 
 
 
 def test_no_batching_copy_has_no_dynamic_batching(vitb32_export: Path, tmp_path: Path) -> None:
-    from exporter.repository import parse_config
+    from clip_triton.exporter.stages.repository import parse_config
 
     repos = load.write_repositories(vitb32_export, tmp_path)
     for variant, repo in repos.items():

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
 
-from exporter.build import BuildOptions, reusable_build, run_build
-from exporter.common import ClipTritonError, MissingDependencyError
-from exporter.runtimes.tensorrt import require_runtime
+from clip_triton.exporter.base.common import ClipTritonError, MissingDependencyError
+from clip_triton.exporter.build import BuildOptions, reusable_build, run_build
+from clip_triton.exporter.runtimes.tensorrt import require_runtime
+from helpers import run_cli
 
 
 def _has_engines() -> bool:

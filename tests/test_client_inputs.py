@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_tiny_images
 from typer.testing import CliRunner
 
-from clients import (
+from clip_triton.clients import (
     AsyncClipClient,
     ClientOptions,
     ClipClient,
@@ -26,10 +25,11 @@ from clients import (
     InvalidUrlError,
     _core,
 )
-from clients.clip_preprocess import DEFAULT_MAX_BYTES
-from clients.search import iter_image_files
-from clients.stream import INDEX_NAME, iter_shards
-from exporter.cli import app, main
+from clip_triton.clients.clip_preprocess import DEFAULT_MAX_BYTES
+from clip_triton.clients.search import iter_image_files
+from clip_triton.clients.stream import INDEX_NAME, iter_shards
+from clip_triton.exporter.cli import app, main
+from helpers import write_tiny_images
 
 server = pytest.mark.server
 runner = CliRunner()
@@ -45,7 +45,7 @@ def _run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *a
 
 
 def _dead_url() -> str:
-    from exporter.server import free_port
+    from clip_triton.exporter.base.server import free_port
 
     return f"127.0.0.1:{free_port()}"
 

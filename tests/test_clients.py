@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clients import (
+from clip_triton.clients import (
     AsyncClipClient,
     ClientOptions,
     ClipClient,
@@ -27,8 +27,8 @@ from clients import (
     ServerUnavailableError,
     _core,
 )
-from exporter.cli import app
-from exporter.manifest import load_manifest
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.cli import app
 
 server = pytest.mark.server
 CLI = [str(Path(sys.executable).with_name("clip-triton"))]
@@ -88,7 +88,7 @@ def client(url: str):
 
 
 def _dead_url() -> str:
-    from exporter.server import free_port
+    from clip_triton.exporter.base.server import free_port
 
     return f"127.0.0.1:{free_port()}"
 
@@ -302,7 +302,7 @@ def test_headers_are_sent(url: str) -> None:
 
 @server
 def test_server_stopping_mid_run_gives_a_clear_error_quickly(served) -> None:
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
 
     _, repo, _ = served
     own = TritonServer(repo)

@@ -42,8 +42,8 @@ def _expected_image_size(name: str) -> list[int]:
 
 
 def _export(name: str, out: Path) -> tuple[Any, Any]:
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
 
     loaded = load_model(name, random_weights=True)
     return loaded, export_model(loaded, out)
@@ -53,10 +53,11 @@ def _export(name: str, out: Path) -> tuple[Any, Any]:
 def test_family_exports_both_towers_at_parity(name: str, context_length: int, tmp_path: Path) -> None:
     import open_clip
 
-    from exporter.metrics import cosine_rows
-    from exporter.runtimes.onnxruntime import ort_embed, ort_session
-    from exporter.runtimes.torch import torch_embed, tower_modules
-    from exporter.samples import sample_pixels, sample_token_ids
+    from clip_triton.exporter.parity.metrics import cosine_rows
+    from clip_triton.exporter.parity.samples import sample_pixels, sample_token_ids
+    from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
+    from clip_triton.exporter.runtimes.torch import torch_embed
+    from clip_triton.exporter.sources import tower_modules
 
     out = tmp_path / "export"
     loaded, manifest = _export(name, out)
@@ -113,7 +114,7 @@ def test_mobileclip_is_reparameterised_before_export() -> None:
     import open_clip
     import torch
 
-    from exporter.loading import DEFAULT_SEED, load_model
+    from clip_triton.exporter.sources.open_clip import DEFAULT_SEED, load_model
 
     loaded = load_model("MobileCLIP2-S0", random_weights=True)
     blocks = [m for m in loaded.model.modules() if hasattr(m, "reparameterize")]

@@ -17,17 +17,17 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import run_cli
 
-from exporter.common import ClipTritonError
-from exporter.deploy import (
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.stages.deploy import (
     DeployOptions,
     deploy_documents,
     repository_facts,
     startup_budget_s,
     write_deploy,
 )
-from exporter.repository import RepositoryOptions, write_repository
+from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
+from helpers import run_cli
 
 # The oldest Kubernetes minor the manifests claim (every field used is GA there) and the newest the pinned
 # kubernetes-validate (1.37.x) ships schemas for.

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import linked_copy, run_cli
 
-from exporter.common import ClipTritonError
-from exporter.engines import BatchProfile, parity_batches, resolve_profile
-from exporter.manifest import load_manifest
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.stages.engines import BatchProfile, parity_batches, resolve_profile
+from helpers import linked_copy, run_cli
 
 
 def _has_engine_runtime() -> bool:
-    from exporter.runtimes.tensorrt import find_gpu, find_tensorrt
+    from clip_triton.exporter.runtimes.tensorrt import find_gpu, find_tensorrt
 
     return find_tensorrt()[0] is not None and find_gpu() is not None
 
@@ -55,8 +55,8 @@ def test_bad_profile_is_exit_2_before_any_dependency_check(vitb32_export: Path) 
 
 
 def test_engines_module_imports_without_tensorrt() -> None:
-    # `import exporter.engines` must not import tensorrt (lazy): the CLI's --help works everywhere.
-    code = "import sys, exporter.engines; print('tensorrt_bindings' in sys.modules)"
+    # `import clip_triton.exporter.stages.engines` must not import tensorrt (lazy): the CLI's --help works everywhere.
+    code = "import sys, clip_triton.exporter.stages.engines; print('tensorrt_bindings' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
 

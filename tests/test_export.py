@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
 
-from exporter.common import ClipTritonError
-from exporter.manifest import load_manifest
-from exporter.runtimes.onnxruntime import ort_embed, ort_session
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
+from helpers import run_cli
 
 
 def test_manifest_records_what_later_stages_need(vitb32_export: Path) -> None:
@@ -57,9 +57,10 @@ def test_checkpoint_is_exported_not_a_fresh_random_model(tmp_path: Path) -> None
     import open_clip
     import torch
 
-    from exporter.loading import load_model
-    from exporter.runtimes.torch import torch_embed, tower_modules
-    from exporter.samples import sample_token_ids
+    from clip_triton.exporter.parity.samples import sample_token_ids
+    from clip_triton.exporter.runtimes.torch import torch_embed
+    from clip_triton.exporter.sources import tower_modules
+    from clip_triton.exporter.sources.open_clip import load_model
 
     torch.manual_seed(1234)  # not the default seed: a fresh model would differ
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
@@ -151,7 +152,7 @@ def test_output_under_a_file_or_readonly_dir_fails(tmp_path: Path) -> None:
 
 
 def test_siglip_preprocessing_overrides_are_recorded(tmp_path: Path) -> None:
-    from exporter.loading import load_model, preprocess_overrides
+    from clip_triton.exporter.sources.open_clip import load_model, preprocess_overrides
 
     loaded = load_model(
         "ViT-B-32",
@@ -163,9 +164,9 @@ def test_siglip_preprocessing_overrides_are_recorded(tmp_path: Path) -> None:
 
 
 def test_export_failure_on_parity_leaves_no_folder(tmp_path: Path) -> None:
-    from exporter.common import ParityError
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
+    from clip_triton.exporter.base.common import ParityError
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
 
     out = tmp_path / "strict"
     with pytest.raises(ParityError, match="image tower"):
@@ -183,7 +184,7 @@ def test_manifest_round_trips(vitb32_export: Path) -> None:
 
 def test_preprocess_from_tag_without_weights(capsys: pytest.CaptureFixture[str]) -> None:
     """SigLIP trained with mean/std 0.5 and squash: a checkpoint export can take that from the tag."""
-    from exporter.loading import Progress, load_model, tag_preprocess
+    from clip_triton.exporter.sources.open_clip import Progress, load_model, tag_preprocess
 
     plain = load_model("ViT-B-16-SigLIP", random_weights=True, progress=Progress("t", quiet=True))
     assert plain.preprocess.resize_mode == "shortest"  # open_clip's tag-less defaults
@@ -204,9 +205,9 @@ def test_external_data_keeps_each_towers_weights(tmp_path: Path, monkeypatch: py
     small model takes the large-model path."""
     import shutil
 
-    import exporter.onnx_export as onnx_export
-    from exporter.loading import load_model
-    from exporter.samples import sample_inputs
+    import clip_triton.exporter.stages.export as onnx_export
+    from clip_triton.exporter.parity.samples import sample_inputs
+    from clip_triton.exporter.sources.open_clip import load_model
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1_000_000)
     out = tmp_path / "export"
@@ -234,7 +235,7 @@ def test_place_graph_streams_a_many_file_export(
     import onnx
     from onnx import numpy_helper
 
-    import exporter.onnx_export as onnx_export
+    import clip_triton.exporter.stages.export as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", limit)
     src = vitb32_export / "text_encoder.onnx"

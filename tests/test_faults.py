@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import linked_copy, run_cli
 
-from exporter.build import BuildOptions, resumable_stages
-from exporter.common import ClipTritonError, staged_dir
+from clip_triton.exporter.base.common import ClipTritonError, staged_dir
+from clip_triton.exporter.build import BuildOptions, resumable_stages
+from helpers import linked_copy, run_cli
 
 
 @pytest.fixture()
@@ -86,7 +86,7 @@ def test_two_runs_to_one_output_exactly_one_wins(tmp_path: Path) -> None:
 
 
 def test_outputs_are_world_readable(vitb32_export: Path, tmp_path: Path) -> None:
-    from exporter.repository import RepositoryOptions, write_repository
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     old = os.umask(0o022)
     try:
@@ -143,8 +143,8 @@ def test_build_resumes_on_the_command_line(vitb32_export: Path, tmp_path: Path) 
 def test_unreachable_hub_is_detected_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from exporter import loading
-    from exporter.common import Progress
+    from clip_triton.exporter.base.common import Progress
+    from clip_triton.exporter.sources import open_clip as loading
 
     monkeypatch.setattr(loading, "_HUB_STATE", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -162,8 +162,8 @@ def test_unreachable_hub_is_detected_once(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_repository_limit_defaults_are_the_preprocess_defaults() -> None:
-    from clients.clip_preprocess import ImageLimits
-    from exporter import repository
+    from clip_triton.clients.clip_preprocess import ImageLimits
+    from clip_triton.exporter.stages import repository
 
     limits = ImageLimits()
     assert (repository.DEFAULT_MAX_BYTES, repository.DEFAULT_MAX_PIXELS) == (limits.max_bytes, limits.max_pixels)

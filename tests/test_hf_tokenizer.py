@@ -34,10 +34,10 @@ def test_stand_in_tokenizer_has_the_model_vocabulary(model: str, specials: dict[
 
 @pytest.mark.server
 def test_siglip2_text_is_served_with_a_tokenizer_file(tmp_path: Path) -> None:
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
-    from exporter.parity import run_parity
-    from exporter.repository import RepositoryOptions, write_repository
+    from clip_triton.exporter.parity.run import run_parity
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     model = "ViT-B-16-SigLIP2"
     tokenizer = write_tokenizer_json(model, tmp_path / "tok" / "tokenizer.json")

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from test_repository import _image_bytes
 
-from exporter.server import SHM_TAG, TritonServer, stub_processes
+from clip_triton.exporter.base.server import SHM_TAG, TritonServer, stub_processes
 
 pytestmark = pytest.mark.server
 
@@ -276,7 +276,7 @@ def _stub_of(server: TritonServer, model: str) -> int:
 
 
 def test_dead_stub_is_a_server_fault_then_reloaded(own_server: TritonServer) -> None:
-    from clients import ClipClient, ItemError, ServerFaultError
+    from clip_triton.clients import ClipClient, ItemError, ServerFaultError
 
     server = own_server
     with ClipClient(server.grpc_url, retries=0) as client:

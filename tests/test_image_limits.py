@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from clients import clip_preprocess
-from clients.clip_preprocess import ImageInputError, Preprocessor, decode
+from clip_triton.clients import clip_preprocess
+from clip_triton.clients.clip_preprocess import ImageInputError, Preprocessor, decode
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_AVIF = "AVIF" in clip_preprocess._formats()

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import linked_copy
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter import precision
-from exporter.manifest import load_manifest
-from exporter.runtimes.onnxruntime import ort_session
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.runtimes.onnxruntime import ort_session
+from clip_triton.exporter.stages import fp16 as precision
+from helpers import linked_copy
 
 
 def _all_at_once_ranges(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
@@ -138,7 +138,7 @@ def test_fp16_from_hard_linked_external_weights_in_chunks(
 ) -> None:
     """An FP32 graph with its weights in a hard-linked sidecar (as `clip-triton repository` leaves
     an export; onnx's own loader refuses those) converts, 4 KiB at a time, to the same FP16 graph."""
-    from exporter import onnx_weights
+    from clip_triton.exporter.base import onnx_weights
 
     src = fp16_export / "text_encoder.onnx"
     external = tmp_path / "ext"
@@ -169,8 +169,8 @@ def test_large_fp16_graph_keeps_its_weights_in_an_aligned_sidecar(
 ) -> None:
     """Above EXTERNAL_DATA_BYTES the FP16 graph is a skeleton plus `<name>.data` (page-aligned
     tensors), and ONNX Runtime runs it to the same embeddings as the inline graph."""
-    from exporter import onnx_weights
-    from exporter.runtimes.onnxruntime import ort_embed
+    from clip_triton.exporter.base import onnx_weights
+    from clip_triton.exporter.runtimes.onnxruntime import ort_embed
 
     monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1 << 20)
     dest = tmp_path / "image_encoder.fp16.onnx"
@@ -206,7 +206,7 @@ def test_lowered_budget_writes_the_same_fp16_graphs(fp16_export: Path, tmp_path:
 
 
 def test_calibration_budget_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from exporter.common import ClipTritonError
+    from clip_triton.exporter.base.common import ClipTritonError
 
     monkeypatch.delenv(precision.CALIBRATION_BYTES_ENV, raising=False)
     assert precision.calibration_bytes() == precision.DEFAULT_CALIBRATION_BYTES
@@ -220,7 +220,7 @@ def test_calibration_budget_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_export_order_puts_the_costlier_export_where_less_is_alive() -> None:
-    from exporter.onnx_export import plan_export_order
+    from clip_triton.exporter.stages.export import plan_export_order
 
     gib = 1 << 30
     # ViT-L-14: both towers under 2 GiB (built in memory): the larger (image) last, alone.
@@ -237,8 +237,8 @@ def test_export_one_tower_at_a_time_writes_the_same_graphs(
 ) -> None:
     import hashlib
 
-    import exporter.onnx_export as onnx_export
-    from exporter.loading import load_model
+    import clip_triton.exporter.stages.export as onnx_export
+    from clip_triton.exporter.sources.open_clip import load_model
 
     loaded = load_model("ViT-B-32", random_weights=True)
     alive_at_check: list[int] = []  # PyTorch parameters alive when each ONNX Runtime check opens
@@ -268,9 +268,9 @@ def test_export_one_tower_at_a_time_writes_the_same_graphs(
 
 
 def test_parity_runner_holds_one_tower_session(vitb32_export: Path) -> None:
-    from exporter.runtimes.base import TowerBatch
-    from exporter.runtimes.onnxruntime import OrtRunner
-    from exporter.samples import sample_pixels
+    from clip_triton.exporter.parity.samples import sample_pixels
+    from clip_triton.exporter.runtimes.base import TowerBatch
+    from clip_triton.exporter.runtimes.onnxruntime import OrtRunner
 
     manifest = load_manifest(vitb32_export)
     files = {t: vitb32_export / manifest.tower(t).file for t in ("image", "text")}

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_ships_the_python_backend_sources(vitb32_export: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"  # build from a copy: building in place would write build/ into the checkout
-    for name in ("exporter", "clients", "model_repository"):
+    for name in ("clip_triton", "exporter", "clients", "model_repository"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -31,21 +31,23 @@ def test_wheel_ships_the_python_backend_sources(vitb32_export: Path, tmp_path: P
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(installed)
-    assert "clients/clip_preprocess.py" in names  # the preprocess model's code, shared with the client
+    assert "clip_triton/clients/clip_preprocess.py" in names  # the preprocess model's code, shared with the client
+    # One import namespace: nothing lands in site-packages beside clip_triton/ but its metadata.
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"clip_triton"}
     for path in ("common/clip_tokenizer.py", "common/bpe_simple_vocab_16e6.txt.gz",
                  "image_preprocess/model.py", "text_tokenize/model.py", "onnx_encoder/model.py"):
-        assert f"exporter/model_repository/{path}" in names
+        assert f"clip_triton/exporter/model_repository/{path}" in names
 
     # The unpacked wheel, away from the checkout, writes a complete python-runtime repository.
     export = linked_copy(vitb32_export, tmp_path / "export")
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    code = "import exporter.common as c; print(c.REPOSITORY_SOURCES)"
+    code = "import clip_triton.exporter.base.common as c; print(c.REPOSITORY_SOURCES)"
     where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                            env=env)
-    assert where.stdout.strip() == str(installed / "exporter" / "model_repository"), where.stderr
+    assert where.stdout.strip() == str(installed / "clip_triton" / "exporter" / "model_repository"), where.stderr
     run = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "repository", "--export", str(export), "--out", str(tmp_path / "repo"),
-         "--runtime", "python", "-q"],
+        [sys.executable, "-m", "clip_triton.exporter.cli", "repository", "--export", str(export),
+         "--out", str(tmp_path / "repo"), "--runtime", "python", "-q"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
     )
     assert run.returncode == 0, run.stderr

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import linked_copy, run_cli
 
-from exporter.common import ClipTritonError, ParityError, Progress
-from exporter.manifest import load_manifest
-from exporter.parity import check_triton_preprocessing, compare_runner, run_parity
-from exporter.parity_report import PASS, SKIP, format_markdown, format_table, zero_shot_agreement
-from exporter.runtimes import TowerBatch
-from exporter.runtimes.triton import triton_runner
-from exporter.samples import (
+from clip_triton.exporter.base.common import ClipTritonError, ParityError, Progress
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.parity.report import PASS, SKIP, format_markdown, format_table, zero_shot_agreement
+from clip_triton.exporter.parity.run import check_triton_preprocessing, compare_runner, run_parity
+from clip_triton.exporter.parity.samples import (
     LABELS,
     TEMPLATES,
     SampleSet,
@@ -26,6 +23,9 @@ from exporter.samples import (
     user_texts,
     zero_shot_prompts,
 )
+from clip_triton.exporter.runtimes import TowerBatch
+from clip_triton.exporter.runtimes.triton import triton_runner
+from helpers import linked_copy, run_cli
 
 CORRUPT_WEIGHT = "model.visual.transformer.resblocks.0.attn.out_proj.weight"
 
@@ -215,8 +215,8 @@ def test_live_triton_passes_then_catches_a_wrong_normalisation(vitb32_export: Pa
     """Python-runtime repository on the embedded server: pixels and ids equal, embeddings at FP32
     parity. Then the export's manifest gets a wrong mean: the server (built with the right one)
     no longer matches the reference preprocessing, and the preprocess stage is named."""
-    from exporter.repository import RepositoryOptions, write_repository
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     export = linked_copy(vitb32_export, tmp_path / "export")
     repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="python"))

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
 from typer.testing import CliRunner
 
-from clients import AsyncClipClient, ClipClient, InvalidItemError, ItemError
-from clients.clip_preprocess import Preprocessor
-from exporter.cli import app
-from exporter.manifest import load_manifest
-from exporter.pixels import PIXELS_INPUT, normalize_graph
-from exporter.samples import render_image
+from clip_triton.clients import AsyncClipClient, ClipClient, InvalidItemError, ItemError
+from clip_triton.clients.clip_preprocess import Preprocessor
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.base.pixels import PIXELS_INPUT, normalize_graph
+from clip_triton.exporter.cli import app
+from clip_triton.exporter.parity.samples import render_image
+from helpers import run_cli
 
 server = pytest.mark.server
 
@@ -46,7 +46,7 @@ def test_normalize_graph_hands_the_encoder_the_same_bits_as_the_python_preproces
     # And both are open_clip's own transform.
     from types import SimpleNamespace
 
-    from exporter.samples import reference_pixels, reference_transform
+    from clip_triton.exporter.parity.samples import reference_pixels, reference_transform
 
     reference = reference_pixels(reference_transform(manifest), [SimpleNamespace(data=d) for d in _photos()])
     assert np.abs(served - reference).max() < 1e-6
@@ -141,8 +141,8 @@ def test_preprocess_thread_pool_serves_concurrent_batches_exactly(vitb32_export:
 
     import tritonclient.grpc as grpcclient
 
-    from exporter.repository import RepositoryOptions, write_repository
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     opts = RepositoryOptions(runtime="python", preprocess_threads=2, queue_delay_us=50_000)
     repo = write_repository(vitb32_export, tmp_path / "repo", opts)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import linked_copy, run_cli
 
-from exporter.manifest import load_manifest, sha256_file
-from exporter.runtimes.onnxruntime import ort_embed, ort_session
+from clip_triton.exporter.base.manifest import load_manifest, sha256_file
+from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
+from helpers import linked_copy, run_cli
 
 FP16_FILES = ("image_encoder.fp16.onnx", "text_encoder.fp16.onnx")
 
@@ -88,7 +88,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, vitb32_export: Path) -> 
 
 
 def test_policy_is_data_and_overridable() -> None:
-    from exporter.precision import Fp16Policy, parse_op_list
+    from clip_triton.exporter.stages.fp16 import Fp16Policy, parse_op_list
 
     default = Fp16Policy.default(parse_op_list("Erf,Gemm"))
     assert {"Erf", "Gemm", "LayerNormalization"} <= set(default.keep_fp32_ops)
@@ -106,8 +106,8 @@ def _outlier_checkpoint(path: Path) -> float:
     """
     import torch
 
-    from exporter.loading import load_model
-    from exporter.samples import sample_pixels
+    from clip_triton.exporter.parity.samples import sample_pixels
+    from clip_triton.exporter.sources.open_clip import load_model
 
     loaded = load_model("ViT-B-32", random_weights=True)
     model = loaded.model

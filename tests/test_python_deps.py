@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import linked_copy, run_cli
 
-from exporter.common import REPOSITORY_SOURCES, ClipTritonError
-from exporter.manifest import load_manifest
-from exporter.python_deps import DEPS_DIR, DEPS_RECORD
-from exporter.releases import get_release
-from exporter.repository import RepositoryOptions, repository_manifest, write_repository
+from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError
+from clip_triton.exporter.base.manifest import load_manifest, repository_manifest
+from clip_triton.exporter.base.python_deps import DEPS_DIR, DEPS_RECORD
+from clip_triton.exporter.base.releases import get_release
+from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
+from helpers import linked_copy, run_cli
 
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 # The imports each python model needs beyond numpy, by model (python runtime, CLIP BPE tokenizer).
@@ -141,10 +141,10 @@ def test_unfetchable_wheels_are_one_line_and_leave_nothing(vitb32_export: Path, 
 
 @pytest.mark.server
 def test_served_from_an_environment_with_only_numpy(served_vitb32, tmp_path: Path) -> None:
-    from clients import ClipClient
-    from exporter.parity import run_parity
-    from exporter.samples import builtin_images, builtin_texts
-    from exporter.server import TritonServer
+    from clip_triton.clients import ClipClient
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.parity.run import run_parity
+    from clip_triton.exporter.parity.samples import builtin_images, builtin_texts
 
     if _glibc_minor() < 35:
         pytest.skip("the bundled wheels target Ubuntu 22.04's glibc 2.35; this host's glibc is older")

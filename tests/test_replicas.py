@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import linked_copy, tiny_images, write_tiny_images
 
-from clients import AsyncClipClient, ClipClient, ModelMismatchError, ServerUnavailableError
-from clients.search import iter_image_files
-from clients.stream import INDEX_NAME, iter_shards
-from exporter.server import TritonServer, free_port
+from clip_triton.clients import AsyncClipClient, ClipClient, ModelMismatchError, ServerUnavailableError
+from clip_triton.clients.search import iter_image_files
+from clip_triton.clients.stream import INDEX_NAME, iter_shards
+from clip_triton.exporter.base.server import TritonServer, free_port
+from helpers import linked_copy, tiny_images, write_tiny_images
 
 server = pytest.mark.server
 CLI = [str(Path(sys.executable).with_name("clip-triton"))]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import linked_copy, run_cli, scratch_dir
 from PIL import Image
 
-from clients.clip_preprocess import ImageInputError, Preprocessor, decode
-from exporter.common import ClipTritonError, staged_file
-from exporter.manifest import load_manifest, sha256_file
-from exporter.repository import RepositoryOptions, parse_config, write_repository
-from exporter.tokenization import clip_tokenizer, tokenizer_module
+from clip_triton.clients.clip_preprocess import ImageInputError, Preprocessor, decode
+from clip_triton.exporter.base.common import ClipTritonError, staged_file
+from clip_triton.exporter.base.manifest import load_manifest, sha256_file
+from clip_triton.exporter.base.tokenization import clip_tokenizer, tokenizer_module
+from clip_triton.exporter.stages.repository import RepositoryOptions, parse_config, write_repository
+from helpers import linked_copy, run_cli, scratch_dir
 
 TEXTS = [
     "a photo of a cat",
@@ -72,8 +72,8 @@ def test_hf_file_tokenizer_equals_open_clip_hftokenizer(tmp_path: Path, clean: s
     pytest.importorskip("transformers")
     from open_clip.tokenizer import HFTokenizer
 
-    from exporter.manifest import TokenizerConfig
-    from exporter.tokenization import FileTokenizer
+    from clip_triton.exporter.base.manifest import TokenizerConfig
+    from clip_triton.exporter.base.tokenization import FileTokenizer
 
     path = _write_hf_tokenizer(tmp_path / "tok")
     ref = HFTokenizer(str(tmp_path / "tok"), context_length=12, clean=clean, strip_sep_token=strip_sep)
@@ -85,8 +85,8 @@ def test_hf_file_tokenizer_equals_open_clip_hftokenizer(tmp_path: Path, clean: s
 
 
 def test_bad_tokenizer_file_is_a_one_line_error(tmp_path: Path) -> None:
-    from exporter.manifest import TokenizerConfig
-    from exporter.tokenization import FileTokenizer
+    from clip_triton.exporter.base.manifest import TokenizerConfig
+    from clip_triton.exporter.base.tokenization import FileTokenizer
 
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
@@ -263,7 +263,7 @@ def test_tensorrt_needs_plans_and_caps_max_batch(vitb32_export: Path, tmp_path: 
     fake = tmp_path / "with_plans"
     fake.mkdir()
     manifest = load_manifest(vitb32_export)
-    # The section as exporter.engines.build_engines records it.
+    # The section as clip_triton.exporter.stages.engines.build_engines records it.
     manifest.engines = {"tensorrt": "10.5.0", "profile": {"min": 1, "opt": 16, "max": 32}}
     manifest.save(fake)
     for name in ("image_encoder.plan", "text_encoder.plan"):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import linked_copy
 
-from exporter import runtimes
-from exporter.common import ClipTritonError, Progress
-from exporter.manifest import load_manifest
-from exporter.repository import RepositoryOptions, parse_config, write_repository
-from exporter.runtimes.onnxruntime import OrtRunner, parse_providers, provider_missing
+from clip_triton.exporter import runtimes
+from clip_triton.exporter.base.common import ClipTritonError, Progress
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.runtimes.onnxruntime import OrtRunner, parse_providers, provider_missing
+from clip_triton.exporter.stages.repository import RepositoryOptions, parse_config, write_repository
+from helpers import linked_copy
 
 
 def test_registry_entries_and_lookups() -> None:
@@ -66,10 +66,10 @@ def test_runners_for_an_export(vitb32_export: Path, tmp_path: Path) -> None:
 
 
 def test_ort_runner_matches_pytorch(vitb32_export: Path) -> None:
-    from exporter.loading import load_model
-    from exporter.metrics import cosine_rows
-    from exporter.runtimes.torch import TorchRunner
-    from exporter.samples import sample_inputs
+    from clip_triton.exporter.parity.metrics import cosine_rows
+    from clip_triton.exporter.parity.samples import sample_inputs
+    from clip_triton.exporter.runtimes.torch import TorchRunner
+    from clip_triton.exporter.sources.open_clip import load_model
 
     loaded = load_model("ViT-B-32", random_weights=True)
     files = runtimes.artifact_paths(runtimes.RunContext(vitb32_export, load_manifest(vitb32_export)), "onnx", "fp32")
@@ -102,8 +102,8 @@ def test_every_serving_runtime_writes_its_encoders(fp16_export: Path, tmp_path: 
 @pytest.mark.server
 def test_onnxruntime_fp16_repository_serves_and_passes_parity(fp16_export: Path, tmp_path: Path) -> None:
     """The onnxruntime FP16 repository on the embedded server (its stub died at load before)."""
-    from exporter.parity import run_parity
-    from exporter.parity_report import PASS
+    from clip_triton.exporter.parity.report import PASS
+    from clip_triton.exporter.parity.run import run_parity
 
     export = linked_copy(fp16_export, tmp_path / "export")
     repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="onnxruntime", precision="fp16"))

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import scratch_dir
 from PIL import Image
 from test_repository import _image_bytes, huge_png_header
 
-from exporter.manifest import load_manifest
-from exporter.metrics import cosine_rows
+from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.parity.metrics import cosine_rows
+from helpers import scratch_dir
 
 pytestmark = pytest.mark.server
 
@@ -45,8 +45,8 @@ def _reference(export_dir: Path):
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from exporter.loading import load_reference
-    from exporter.runtimes.torch import torch_embed, tower_modules
+    from clip_triton.exporter.runtimes.torch import torch_embed
+    from clip_triton.exporter.sources import load_reference, tower_modules
 
     manifest = load_manifest(export_dir)
     loaded = load_reference(manifest)
@@ -154,10 +154,10 @@ def test_bad_inputs_fail_alone_and_server_stays_up(served_vitb32) -> None:
 @pytest.fixture(scope="module")
 def served_squash(tmp_path_factory: pytest.TempPathFactory):
     """A second family: SigLIP-style preprocessing (mean/std 0.5, squash, bilinear) on ViT-S-32."""
-    from exporter.loading import load_model, preprocess_overrides
-    from exporter.onnx_export import export_model
-    from exporter.repository import RepositoryOptions, write_repository
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.sources.open_clip import load_model, preprocess_overrides
+    from clip_triton.exporter.stages.export import export_model
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     with scratch_dir(tmp_path_factory, "squash") as base:
         overrides = preprocess_overrides("0.5", "0.5", "bilinear", "squash")
@@ -181,8 +181,8 @@ def test_second_family_squash_preprocessing(served_squash) -> None:
 
 def test_unchanged_onnxruntime_repository_serves_locally(vitb32_export: Path, tmp_path: Path) -> None:
     """The KIND_GPU `onnxruntime` repository for NVIDIA's container, on the embedded server (CPU)."""
-    from exporter.repository import RepositoryOptions, write_repository
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     repo = write_repository(vitb32_export, tmp_path / "ort", RepositoryOptions(runtime="onnxruntime"))
     assert "KIND_GPU" in (repo / "clip_text_encoder" / "config.pbtxt").read_text()
@@ -191,8 +191,8 @@ def test_unchanged_onnxruntime_repository_serves_locally(vitb32_export: Path, tm
         got = client.infer("clip_text", [_bytes_input("text", [b"a photo of a cat"])]).as_numpy("embedding")
         config = client.get_model_config("clip_text_encoder").config
         assert config.instance_group[0].kind == 2  # overridden to KIND_CPU at load
-    from exporter.runtimes.onnxruntime import ort_embed, ort_session
-    from exporter.tokenization import clip_tokenizer
+    from clip_triton.exporter.base.tokenization import clip_tokenizer
+    from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
 
     expected = ort_embed(ort_session(vitb32_export / "text_encoder.onnx"),
                          clip_tokenizer()(["a photo of a cat"]).astype(np.int32))
@@ -200,8 +200,8 @@ def test_unchanged_onnxruntime_repository_serves_locally(vitb32_export: Path, tm
 
 
 def test_server_start_failure_reports_the_log(tmp_path: Path) -> None:
-    from exporter.common import ClipTritonError
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.common import ClipTritonError
+    from clip_triton.exporter.base.server import TritonServer
 
     repo = tmp_path / "broken"
     (repo / "bad" / "1").mkdir(parents=True)
@@ -215,11 +215,12 @@ def test_hf_tokenizer_file_is_shipped_and_served(tmp_path: Path) -> None:
     repository, and the served ids and embeddings match the exporter's (same file, same rules)."""
     from test_repository import _write_hf_tokenizer
 
-    from exporter.loading import load_model
-    from exporter.onnx_export import export_model
-    from exporter.repository import RepositoryOptions, write_repository
-    from exporter.runtimes.torch import torch_embed, tower_modules
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.runtimes.torch import torch_embed
+    from clip_triton.exporter.sources import tower_modules
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     tokenizer_file = _write_hf_tokenizer(tmp_path / "tok")
     loaded = load_model("ViT-B-16-SigLIP", random_weights=True, tokenizer_file=tokenizer_file)

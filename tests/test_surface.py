@@ -20,12 +20,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
 from test_hostile import _bytes_input, _call
 from test_repository import _image_bytes
 
-from exporter.common import REPOSITORY_SOURCES
-from exporter.server import TritonServer, stub_processes, surface_lines
+from clip_triton.exporter.base.common import REPOSITORY_SOURCES
+from clip_triton.exporter.base.server import TritonServer, stub_processes, surface_lines
+from helpers import run_cli
 
 pytestmark = pytest.mark.server
 

@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 from test_repository import TEXTS
 
-from exporter.common import REPOSITORY_SOURCES, ClipTritonError
-from exporter.tokenization import clip_tokenizer
+from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError
+from clip_triton.exporter.base.tokenization import clip_tokenizer
 
 N = 100_000
 
@@ -266,9 +266,9 @@ def _png(width: int, height: int) -> bytes:
 
 
 def test_image_request_over_its_budget_fails_alone(load_model) -> None:
-    from clients import clip_preprocess
-    from clients.clip_preprocess import ImageLimits, Preprocessor
-    from exporter.manifest import PreprocessConfig
+    from clip_triton.clients import clip_preprocess
+    from clip_triton.clients.clip_preprocess import ImageLimits, Preprocessor
+    from clip_triton.exporter.base.manifest import PreprocessConfig
 
     preprocess = asdict(PreprocessConfig(size=[224, 224]))
     common = REPOSITORY_SOURCES / "common"
@@ -291,7 +291,7 @@ def test_image_request_over_its_budget_fails_alone(load_model) -> None:
 
 
 def test_repository_writes_and_checks_the_budget() -> None:
-    from exporter.repository import RepositoryOptions, _check_options
+    from clip_triton.exporter.stages.repository import RepositoryOptions, _check_options
 
     assert RepositoryOptions().limits()["max_request_seconds"] == 10.0
     for bad in (-1.0, float("nan"), float("inf")):
@@ -318,9 +318,9 @@ def test_cli_refuses_a_bad_budget_in_one_line(vitb32_export: Path, tmp_path: Pat
 def test_served_budget_fails_the_slow_request_and_answers_its_batch(vitb32_export: Path, tmp_path: Path) -> None:
     import tritonclient.grpc as grpcclient
 
-    from exporter.manifest import load_manifest
-    from exporter.repository import RepositoryOptions, parse_config, write_repository
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.manifest import load_manifest
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import RepositoryOptions, parse_config, write_repository
 
     opts = RepositoryOptions(runtime="python", max_request_seconds=0.1, python_deps=False)
     repo = write_repository(vitb32_export, tmp_path / "repo", opts)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError
-from exporter.manifest import STAGE_OF_ARTIFACT, Manifest
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.manifest import STAGE_OF_ARTIFACT, Manifest
 
 BATCH = 16  # rows per call into a runner: bounds memory, exercises batching
 TOLERANCES = ("fp32", "fp16")  # threshold classes: a runner is judged by one of them
@@ -94,7 +94,7 @@ class RunContext:
     export_dir: Path
     manifest: Manifest
     purpose: str = "parity"  # "parity" or "bench" (the benchmark also times baselines parity skips)
-    loaded: Any = None  # the PyTorch reference (exporter.loading.LoadedModel), when built
+    loaded: Any = None  # the PyTorch reference (clip_triton.exporter.sources.open_clip.LoadedModel), when built
     providers: list[str] | None = None  # ONNX Runtime execution providers; None: the default list
     threads: int | None = None  # intra-op threads for CPU runtimes; None: the runtime's default
     url: str | None = None  # a live Triton's gRPC endpoint

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError
-from exporter.runtimes.base import (
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.runtimes.base import (
     RunContext,
     Runner,
     Runtime,
@@ -104,7 +104,7 @@ def provider_missing(short: str) -> str | None:
     if PROVIDERS[short] not in ort.get_available_providers():
         return f"this onnxruntime ({ort.__version__}) has no {PROVIDERS[short]} (install onnxruntime-gpu)"
     if short in GPU_PROVIDERS:
-        from exporter.runtimes.torch import cuda_missing
+        from clip_triton.exporter.runtimes.torch import cuda_missing
 
         return cuda_missing()
     return None
@@ -170,7 +170,7 @@ class OrtRunner(Runner):
     def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
         if tower not in self.sessions:  # one tower at a time: the other tower's session goes first
             self.sessions = {}
-            from exporter.loading import release_memory
+            from clip_triton.exporter.base.common import release_memory
 
             release_memory()
             self.sessions[tower] = self._session(tower)

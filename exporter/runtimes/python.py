@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter.runtimes.base import Runtime, Serving, register
+from clip_triton.exporter.runtimes.base import Runtime, Serving, register
 
 
 class PythonServing(Serving):

@@ -1,4 +1,4 @@
-"""TensorRT: serialized plans (built by `exporter.engines` from the FP16 graphs) on a CUDA GPU.
+"""TensorRT: serialized plans (built by `clip_triton.exporter.stages.engines` from the FP16 graphs) on a CUDA GPU.
 
 Runner: the plans through TensorRT's own Python API (10+: set_input_shape/set_tensor_address)
 on torch CUDA tensors. Serving: Triton's `tensorrt_plan` platform, GPU only. A plan runs only on
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, MissingDependencyError
-from exporter.manifest import Manifest
-from exporter.runtimes.base import (
+from clip_triton.exporter.base.common import ClipTritonError, MissingDependencyError
+from clip_triton.exporter.base.manifest import Manifest
+from clip_triton.exporter.runtimes.base import (
     RunContext,
     Runner,
     Runtime,

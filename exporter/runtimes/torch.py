@@ -7,37 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from exporter.runtimes.base import RunContext, Runner, Runtime, Skipped, TowerBatch, register
+from clip_triton.exporter import sources
+from clip_triton.exporter.runtimes.base import RunContext, Runner, Runtime, Skipped, TowerBatch, register
 
 
 def _torch() -> Any:
     import torch
 
     return torch
-
-
-def tower_modules(loaded: Any) -> dict[str, Any]:
-    """The two exportable wrappers of an open_clip model: inputs -> L2-normalised embeddings."""
-    torch: Any = _torch()  # a module object: mypy cannot see torch.nn.Module through it
-    functional = torch.nn.functional
-
-    class ImageEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: Any) -> Any:
-            return functional.normalize(self.model.encode_image(pixel_values), dim=-1)
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any) -> Any:
-            return functional.normalize(self.model.encode_text(input_ids), dim=-1)
-
-    return {"image": ImageEncoder(loaded.model).eval(), "text": TextEncoder(loaded.model).eval()}
 
 
 def torch_embed(module: Any, inputs: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -67,7 +44,7 @@ class TorchRunner(Runner):
         return f"PyTorch FP32 reference ({self.loaded.name}, {where})"
 
     def open(self) -> None:
-        self.modules = {t: m.to(self.device) for t, m in tower_modules(self.loaded).items()}
+        self.modules = {t: m.to(self.device) for t, m in sources.tower_modules(self.loaded).items()}
 
     def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
         return torch_embed(self.modules[tower], batch.tensor, self.device)

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError
-from exporter.runtimes.base import RunContext, Runner, Runtime, Skipped, TowerBatch, find, register
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.runtimes.base import RunContext, Runner, Runtime, Skipped, TowerBatch, find, register
 
 # Parity judges values, not latency: one request may carry several 378-px images through a 400M-
 # parameter tower on a CPU-only embedded server (minutes on 2 cores). A deadline still bounds a hung
@@ -125,7 +125,7 @@ class TritonPixelsRunner(TritonRunner):
         return f"Triton gRPC {self.url} ({self.models.pixels} from client-side crops; {self.runtime}, {self.precision})"
 
     def open(self) -> None:
-        from clients.sync import ClipClient
+        from clip_triton.clients.sync import ClipClient
 
         super().open()
         # One client for the run: it reads the transform and limits from the server once.

@@ -1,6 +1,6 @@
 """Put a python model's bundled wheels (`deps/` beside its model.py) first on sys.path.
 
-Written by `clip-triton repository` (exporter/python_deps.py, docs/deploy.md): the folder holds
+Written by `clip-triton repository` (exporter/base/python_deps.py, docs/deploy.md): the folder holds
 Pillow / the tokenizer libraries / onnxruntime built for one Python X.Y, so a stock Triton
 container serves the repository with nothing installed at start. Compiled wheels for another
 Python would fail later with an obscure ImportError; refuse at load, in one line, instead.

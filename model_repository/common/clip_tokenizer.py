@@ -1,7 +1,7 @@
 """Torch-free text tokenisation, identical to open_clip's tokenizers (open_clip/tokenizer.py).
 
 ONE implementation shared by the Triton `*_text_tokenize` python model (copied into every
-repository) and `exporter.tokenization.FileTokenizer`. Needs numpy, ftfy and regex; the
+repository) and `clip_triton.exporter.base.tokenization.FileTokenizer`. Needs numpy, ftfy and regex; the
 Hugging Face file path also needs the `tokenizers` package (not `transformers`).
 
 - `ClipBpeTokenizer`: open_clip's `SimpleTokenizer` (OpenAI CLIP BPE, bpe_simple_vocab_16e6.txt.gz

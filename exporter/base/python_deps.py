@@ -28,8 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.common import ClipTritonError
-from exporter.releases import TritonRelease
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.releases import TritonRelease
 
 DEPS_DIR = "deps"
 DEPS_RECORD = "DEPS.json"
@@ -95,7 +95,7 @@ def _constraints() -> list[str]:
 
 
 def _cache_dir() -> Path:
-    from exporter.server import cache_root
+    from clip_triton.exporter.base.server import cache_root
 
     return cache_root() / "python-deps"
 

@@ -9,7 +9,7 @@ the skeleton plus one chunk, whatever the model's size.
 
 We read sidecars ourselves rather than with `onnx.load_external_data_for_model`: that refuses a
 file with more than one hard link, and `clip-triton repository` hard-links the export's weights
-into the repository (exporter/common.py, `link_or_copy`). The same confinement as onnx's loader
+into the repository (exporter/base/common.py, `link_or_copy`). The same confinement as onnx's loader
 applies: a location must be a plain relative path inside the graph's own folder.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError
+from clip_triton.exporter.base.common import ClipTritonError
 
 WEIGHT_CHUNK_BYTES = 16 << 20  # a multiple of every element size; the clipping makes ~5 copies of a chunk
 ALIGN = 4096  # sidecar offsets on page boundaries, so runtimes may map tensors in place
@@ -292,3 +292,7 @@ def save_inline(model: Any, path: Path, base_dir: Path) -> None:
             out.write(head)
             for chunk in where.chunks() if where else ():
                 out.write(chunk)
+
+
+# Protobuf's hard limit is 2 GiB; stay under it with room for the graph itself.
+EXTERNAL_DATA_BYTES = 1_800_000_000

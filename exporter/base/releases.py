@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.common import ClipTritonError
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.manifest import Manifest
 
 IMAGE = "nvcr.io/nvidia/tritonserver"
 
@@ -96,3 +97,39 @@ def release_for_tensorrt(version: str) -> TritonRelease | None:
         return exact[-1]
     same = [r for r in RELEASES if r.tensorrt_major_minor == major_minor(version)]
     return same[-1] if same else None
+
+
+def engines_tensorrt(manifest: Manifest) -> str | None:
+    """The TensorRT version that built this export's plans (None: no engines)."""
+    engines = manifest.engines or {}
+    trt = engines.get("tensorrt") or manifest.versions.get("tensorrt")
+    return trt if isinstance(trt, str) else None
+
+
+def target_release(manifest: Manifest, requested: str | None = None) -> TritonRelease:
+    """The Triton container a repository is written for: `requested`, else the release shipping the
+    engines' TensorRT, else the newest known release (docs/releases.md). A request that contradicts
+    the engines is refused; engines whose TensorRT no confirmed release ships need a request."""
+    trt = engines_tensorrt(manifest)
+    matched = release_for_tensorrt(trt) if trt else None
+    if requested:
+        row = get_release(requested)
+        if trt and row.tensorrt is not None and row.tensorrt_major_minor != major_minor(trt):
+            raise ClipTritonError(
+                f"Triton {row.release} ships TensorRT {row.tensorrt}, but the engines were built with TensorRT "
+                f"{trt}" + (f"; use --triton-release {matched.release}" if matched else "")
+            )
+        return row
+    if trt and matched is None:
+        raise ClipTritonError(
+            f"the engines were built with TensorRT {trt}, which no release in exporter/base/releases.py is confirmed "
+            "to ship (docs/releases.md): pass --triton-release YY.MM of the container you built them in"
+        )
+    return matched or DEFAULT_RELEASE
+
+
+def repository_release(repo_manifest: Manifest) -> TritonRelease:
+    """The release a written repository targets (recorded by `write_repository`; older repositories:
+    derived from the engines as `target_release` would)."""
+    recorded = (repo_manifest.repository or {}).get("triton_release")
+    return get_release(recorded) if isinstance(recorded, str) else target_release(repo_manifest)

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError
-from exporter.runtimes.base import TowerBatch
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.runtimes.base import TowerBatch
 
 if TYPE_CHECKING:
-    from exporter.manifest import Manifest, PreprocessConfig, TokenizerConfig
+    from clip_triton.exporter.base.manifest import Manifest, PreprocessConfig, TokenizerConfig
 
 TOKEN_DTYPE = "int32"  # why not int64: docs/engines.md, "Token ids"
 
@@ -276,7 +276,7 @@ def sample_token_ids(loaded: Any, batch: int, seed: int = 0) -> np.ndarray:
 
 
 def sample_inputs(loaded: Any, tower: str, batch: int) -> np.ndarray:
-    """`batch` inputs for one tower of a loaded model (exporter.loading.LoadedModel)."""
+    """`batch` inputs for one tower of a loaded model (clip_triton.exporter.sources.open_clip.LoadedModel)."""
     return sample_pixels(loaded.preprocess, batch) if tower == "image" else sample_token_ids(loaded, batch)
 
 

@@ -17,25 +17,32 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import INT32_MAX, ClipTritonError, ParityError, Progress, check_number, staged_dir
-from exporter.loading import LoadedModel, release_memory, release_tower, tower_parameter_bytes
-from exporter.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
-from exporter.metrics import compare_embeddings, worst_of
-from exporter.onnx_weights import (
+from clip_triton.exporter.base.common import (
+    INT32_MAX,
+    ClipTritonError,
+    ParityError,
+    Progress,
+    check_number,
+    release_memory,
+    staged_dir,
+)
+from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, TensorSpec, TowerSpec, file_record
+from clip_triton.exporter.base.onnx_weights import (
+    EXTERNAL_DATA_BYTES,
     inline_attribute_tensors,
     record_sources,
     save_inline,
     save_with_sidecar,
     write_weights,
 )
-from exporter.runtimes.onnxruntime import ort_embed, ort_session
-from exporter.runtimes.torch import torch_embed, tower_modules
-from exporter.samples import TOKEN_DTYPE, sample_inputs
+from clip_triton.exporter.parity.metrics import compare_embeddings, worst_of
+from clip_triton.exporter.parity.samples import TOKEN_DTYPE, sample_inputs
+from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
+from clip_triton.exporter.runtimes.torch import torch_embed
+from clip_triton.exporter.sources import LoadedModel, release_tower, tower_modules, tower_parameter_bytes
 
 DEFAULT_OPSET = 18
 EXPORT_MIN_COSINE = 0.99999
-# Protobuf's hard limit is 2 GiB; stay under it with room for the graph itself.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixel_values", "input_ids", "embedding"
 
 def _export_graph(
@@ -130,7 +137,7 @@ def _place_graph(raw: Path, path: Path) -> None:
     if written == [raw] and size <= EXTERNAL_DATA_BYTES:
         raw.replace(path)  # the common case: already a single self-contained file
         return
-    # Streamed, never loaded whole (exporter/onnx_weights.py): the tower's PyTorch weights are still
+    # Streamed, never loaded whole (exporter/base/onnx_weights.py): the tower's PyTorch weights are still
     # in memory here, and ViT-bigG's image tower alone is 7 GiB.
     model = onnx.load(str(raw), load_external_data=False)
     inline_attribute_tensors(model, raw.parent)
@@ -217,10 +224,10 @@ def versions() -> dict[str, str]:
     import open_clip
     import torch
 
-    import exporter
+    import clip_triton
 
     return {
-        "clip_triton": exporter.__version__,
+        "clip_triton": clip_triton.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
@@ -291,6 +298,7 @@ def export_model(
         timings = {tower: timings[tower] for tower in TOWERS}
         manifest = Manifest(
             model_name=loaded.name,
+            source=loaded.source,
             pretrained=loaded.pretrained,
             checkpoint=loaded.checkpoint,
             random_weights=loaded.random_weights,

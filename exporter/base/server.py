@@ -37,8 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from clients._files import pid_alive
-from exporter.common import REPOSITORY_SOURCES, ClipTritonError, MissingDependencyError
+from clip_triton.clients.files import pid_alive
+from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError, MissingDependencyError
 
 LOG_TAIL_LINES = 40
 LOOPBACK = "127.0.0.1"
@@ -106,7 +106,7 @@ def cache_root() -> Path:
 # backends/onnxruntime/model.py: the repository's onnx_encoder model, run as a backend. A native
 # backend carries its own ONNX Runtime; this stand-in takes the launching environment's, appended
 # after the serving interpreter's own packages (which may lack it: tests/test_python_deps.py).
-_BACKEND_WRAPPER = """\"\"\"The embedded server's stand-in for Triton's onnxruntime backend (exporter/server.py).\"\"\"
+_BACKEND_WRAPPER = """\"\"\"The embedded server's stand-in for Triton's onnxruntime backend (clip-triton serve).\"\"\"
 import os
 import sys
 

@@ -1,8 +1,8 @@
 """The parity suite, running side: every stage's runner over the same samples, then judged.
 
-The runners come from the runtime registry (exporter.runtimes: ONNX Runtime per graph precision
+The runners come from the runtime registry (clip_triton.exporter.runtimes: ONNX Runtime per graph precision
 and execution provider, TensorRT, a live Triton); PyTorch FP32 is the reference. This module runs
-them and the server's preprocessing/tokenisation checks; `exporter.parity_report` judges the
+them and the server's preprocessing/tokenisation checks; `clip_triton.exporter.parity.report` judges the
 results against the thresholds and writes the reports (docs/design.md, "Parity").
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter import runtimes
-from exporter.common import (
+from clip_triton.exporter import runtimes
+from clip_triton.exporter.base.common import (
     ClipTritonError,
     ParityError,
     Progress,
@@ -24,9 +24,9 @@ from exporter.common import (
     check_number,
     check_writable_parent,
 )
-from exporter.export_inputs import load_export
-from exporter.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
-from exporter.parity_report import (
+from clip_triton.exporter.base.export_inputs import load_export
+from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
+from clip_triton.exporter.parity.report import (
     ERROR,
     MIN_COSINE_FP16,
     MIN_COSINE_FP32,
@@ -41,9 +41,9 @@ from exporter.parity_report import (
     summary,
     write_reports,
 )
-from exporter.runtimes.torch import TorchRunner
-from exporter.runtimes.triton import TritonPixelsRunner, TritonRunner, triton_runner, triton_runners
-from exporter.samples import SampleSet, build_samples
+from clip_triton.exporter.parity.samples import SampleSet, build_samples
+from clip_triton.exporter.runtimes.torch import TorchRunner
+from clip_triton.exporter.runtimes.triton import TritonPixelsRunner, TritonRunner, triton_runner, triton_runners
 
 DEFAULT_SAMPLES = 16
 MAX_SAMPLES = 10_000  # built-in samples of one run (each is rendered, preprocessed and embedded per stage)
@@ -142,7 +142,7 @@ def _preprocessing_checks(runner: TritonRunner, samples: SampleSet, progress: Pr
 def repository_section(manifest: Manifest, repository: Path | None) -> dict[str, Any] | None:
     """The repository record: the served repository's own manifest first, else the export's."""
     if repository is not None:
-        from exporter.repository import repository_manifest
+        from clip_triton.exporter.base.manifest import repository_manifest
 
         try:
             own = repository_manifest(Path(repository))
@@ -205,7 +205,7 @@ def run_parity(
     section = repository_section(manifest, repository)
     ctx = runtimes.RunContext(export_dir, manifest, providers=providers, url=url, section=section)
     planned = plan_runners(ctx)
-    from exporter.loading import load_reference
+    from clip_triton.exporter.sources import load_reference
 
     with progress.step(f"rebuilding the PyTorch reference ({manifest.model_name})"):
         loaded = load_reference(manifest, progress=progress, export_dir=export_dir)
@@ -225,7 +225,7 @@ def run_parity(
     reference.close()
     # The reference is computed: release the PyTorch model before any runner opens its sessions
     # (docs/engines.md, "Memory"); nothing below needs it.
-    from exporter.loading import release_model
+    from clip_triton.exporter.sources import release_model
 
     release_model(loaded)
 
@@ -294,7 +294,7 @@ def _local_triton(
     why = served.serving.embedded_reason if served is not None and served.serving is not None else None
     if why is not None:
         return [StageResult(name, SKIP, reason=why) for name in TRITON_STAGES]
-    from exporter.server import TritonServer
+    from clip_triton.exporter.base.server import TritonServer
 
     try:
         with progress.step(f"starting a local tritonserver for {repository}"):

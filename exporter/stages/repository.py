@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clients import clip_preprocess
-from exporter import python_deps, runtimes
-from exporter.common import (
+from clip_triton.clients import clip_preprocess
+from clip_triton.exporter import runtimes
+from clip_triton.exporter.base import python_deps
+from clip_triton.exporter.base.common import (
     INT32_MAX,
     REPOSITORY_SOURCES,
     ClipTritonError,
@@ -27,11 +28,15 @@ from exporter.common import (
     link_or_copy,
     staged_dir,
 )
-from exporter.export_inputs import check_export, read_graph
-from exporter.manifest import MANIFEST_NAME, TOWERS, Manifest, ManifestError, load_manifest
-from exporter.pixels import PIXELS_INPUT, save_normalize_graph
-from exporter.releases import DEFAULT_RELEASE, TritonRelease, get_release, major_minor, release_for_tensorrt
-from exporter.server import MALLOC_ENV, admin_lock_args
+from clip_triton.exporter.base.export_inputs import check_export, read_graph
+from clip_triton.exporter.base.manifest import TOWERS, Manifest, load_manifest
+from clip_triton.exporter.base.pixels import PIXELS_INPUT, save_normalize_graph
+from clip_triton.exporter.base.releases import (
+    TritonRelease,
+    engines_tensorrt,
+    target_release,
+)
+from clip_triton.exporter.base.server import MALLOC_ENV, admin_lock_args
 
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("gpu", "cpu")
@@ -90,7 +95,7 @@ class RepositoryOptions:
     max_chars: int = DEFAULT_MAX_CHARS
     max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS
     copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
-    # The NVIDIA container it is written for (exporter/releases.py): default, the one shipping the
+    # The NVIDIA container it is written for (exporter/base/releases.py): default, the one shipping the
     # engines' TensorRT, else the newest known. Decides the Python of the bundled wheels (docs/deploy.md).
     triton_release: str | None = None
     # Bundle the python models' wheels (Pillow, tokenizers, ...) inside the repository, pinned, for the
@@ -263,7 +268,7 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
     configs["image_preprocess"] = pre
 
     # The pixels entry point's first step: uint8 HWC -> the encoder's normalised CHW input, an ONNX
-    # graph (exporter/pixels.py) on ONNX Runtime beside the encoder: no python per image on that path.
+    # graph (exporter/base/pixels.py) on ONNX Runtime beside the encoder: no python per image on that path.
     norm = _base_config(pb, names["image_normalize"], max_batch, opts, encoder_kind)
     norm.backend = "onnxruntime"
     norm.input.add(**_tensor(pb, PIXELS_INPUT, "TYPE_UINT8", [h, w, 3]))
@@ -347,40 +352,10 @@ def _copy_sources(dest: Path, model_file: str, commons: list[str]) -> None:
         shutil.copy2(REPOSITORY_SOURCES / "common" / name, dest / name)
 
 
-def engines_tensorrt(manifest: Manifest) -> str | None:
-    """The TensorRT version that built this export's plans (None: no engines)."""
-    engines = manifest.engines or {}
-    trt = engines.get("tensorrt") or manifest.versions.get("tensorrt")
-    return trt if isinstance(trt, str) else None
 
 
-def target_release(manifest: Manifest, requested: str | None = None) -> TritonRelease:
-    """The Triton container a repository is written for: `requested`, else the release shipping the
-    engines' TensorRT, else the newest known release (docs/releases.md). A request that contradicts
-    the engines is refused; engines whose TensorRT no confirmed release ships need a request."""
-    trt = engines_tensorrt(manifest)
-    matched = release_for_tensorrt(trt) if trt else None
-    if requested:
-        row = get_release(requested)
-        if trt and row.tensorrt is not None and row.tensorrt_major_minor != major_minor(trt):
-            raise ClipTritonError(
-                f"Triton {row.release} ships TensorRT {row.tensorrt}, but the engines were built with TensorRT "
-                f"{trt}" + (f"; use --triton-release {matched.release}" if matched else "")
-            )
-        return row
-    if trt and matched is None:
-        raise ClipTritonError(
-            f"the engines were built with TensorRT {trt}, which no release in exporter/releases.py is confirmed "
-            "to ship (docs/releases.md): pass --triton-release YY.MM of the container you built them in"
-        )
-    return matched or DEFAULT_RELEASE
 
 
-def repository_release(repo_manifest: Manifest) -> TritonRelease:
-    """The release a written repository targets (recorded by `write_repository`; older repositories:
-    derived from the engines as `target_release` would)."""
-    recorded = (repo_manifest.repository or {}).get("triton_release")
-    return get_release(recorded) if isinstance(recorded, str) else target_release(repo_manifest)
 
 
 def _readme(
@@ -558,7 +533,7 @@ def write_repository(
     manifest = load_manifest(export_dir)
     device = _check_options(opts)
     # Every file the manifest names inside the export, and the graphs served checked against it: before
-    # anything is written (exporter/export_inputs.py).
+    # anything is written (exporter/base/export_inputs.py).
     check_export(export_dir, manifest, [runtimes.serving(opts.runtime).artifact(opts.precision)])
     if manifest.tokenizer.kind not in ("clip", "hf"):
         raise ClipTritonError(f"tokenizer kind {manifest.tokenizer.kind!r} cannot be served by the tokenize model")
@@ -654,11 +629,3 @@ def repository_models(repo: Path) -> list[str]:
     return sorted(p.name for p in Path(repo).iterdir() if (p / "config.pbtxt").is_file())
 
 
-def repository_manifest(repo: Path) -> Manifest | None:
-    path = Path(repo) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        return Manifest.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as exc:  # the same checks as an export's (load_manifest)
-        raise ManifestError(f"{path} is not a valid clip-triton manifest: {exc}") from None

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clients.errors import UsageError
+from clip_triton.clients.errors import UsageError
 
 
 def check_writable_parent(dest: Path) -> None:
@@ -23,7 +23,7 @@ def check_writable_parent(dest: Path) -> None:
 @contextmanager
 def staged_path(dest: Path) -> Iterator[Path]:
     """A temporary path beside `dest` that replaces it only when the block succeeds (the exporter's
-    atomic writes use it too: exporter.common.staged_file)."""
+    atomic writes use it too: clip_triton.exporter.base.common.staged_file)."""
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:

@@ -1,7 +1,7 @@
 """An export folder checked as a whole before a stage reads it: the one gate of every later stage.
 
 `load_export` = the manifest (load_manifest: known schema_version, every value in range, shapes
-consistent with each other; exporter/manifest.py `check_manifest`) + every file it names inside the
+consistent with each other; exporter/base/manifest.py `check_manifest`) + every file it names inside the
 folder (no absolute path, no `..`, no symlink out of it) + each ONNX graph the stage will read:
 a complete ONNX model whose one input and output carry the manifest's names, dtypes and static
 dims (FP32 pixels [B,3,H,W], INT32 ids [B,L], FP32 embedding [B,D]), and whose external weights
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError
-from exporter.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
-from exporter.onnx_weights import GRAPH_INITIALIZER, MODEL_GRAPH, length_prefixed
+from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
+from clip_triton.exporter.base.onnx_weights import GRAPH_INITIALIZER, MODEL_GRAPH, length_prefixed
 
 # Tensor data under this size stays in the skeleton (shape inference may need a Reshape's target);
 # larger data is what the weights are, and is skipped.

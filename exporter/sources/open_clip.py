@@ -10,34 +10,23 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from exporter.common import ClipTritonError, Progress, check_number
-from exporter.manifest import INTERPOLATIONS, RESIZE_MODES, Manifest, PreprocessConfig, TokenizerConfig, sha256_file
+from clip_triton.exporter.base.common import ClipTritonError, Progress, check_number, release_memory
+from clip_triton.exporter.base.manifest import (
+    INTERPOLATIONS,
+    RESIZE_MODES,
+    Manifest,
+    PreprocessConfig,
+    TokenizerConfig,
+    sha256_file,
+)
+from clip_triton.exporter.sources.base import LoadedModel, ModelSource, register
 
 DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # open_clip CLIP / CustomTextCLIP, eval mode, FP32, CPU
-    name: str
-    pretrained: str | None
-    checkpoint: dict[str, Any] | None
-    seed: int | None
-    preprocess: PreprocessConfig
-    tokenizer_cfg: TokenizerConfig
-    tokenizer: Any | None  # an open_clip tokenizer callable, or None when it needs the network
-    embed_dim: int
-    logit_scale: float
-    logit_bias: float | None
-
-    @property
-    def random_weights(self) -> bool:
-        return self.seed is not None
 
 
 def _import_open_clip() -> Any:
@@ -216,7 +205,7 @@ def _tokenizer(
         eot_id=int(text_cfg["eos_id"]) if text_cfg.get("pool_type") == "eos" and "eos_id" in text_cfg else None,
     )
     if tokenizer_file is not None:
-        from exporter.tokenization import FileTokenizer
+        from clip_triton.exporter.base.tokenization import FileTokenizer
 
         tok = FileTokenizer(Path(tokenizer_file), cfg)
         cfg.hf_file = Path(tokenizer_file).name
@@ -405,7 +394,7 @@ def _embed_dim(model: Any, name: str) -> int:
     return int(open_clip.get_model_config(name)["embed_dim"])
 
 
-def load_reference(
+def _load_reference(
     manifest: Manifest, progress: Progress | None = None, export_dir: Path | None = None
 ) -> LoadedModel:
     """Rebuild the exact PyTorch model a manifest was exported from (tag, checkpoint or seed).
@@ -442,25 +431,9 @@ def _exported_tokenizer_file(manifest: Manifest, export_dir: Path | None) -> Pat
 # ---------------------------------------------------------------- memory (docs/engines.md, "Memory")
 
 
-def release_memory() -> None:
-    """Hand freed memory back to the OS: a garbage collection, then glibc's `malloc_trim(0)`.
-
-    A large model's weights are thousands of allocations; once dropped, glibc keeps many of their
-    pages in its arenas, and the next step's peak (an ONNX Runtime session, the next tower) would
-    stack on top of them. A no-op where the C library has no malloc_trim (musl, macOS).
-    """
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def tower_parameter_bytes(loaded: LoadedModel) -> dict[str, int]:
+def _tower_parameter_bytes(loaded: LoadedModel) -> dict[str, int]:
     """FP32 bytes of each tower's parameters (image = `model.visual`, text = everything else)."""
     model = loaded.model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -469,7 +442,7 @@ def tower_parameter_bytes(loaded: LoadedModel) -> dict[str, int]:
     return {"image": image, "text": total - image}
 
 
-def release_tower(loaded: LoadedModel, tower: str) -> None:
+def _release_tower(loaded: LoadedModel, tower: str) -> None:
     """Drop one tower's weights from `loaded.model`, so later steps hold only the other tower.
 
     The image tower is `model.visual` in every open_clip model; the text tower is everything else
@@ -493,8 +466,50 @@ def release_tower(loaded: LoadedModel, tower: str) -> None:
     release_memory()
 
 
-def release_model(loaded: LoadedModel) -> None:
-    """Drop the PyTorch model once its reference embeddings are computed: ONNX Runtime sessions
-    opened afterwards must not stack on the model's FP32 weights."""
-    loaded.model = None
-    release_memory()
+def _tower_modules(loaded: LoadedModel) -> dict[str, Any]:
+    """The two exportable wrappers of an open_clip model: inputs -> L2-normalised embeddings."""
+    import torch as torch_module
+
+    torch: Any = torch_module  # a module object: mypy cannot see torch.nn.Module through it
+    functional = torch.nn.functional
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: Any) -> Any:
+            return functional.normalize(self.model.encode_image(pixel_values), dim=-1)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any) -> Any:
+            return functional.normalize(self.model.encode_text(input_ids), dim=-1)
+
+    return {"image": ImageEncoder(loaded.model).eval(), "text": TextEncoder(loaded.model).eval()}
+
+
+class OpenClipSource(ModelSource):
+    """open_clip models: a model name plus a pretrained tag, a local checkpoint or seeded random weights."""
+
+    name = "open_clip"
+
+    def load_reference(
+        self, manifest: Manifest, progress: Progress | None = None, export_dir: Path | None = None
+    ) -> LoadedModel:
+        return _load_reference(manifest, progress, export_dir)
+
+    def tower_modules(self, loaded: LoadedModel) -> dict[str, Any]:
+        return _tower_modules(loaded)
+
+    def tower_parameter_bytes(self, loaded: LoadedModel) -> dict[str, int]:
+        return _tower_parameter_bytes(loaded)
+
+    def release_tower(self, loaded: LoadedModel, tower: str) -> None:
+        _release_tower(loaded, tower)
+
+
+SOURCE = register(OpenClipSource())

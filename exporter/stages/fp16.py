@@ -31,13 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, ParityError, Progress, check_min_cosine, check_number
-from exporter.export_inputs import load_export
-from exporter.loading import release_memory, release_model
-from exporter.manifest import ARTIFACTS, TOWERS, Manifest, file_record
-from exporter.metrics import compare_embeddings, top1, worst_of
-from exporter.onnx_export import EXTERNAL_DATA_BYTES
-from exporter.onnx_weights import (
+from clip_triton.exporter.base.common import (
+    ClipTritonError,
+    ParityError,
+    Progress,
+    check_min_cosine,
+    check_number,
+    release_memory,
+)
+from clip_triton.exporter.base.export_inputs import load_export
+from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, file_record
+from clip_triton.exporter.base.onnx_weights import (
+    EXTERNAL_DATA_BYTES,
     max_abs,
     record_sources,
     remove_saved,
@@ -47,9 +52,11 @@ from exporter.onnx_weights import (
     weights_outside,
     write_weights,
 )
-from exporter.runtimes.onnxruntime import ort_embed, ort_session
-from exporter.runtimes.torch import torch_embed, tower_modules
-from exporter.samples import sample_inputs
+from clip_triton.exporter.parity.metrics import compare_embeddings, top1, worst_of
+from clip_triton.exporter.parity.samples import sample_inputs
+from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
+from clip_triton.exporter.runtimes.torch import torch_embed
+from clip_triton.exporter.sources import release_model, tower_modules
 
 FP16_MIN_COSINE = 0.999
 FP16_MAX = 65504.0
@@ -514,7 +521,7 @@ def convert_graph(
     """FP32 graph at `src` -> FP16 graph at `dest` under `policy`; returns what was kept in FP32.
 
     Memory (docs/engines.md, "Memory"): the graph is handled as a weight-free skeleton whose
-    initializers point into sidecar files (exporter/onnx_weights.py). Calibration, shape inference
+    initializers point into sidecar files (exporter/base/onnx_weights.py). Calibration, shape inference
     and the converter see only the skeleton (the converter retypes a weight it cannot see); the
     weights are then streamed from the FP32 sidecar into the FP16 one, one chunk at a time, with
     the converter's own clipping. Only a graph small enough to be saved inline is loaded whole.
@@ -626,7 +633,7 @@ def make_fp16(
 
     `calibration_budget`: bytes for the range calibration's activations (`calibration_bytes`;
     default $CLIP_TRITON_CALIBRATION_BYTES or 1 GiB)."""
-    from exporter.loading import load_reference
+    from clip_triton.exporter.sources import load_reference
 
     progress = progress or Progress("fp16", quiet=True)
     policy = policy or Fp16Policy.default()

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from exporter import runtimes
-from exporter.common import REPOSITORY_SOURCES, ClipTritonError, Progress, staged_dir
-from exporter.releases import TritonRelease
-from exporter.repository import repository_manifest, repository_release
-from exporter.server import MALLOC_ENV, admin_lock_args
+from clip_triton.exporter import runtimes
+from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError, Progress, staged_dir
+from clip_triton.exporter.base.manifest import repository_manifest
+from clip_triton.exporter.base.releases import TritonRelease, repository_release
+from clip_triton.exporter.base.server import MALLOC_ENV, admin_lock_args
 
 TARGETS = ("k8s", "kserve")
 KSERVE_PROTOCOLS = ("grpc", "http")

@@ -1,6 +1,6 @@
 """Judging and reporting parity: typed stage results from what the runners produced.
 
-`exporter.parity` runs the runners (the comparator); this module decides pass or fail against
+`clip_triton.exporter.parity.run` runs the runners (the comparator); this module decides pass or fail against
 the thresholds and writes the reports (Polygraphy keeps these two apart in the same way:
 `Comparator.run` then `Comparator.compare_accuracy`). Reports are rendered from the JSON form
 (`StageResult.to_dict`), so a parity.json on disk renders the same table again.
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import staged_file
-from exporter.manifest import TOWERS
-from exporter.metrics import compare_embeddings, cosine_rows, normalise, top1
-from exporter.samples import SampleSet
+from clip_triton.exporter.base.common import staged_file
+from clip_triton.exporter.base.manifest import TOWERS
+from clip_triton.exporter.parity.metrics import compare_embeddings, cosine_rows, normalise, top1
+from clip_triton.exporter.parity.samples import SampleSet
 
 MIN_COSINE_FP32 = 0.99999
 MIN_COSINE_FP16 = 0.999
@@ -80,7 +80,7 @@ class StageResult:
 
 @dataclass
 class EmbeddingRun:
-    """What running one runner over the samples produced (exporter.parity), before any judging."""
+    """What running one runner over the samples produced (clip_triton.exporter.parity.run), before any judging."""
 
     name: str
     runner: str  # its description

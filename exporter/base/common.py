@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from clients._files import staged_path
+from clip_triton.clients.files import staged_path
 
 # The python-backend sources copied into every repository (model_repository/ in the source tree).
-# A wheel ships them inside the package, as exporter/model_repository (pyproject's package-dir).
-_PACKAGED_SOURCES = Path(__file__).resolve().parent / "model_repository"
-REPOSITORY_SOURCES = (
-    _PACKAGED_SOURCES if _PACKAGED_SOURCES.is_dir() else _PACKAGED_SOURCES.parent.parent / "model_repository"
-)
+# A wheel ships them inside the package, as clip_triton/exporter/model_repository (pyproject's package-dir).
+_EXPORTER = Path(__file__).resolve().parents[1]
+_PACKAGED_SOURCES = _EXPORTER / "model_repository"
+REPOSITORY_SOURCES = _PACKAGED_SOURCES if _PACKAGED_SOURCES.is_dir() else _EXPORTER.parent / "model_repository"
 
 
 class ClipTritonError(Exception):
@@ -235,5 +234,23 @@ def link_or_copy(src: Path, dest: Path, copy: bool = False) -> None:
 
 
 # A temporary path beside `dest` that replaces it only if the block succeeds: the client library's
-# (clients/_files.py), which stands alone, so the one implementation lives there.
+# (clients/files.py), which stands alone, so the one implementation lives there.
 staged_file = staged_path
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS: a garbage collection, then glibc's `malloc_trim(0)`.
+
+    A large model's weights are thousands of allocations; once dropped, glibc keeps many of their
+    pages in its arenas, and the next step's peak (an ONNX Runtime session, the next tower) would
+    stack on top of them. A no-op where the C library has no malloc_trim (musl, macOS).
+    """
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

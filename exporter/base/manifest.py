@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from exporter.common import INT32_MAX, ClipTritonError, staged_file
+from clip_triton.exporter.base.common import INT32_MAX, ClipTritonError, staged_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -115,6 +115,7 @@ class Manifest:
     engines: dict[str, Any] | None = None
     repository: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
+    source: str = "open_clip"  # the model source that rebuilds the reference (exporter/sources/)
     schema_version: int = SCHEMA_VERSION
 
     def tower(self, name: str) -> TowerSpec:
@@ -227,8 +228,9 @@ def check_manifest(m: Manifest) -> None:
     """The values every later stage relies on, or ValueError naming the first one out of range.
 
     Shapes are checked against each other here (image_size, context_length, embed_dim); against the
-    graphs themselves by exporter/export_inputs.py before any stage writes anything."""
+    graphs themselves by exporter/base/export_inputs.py before any stage writes anything."""
     _text("model_name", m.model_name)
+    _text("source", m.source)
     _text("pretrained", m.pretrained, optional=True)
     if m.checkpoint is not None and not (
         isinstance(m.checkpoint, dict) and all(isinstance(m.checkpoint.get(k), str) for k in ("path", "sha256"))
@@ -351,3 +353,13 @@ def verify_files(directory: Path, records: dict[str, Any]) -> str | None:
         if actual["bytes"] != record.get("bytes") or actual["sha256"] != record.get("sha256"):
             return f"{name} differs from its recorded checksum"
     return None
+
+
+def repository_manifest(repo: Path) -> Manifest | None:
+    path = Path(repo) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as exc:  # the same checks as an export's (load_manifest)
+        raise ManifestError(f"{path} is not a valid clip-triton manifest: {exc}") from None

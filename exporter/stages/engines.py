@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.common import (
+from clip_triton.exporter.base.common import (
     INT32_MAX,
     ClipTritonError,
     ParityError,
@@ -26,12 +26,13 @@ from exporter.common import (
     check_number,
     staged_file,
 )
-from exporter.export_inputs import load_export
-from exporter.manifest import TOWERS, Manifest, file_record
-from exporter.metrics import compare_embeddings, worst_of
-from exporter.runtimes.tensorrt import EngineRunner, TensorRTHost, require_runtime
-from exporter.runtimes.torch import torch_embed, tower_modules
-from exporter.samples import sample_inputs
+from clip_triton.exporter.base.export_inputs import load_export
+from clip_triton.exporter.base.manifest import TOWERS, Manifest, file_record
+from clip_triton.exporter.parity.metrics import compare_embeddings, worst_of
+from clip_triton.exporter.parity.samples import sample_inputs
+from clip_triton.exporter.runtimes.tensorrt import EngineRunner, TensorRTHost, require_runtime
+from clip_triton.exporter.runtimes.torch import torch_embed
+from clip_triton.exporter.sources import tower_modules
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -211,7 +212,7 @@ def build_engines(
         f"{_typing_mode(runtime)}"
     )
 
-    from exporter.loading import load_reference
+    from clip_triton.exporter.sources import load_reference
 
     with progress.step(f"rebuilding the PyTorch reference {manifest.model_name}"):
         loaded = load_reference(manifest, export_dir=export_dir)

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.common import ClipTritonError, repository_common_module
-from exporter.manifest import TokenizerConfig
+from clip_triton.exporter.base.common import ClipTritonError, repository_common_module
+from clip_triton.exporter.base.manifest import TokenizerConfig
 
 
 def tokenizer_module() -> ModuleType:

@@ -1,0 +1,89 @@
+"""The model-source seam: what every source (open_clip today) hands the stages, and its registry.
+
+A source turns a user's model flags into a `LoadedModel` (a PyTorch model in FP32 eval mode, its
+preprocessing and tokenizer configs) and rebuilds that same model from a manifest, which records
+the source's name. Stages never look inside the model: they ask the source for the two tower
+modules (inputs -> L2-normalised embeddings) and for the memory operations. How to add a source:
+docs/runtimes.md ("How to add a model source").
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clip_triton.exporter.base.common import ClipTritonError, Progress, release_memory
+from clip_triton.exporter.base.manifest import Manifest, PreprocessConfig, TokenizerConfig
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the source's PyTorch model, eval mode, FP32, CPU (None once released)
+    name: str
+    pretrained: str | None
+    checkpoint: dict[str, Any] | None
+    seed: int | None
+    preprocess: PreprocessConfig
+    tokenizer_cfg: TokenizerConfig
+    tokenizer: Any | None  # a callable texts -> int ids, or None when it needs the network
+    embed_dim: int
+    logit_scale: float
+    logit_bias: float | None
+    source: str = "open_clip"  # the registered ModelSource that built it (recorded in the manifest)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.seed is not None
+
+
+class ModelSource(ABC):
+    """One registry entry. `name` is what manifests record (`Manifest.source`)."""
+
+    name = "source"
+
+    @abstractmethod
+    def load_reference(
+        self, manifest: Manifest, progress: Progress | None = None, export_dir: Path | None = None
+    ) -> LoadedModel:
+        """Rebuild the exact model a manifest was exported from; a one-line error when it cannot."""
+
+    @abstractmethod
+    def tower_modules(self, loaded: LoadedModel) -> dict[str, Any]:
+        """{"image": module(pixels) -> embeddings, "text": module(ids) -> embeddings}, L2-normalised."""
+
+    @abstractmethod
+    def tower_parameter_bytes(self, loaded: LoadedModel) -> dict[str, int]:
+        """FP32 bytes of each tower's parameters (plans the export order)."""
+
+    @abstractmethod
+    def release_tower(self, loaded: LoadedModel, tower: str) -> None:
+        """Drop one tower's weights; the model can no longer encode that tower afterwards."""
+
+
+_REGISTRY: dict[str, ModelSource] = {}
+
+
+def register(source: ModelSource) -> ModelSource:
+    if source.name in _REGISTRY:
+        raise ValueError(f"model source {source.name!r} is registered twice")
+    _REGISTRY[source.name] = source
+    return source
+
+
+def registered() -> list[ModelSource]:
+    return list(_REGISTRY.values())
+
+
+def get(name: str) -> ModelSource:
+    if name not in _REGISTRY:
+        raise ClipTritonError(f"unknown model source {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def release_model(loaded: LoadedModel) -> None:
+    """Drop the PyTorch model once its reference embeddings are computed: ONNX Runtime sessions
+    opened afterwards must not stack on the model's FP32 weights."""
+    loaded.model = None
+    release_memory()
