@@ -51,9 +51,11 @@ lint: install
 	cd $(MYPY_NS) && MYPYPATH=$(abspath $(TRT_STUBS)) $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml \
 	  --follow-imports=silent -p clip_triton
 
-## The README's test command: lint, then every tier but `slow` (gpu/tensorrt tests skip without hardware).
+## The README's test command: lint, then every tier but `slow` (gpu/tensorrt tests skip without hardware),
+## on TEST_WORKERS xdist workers (a test file stays on one worker: its module fixtures are built once).
+TEST_WORKERS ?= 2
 test: lint perf-tools
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/pytest -m "slow" $(PYTEST_ARGS)

@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks.common import Settings, latency_stats
 from benchmarks.perf_analyzer import PerfAnalyzer, PerfAnalyzerError, locate, write_inputs
+from clip_triton.clients import contract
 from clip_triton.exporter.base.common import Progress
 
 VARIANTS = ("dynamic_batching", "no_batching", "preprocess_1_thread")
@@ -84,7 +85,7 @@ async def _level(
     async with grpcclient.InferenceServerClient(url) as client:
         inputs = []
         for data in payloads:
-            item = grpcclient.InferInput(input_name, [1, 1], "BYTES")
+            item = grpcclient.InferInput(input_name, [1, 1], contract.BYTES)
             item.set_data_from_numpy(np.array([[data]], dtype=np.object_))
             inputs.append(item)
         before = _encoder_counts(await client.get_inference_statistics(encoder), encoder)
@@ -130,7 +131,7 @@ def _input_files(url: str, names: dict[str, str], work: Path) -> dict[str, tuple
     from clip_triton.exporter.runtimes.triton import triton_runner
 
     photos, captions = _payloads("image"), _payloads("text")[:16]
-    server = triton_runner(url, {"prefix": "clip", "models": names})
+    server = triton_runner(url, {"prefix": contract.DEFAULT_PREFIX, "models": names})
     server.open()
     try:
         steps = {}
@@ -139,16 +140,16 @@ def _input_files(url: str, names: dict[str, str], work: Path) -> dict[str, tuple
         config = server.client.get_model_config(names["image_pixels"]).config
     finally:
         server.close()
-    crop = Preprocessor.from_config(json.loads(config.parameters["preprocess"].string_value))
+    crop = Preprocessor.from_config(json.loads(config.parameters[contract.PARAM_PREPROCESS].string_value))
     pixels_name, pixels = steps[names["image_preprocess"]]
     ids_name, ids = steps[names["text_tokenize"]]
     plan = {
-        names["image"]: ("image", photos),
-        names["image_pixels"]: ("pixels", [crop.crop_bytes(photo) for photo in photos]),
-        names["text"]: ("text", captions),
+        names["image"]: (contract.IMAGE_INPUT, photos),
+        names["image_pixels"]: (contract.PIXELS_INPUT, [crop.crop_bytes(photo) for photo in photos]),
+        names["text"]: (contract.TEXT_INPUT, captions),
         names["image_encoder"]: (pixels_name, pixels),
         names["text_encoder"]: (ids_name, ids),
-        names["image_preprocess"]: ("image", photos),
+        names["image_preprocess"]: (contract.IMAGE_INPUT, photos),
     }
     return {model: (input_name, write_inputs(work / f"pa-input-{model}.json", input_name, items))
             for model, (input_name, items) in plan.items()}
@@ -163,9 +164,8 @@ def bench_repository(
     repo: Path, variant: str, tool: PerfAnalyzer, settings: Settings, work: Path, progress: Progress
 ) -> dict[str, Any]:
     from clip_triton.exporter.base.server import TritonServer
-    from clip_triton.exporter.stages.repository import model_names
 
-    names = model_names("clip")
+    names = contract.model_names(contract.DEFAULT_PREFIX)
     if variant == "preprocess_1_thread":
         plan = {names["image_preprocess"]: PREPROCESS_CONCURRENCY}
     else:
@@ -204,10 +204,10 @@ def bench_repository(
 def _aio_levels(url: str, names: dict[str, str], settings: Settings, progress: Progress) -> dict[str, Any]:
     """The project's own generator on clip_image, at perf_analyzer's levels: the cross-check."""
     model, payloads = names["image"], _payloads("image")
-    asyncio.run(_warmup(url, model, "image", payloads, settings.warmup_s))
+    asyncio.run(_warmup(url, model, contract.IMAGE_INPUT, payloads, settings.warmup_s))
     levels = []
     for concurrency in settings.concurrency:
-        stats = asyncio.run(_level(url, model, "image", payloads, concurrency, settings.duration_s,
+        stats = asyncio.run(_level(url, model, contract.IMAGE_INPUT, payloads, concurrency, settings.duration_s,
                                    settings.max_requests, names["image_encoder"]))
         levels.append(stats)
         progress.info(_line(f"{model} (aio generator)", stats))
@@ -221,7 +221,7 @@ async def _warmup(url: str, model: str, input_name: str, payloads: list[bytes], 
         deadline = time.perf_counter() + seconds
         turn = 0
         while True:
-            item = grpcclient.InferInput(input_name, [1, 1], "BYTES")
+            item = grpcclient.InferInput(input_name, [1, 1], contract.BYTES)
             item.set_data_from_numpy(np.array([[payloads[turn % len(payloads)]]], dtype=np.object_))
             await client.infer(model, [item], client_timeout=120.0)
             turn += 1

@@ -38,6 +38,11 @@ from typing import Any
 from benchmarks.common import FULL_MEMORY_MODELS, QUICK_MEMORY_MODELS, Settings
 from benchmarks.hf_tokenizer import write_tokenizer_json
 
+# An entry point of its own (`python -m benchmarks.memory`): the environment benchmarks/run.py sets, which the
+# stages it starts inherit.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 GIB = 1 << 30
 BOUND_FACTOR, BOUND_EXTRA_GIB = 3.0, 3.0
 STAGES = ("export", "fp16", "repository", "parity")
@@ -255,7 +260,7 @@ def merge(previous: dict[str, Any] | None, section: dict[str, Any]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks import run as bench_run
+    from benchmarks import results as bench_results
     from clip_triton.exporter.base.common import ClipTritonError, Progress
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress("bench")
     work = args.work or Path(tempfile.mkdtemp(prefix="clip-triton-memory-"))
     try:
-        bench_run._check_out(args.out)
+        bench_results.check_out(args.out)
         started = time.perf_counter()
         section = run(models, work, progress, timeout=args.timeout, keep=args.keep, stages=stages)
         previous_file = args.out / "results.json"
@@ -287,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.quick_run(1) if args.quick else Settings.full(1)
         settings.sections, settings.memory_models = ["memory"], list(models)
         command = ["python -m benchmarks.memory", *(argv if argv is not None else sys.argv[1:])]
-        results = bench_run.base_results(settings, command)
+        results = bench_results.base_results(settings, command)
         results["memory"] = merge((previous or {}).get("memory"), section)
         results["seconds"] = time.perf_counter() - started
-        bench_run.carry_over(results, previous_file)
-        files = bench_run.write(results, args.out, not args.no_plots)
+        bench_results.carry_over(results, previous_file)
+        files = bench_results.write(results, args.out, not args.no_plots)
     except ClipTritonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

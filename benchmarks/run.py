@@ -14,9 +14,7 @@ Exports and repositories go to a temporary work folder, removed at the end unles
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -27,18 +25,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait on a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import Settings, load_average, machine, now_utc, versions  # noqa: E402
+from benchmarks.common import Settings, load_average  # noqa: E402
+from benchmarks.results import SECTIONS, base_results, carry_over, check_out, previous_section, write  # noqa: E402
 from clip_triton.exporter.base.common import ClipTritonError, Progress  # noqa: E402
 from clip_triton.exporter.runtimes.onnxruntime import parse_providers  # noqa: E402
-
-SECTIONS = ("encoders", "preprocess", "load", "memory")
-NOT_MEASURED = [
-    "perf_analyzer from PyPI's `perf-analyzer` wheels: they need glibc 2.38 (not on this machine). The copy "
-    "inside the tritonclient 2.51.0 wheel (the embedded server's release) is used instead, from its own "
-    "virtualenv (`make perf-tools`, benchmarks/perf_analyzer.py).",
-    "GPU encoders and GPU-side decoding (DALI): no GPU here; the projection in the preprocessing section "
-    "uses the measured per-core figure.",
-]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,30 +92,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ClipTritonError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ClipTritonError(f"--out {out} is not writable")
-
-
-def base_results(settings: Settings, command: list[str], note: str = "") -> dict[str, Any]:
-    """The header every results.json starts with (benchmarks/memory.py writes one too)."""
-    return {
-        "date": now_utc(),
-        "command": " ".join(shlex.quote(str(a)) for a in command),
-        "note": note,
-        "machine": machine(),
-        "versions": versions(),
-        "settings": settings.to_dict(),
-        "not_measured": list(NOT_MEASURED),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from(args)
-    _check_out(args.out)
+    check_out(args.out)
     progress = Progress("bench")
     started = time.perf_counter()
     results = base_results(settings, ["python -m benchmarks.run", *args.argv], args.note)
@@ -156,48 +125,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from benchmarks import memory
 
             section = memory.run(settings.memory_models, work, progress)
-            results["memory"] = memory.merge(_previous_section(args.out, "memory"), section)
+            results["memory"] = memory.merge(previous_section(args.out, "memory"), section)
     finally:
         if not args.keep_work and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_average_end"] = load_average()
     results["seconds"] = time.perf_counter() - started
     return results
-
-
-def _previous_section(out: Path, section: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / "results.json").read_text()).get(section)
-    except (OSError, ValueError):
-        return None
-
-
-def carry_over(results: dict[str, Any], previous: Path) -> None:
-    """Sections this run did not measure keep the previous run's results, marked with its date, so
-    `--sections load` refreshes one table without dropping the others from RESULTS.md."""
-    if not previous.is_file():
-        return
-    try:
-        old = json.loads(previous.read_text())
-    except (OSError, ValueError):
-        return
-    for section in SECTIONS:
-        if section not in results and section in old:
-            results[section] = old[section]
-            results.setdefault("carried_over", {})[section] = old.get("carried_over", {}).get(section, old.get("date"))
-
-
-def write(results: dict[str, Any], out: Path, plots: bool) -> list[Path]:
-    from benchmarks.report import render
-
-    files = [out / "results.json", out / "RESULTS.md"]
-    files[0].write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
-    files[1].write_text(render(results, out / "RESULTS.md"))
-    if plots:
-        from benchmarks.plots import write_all
-
-        files += write_all(results, out)
-    return files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_triton.clients import contract
 from clip_triton.clients.errors import (
     ClientTimeoutError,
     ClipClientError,
@@ -58,7 +59,7 @@ class ClientOptions:
 
     # One endpoint HOST:PORT, or several replicas of one model: "a:8001,b:8001" (or a list, joined here).
     url: str = "127.0.0.1:8001"
-    prefix: str = "clip"
+    prefix: str = contract.DEFAULT_PREFIX
     model_version: str = ""  # "" = the server's latest/only version
     batch_size: int = 16  # items per request; capped by the model's max_batch_size
     concurrency: int = 4  # requests in flight at once
@@ -176,7 +177,7 @@ class TowerInfo:
     output_datatype: str
     dim: int  # -1 if the server reports a dynamic size (then learnt from the first answer)
     max_batch_size: int  # 0: the model takes no batch dimension
-    input_datatype: str = "BYTES"  # or UINT8: the pixels entry point
+    input_datatype: str = contract.BYTES  # or UINT8: the pixels entry point
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,15 @@ class ModelInfo:
         """What must match between replicas: the encoders' checksums (recorded by `clip-triton repository`),
         the crop, the towers. Unlike `identity` it ignores deployment knobs (thread counts, limits)."""
         params = self.parameters
-        if not (params.get("image_encoder_sha256") and params.get("text_encoder_sha256")):
+        if not (params.get(contract.PARAM_IMAGE_ENCODER_SHA256) and params.get(contract.PARAM_TEXT_ENCODER_SHA256)):
             return self.identity  # not written by clip-triton: compare everything the server told us
-        keep = ("image_encoder_sha256", "text_encoder_sha256", "preprocess", "logit_scale", "logit_bias")
+        keep = (
+            contract.PARAM_IMAGE_ENCODER_SHA256,
+            contract.PARAM_TEXT_ENCODER_SHA256,
+            contract.PARAM_PREPROCESS,
+            contract.PARAM_LOGIT_SCALE,
+            contract.PARAM_LOGIT_BIAS,
+        )
         towers = [(t.model, t.input_name, t.output_name, t.dim) for t in (self.image, self.text)]
         blob = json.dumps({"params": {k: params.get(k, "") for k in keep}, "towers": towers}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -211,8 +218,8 @@ class ModelInfo:
     def describe(self) -> str:
         """A short name for error messages: model name and the image encoder's checksum."""
         params = self.parameters
-        sha = params.get("image_encoder_sha256", "")
-        name = params.get("model_name", self.prefix)
+        sha = params.get(contract.PARAM_IMAGE_ENCODER_SHA256, "")
+        name = params.get(contract.PARAM_MODEL_NAME, self.prefix)
         return f"{name} (image encoder sha256 {sha[:12]})" if sha else f"{name} (identity {self.identity[:12]})"
 
 
@@ -225,14 +232,15 @@ class RankedItem:
 # ---------------------------------------------------------------------------------------------- discovery
 
 
-PIXELS_INPUT = "pixels"
-
-
 def image_model(options: ClientOptions) -> tuple[str, str]:
     """(ensemble, its input) the client sends images to: encoded bytes, or pixels cropped here."""
-    if options.preprocess == "client":
-        return f"{options.prefix}_image_pixels", PIXELS_INPUT
-    return f"{options.prefix}_image", "image"
+    role = "image_pixels" if options.preprocess == "client" else "image"
+    return contract.model_names(options.prefix)[role], contract.ENSEMBLE_INPUTS[role].name
+
+
+def text_model(options: ClientOptions) -> tuple[str, str]:
+    """(ensemble, its input) the client sends texts to."""
+    return contract.model_names(options.prefix)["text"], contract.ENSEMBLE_INPUTS["text"].name
 
 
 def resolve_options(
@@ -260,11 +268,11 @@ def tower_info(metadata: Any, config: Any, input_preferred: str, version: str) -
     """Build a TowerInfo from a ModelMetadataResponse and a ModelConfig (protobufs)."""
     model = metadata.name
     inp = _pick(list(metadata.inputs), input_preferred, "input", model)
-    out = _pick(list(metadata.outputs), "embedding", "output", model)
-    expected = "UINT8" if input_preferred == PIXELS_INPUT else "BYTES"
+    out = _pick(list(metadata.outputs), contract.EMBEDDING_OUTPUT, "output", model)
+    expected = contract.UINT8 if input_preferred == contract.PIXELS_INPUT else contract.BYTES
     if inp.datatype != expected:
         raise ServerResponseError(f"model {model} input {inp.name} is {inp.datatype}; expected {expected}")
-    if out.datatype not in ("FP32", "FP16", "FP64"):
+    if out.datatype not in contract.EMBEDDING_DATATYPES:
         raise ServerResponseError(f"model {model} output {out.name} is {out.datatype}; expected a float type")
     shape = list(out.shape)
     dim = int(shape[-1]) if shape else -1
@@ -305,8 +313,8 @@ def model_info(
     params: dict[str, str] = {}
     for group in reversed(param_sets):  # earlier sets (the image ensemble) take precedence
         params.update(group)
-    scale = _float_param(params, "logit_scale")
-    bias = _float_param(params, "logit_bias")
+    scale = _float_param(params, contract.PARAM_LOGIT_SCALE)
+    bias = _float_param(params, contract.PARAM_LOGIT_BIAS)
     blob = json.dumps(
         {"image": asdict(image), "text": asdict(text), "params": params, "extra": identity_parts},
         sort_keys=True,
@@ -419,7 +427,7 @@ def check_paths(items: Sequence[Any]) -> None:
 def image_byte_limit(info: ModelInfo) -> int:
     """The most bytes one encoded image may have: the served model's `max_bytes` parameter (its default
     when it declares none); 0 (off) on the server still leaves gRPC's message limit."""
-    raw = info.parameters.get("max_bytes", "").strip()
+    raw = info.parameters.get(contract.PARAM_MAX_BYTES, "").strip()
     try:
         limit = int(raw) if raw else DEFAULT_MAX_IMAGE_BYTES
     except ValueError:
@@ -515,14 +523,18 @@ def pixel_encoder(info: ModelInfo) -> Callable[[int, Any], np.ndarray]:
     and limits the `<prefix>_image_pixels` ensemble declares in its parameters."""
     from clip_triton.clients.clip_preprocess import ImageInputError, ImageLimits, Preprocessor
 
-    raw = info.parameters.get("preprocess")
+    raw = info.parameters.get(contract.PARAM_PREPROCESS)
     if not raw:
-        raise ServerResponseError(f"model {info.image.model} declares no 'preprocess' parameter to crop with")
+        raise ServerResponseError(
+            f"model {info.image.model} declares no '{contract.PARAM_PREPROCESS}' parameter to crop with"
+        )
     try:
         transform = Preprocessor.from_config(json.loads(raw))
         limits = ImageLimits.from_parameters(info.parameters)
     except (ValueError, TypeError, KeyError) as exc:
-        raise ServerResponseError(f"model {info.image.model} has an unusable 'preprocess' parameter: {exc}") from None
+        raise ServerResponseError(
+            f"model {info.image.model} has an unusable '{contract.PARAM_PREPROCESS}' parameter: {exc}"
+        ) from None
 
     max_bytes = byte_ceiling(limits.max_bytes)
 
@@ -853,7 +865,7 @@ def label_embeddings(text_embeddings: np.ndarray, n_labels: int, n_templates: in
 def warn_default_scale(info: ModelInfo) -> None:
     if not info.logit_scale_from_server:
         warnings.warn(
-            f"the server's {info.image.model} config has no 'logit_scale' parameter; classify() uses "
+            f"the server's {info.image.model} config has no '{contract.PARAM_LOGIT_SCALE}' parameter; classify() uses "
             f"{DEFAULT_LOGIT_SCALE} (CLIP's trained value) and no bias",
             stacklevel=3,
         )

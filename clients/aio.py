@@ -126,7 +126,8 @@ class AsyncClipClient:
     async def _discover(self, endpoint: Endpoint) -> ModelInfo:
         prefix = self.options.prefix
         (image, image_cfg), (text, text_cfg) = await asyncio.gather(
-            self._tower(endpoint, *_core.image_model(self.options)), self._tower(endpoint, f"{prefix}_text", "text")
+            self._tower(endpoint, *_core.image_model(self.options)),
+            self._tower(endpoint, *_core.text_model(self.options)),
         )
         param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
         steps: dict[str, dict[str, str]] = {}

@@ -10,43 +10,19 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from clip_triton.clients.cli_options import dataclass_options, option
+from clip_triton.clients.contract import DEFAULT_PREFIX
 from clip_triton.clients.errors import UsageError
 
 if TYPE_CHECKING:
     from clip_triton.clients.sync import ClipClient
 
-Url = Annotated[
-    str,
-    typer.Option(
-        "--url",
-        envvar="CLIP_TRITON_URL",
-        help="Triton gRPC endpoint HOST:PORT, or replicas of one model HOST:PORT,HOST:PORT,... (requests are "
-        "spread over them; a replica that fails is set aside and its requests retried on the others).",
-    ),
-]
-Prefix = Annotated[str, typer.Option(help="Model name prefix: the server serves PREFIX_image and PREFIX_text.")]
-Timeout = Annotated[float, typer.Option(help="Seconds per request before giving up.")]
-BatchSize = Annotated[int, typer.Option(help="Items per request (capped by the model's max_batch_size).")]
-Concurrency = Annotated[int, typer.Option(help="Requests in flight at once, per endpoint.")]
-Retries = Annotated[int, typer.Option(help="Retries per endpoint while all are unavailable (exponential backoff).")]
-Ssl = Annotated[bool, typer.Option("--ssl", help="Use TLS.")]
-RootCerts = Annotated[Path | None, typer.Option(help="PEM root certificates (with --ssl).")]
-PrivateKey = Annotated[Path | None, typer.Option(help="PEM client private key (with --ssl).")]
-CertChain = Annotated[Path | None, typer.Option(help="PEM client certificate chain (with --ssl).")]
-Header = Annotated[list[str] | None, typer.Option("--header", help="KEY=VALUE gRPC metadata; repeatable.")]
-Preprocess = Annotated[
-    str,
-    typer.Option(
-        "--preprocess",
-        help="server: send encoded images (PREFIX_image decodes them); client: decode and crop here, with the "
-        "server's code, and send uint8 pixels to PREFIX_image_pixels.",
-    ),
-]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout instead of a table.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")]
 
@@ -61,36 +37,52 @@ def _headers(pairs: list[str] | None) -> dict[str, str]:
     return headers
 
 
-def _client(
-    url: str,
-    prefix: str,
-    timeout: float,
-    batch_size: int,
-    concurrency: int,
-    retries: int,
-    ssl: bool,
-    root_certs: Path | None,
-    private_key: Path | None,
-    cert_chain: Path | None,
-    header: list[str] | None,
-    preprocess: str = "server",
-) -> ClipClient:
-    from clip_triton.clients.sync import ClipClient
+@dataclass
+class Connection:
+    """Where the server is and how to talk to it: the options every client command takes, built once."""
 
-    return ClipClient(
-        url,
-        prefix=prefix,
-        timeout=timeout,
-        batch_size=batch_size,
-        concurrency=concurrency,
-        retries=retries,
-        ssl=ssl or any(p is not None for p in (root_certs, private_key, cert_chain)),
-        root_certificates=str(root_certs) if root_certs else None,
-        private_key=str(private_key) if private_key else None,
-        certificate_chain=str(cert_chain) if cert_chain else None,
-        headers=_headers(header),
-        preprocess=preprocess,
+    url: str = option(
+        "127.0.0.1:8001",
+        flags=("--url",),
+        envvar="CLIP_TRITON_URL",
+        help="Triton gRPC endpoint HOST:PORT, or replicas of one model HOST:PORT,HOST:PORT,... (requests are "
+        "spread over them; a replica that fails is set aside and its requests retried on the others).",
     )
+    prefix: str = option(DEFAULT_PREFIX, help="Model name prefix: the server serves PREFIX_image and PREFIX_text.")
+    timeout: float = option(60.0, help="Seconds per request before giving up.")
+    batch_size: int = option(16, help="Items per request (capped by the model's max_batch_size).")
+    concurrency: int = option(4, help="Requests in flight at once, per endpoint.")
+    retries: int = option(3, help="Retries per endpoint while all are unavailable (exponential backoff).")
+    ssl: bool = option(False, flags=("--ssl",), help="Use TLS.")
+    root_certs: Path | None = option(None, help="PEM root certificates (with --ssl).")
+    private_key: Path | None = option(None, help="PEM client private key (with --ssl).")
+    cert_chain: Path | None = option(None, help="PEM client certificate chain (with --ssl).")
+    header: list[str] | None = option(None, flags=("--header",), help="KEY=VALUE gRPC metadata; repeatable.")
+    preprocess: str = option(
+        "server",
+        flags=("--preprocess",),
+        help="server: send encoded images (PREFIX_image decodes them); client: decode and crop here, with the "
+        "server's code, and send uint8 pixels to PREFIX_image_pixels.",
+    )
+
+    def client(self) -> ClipClient:
+        from clip_triton.clients.sync import ClipClient
+
+        certs = (self.root_certs, self.private_key, self.cert_chain)
+        return ClipClient(
+            self.url,
+            prefix=self.prefix,
+            timeout=self.timeout,
+            batch_size=self.batch_size,
+            concurrency=self.concurrency,
+            retries=self.retries,
+            ssl=self.ssl or any(p is not None for p in certs),
+            root_certificates=str(self.root_certs) if self.root_certs else None,
+            private_key=str(self.private_key) if self.private_key else None,
+            certificate_chain=str(self.cert_chain) if self.cert_chain else None,
+            headers=_headers(self.header),
+            preprocess=self.preprocess,
+        )
 
 
 class _StderrProgress:
@@ -140,6 +132,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclass_options
 def embed(
     images: Annotated[
         list[str] | None,
@@ -156,18 +149,8 @@ def embed(
     shard_size: Annotated[int, typer.Option(help="Images per shard when a folder is embedded into --out DIR.")] = (
         10_000
     ),
-    url: Url = "127.0.0.1:8001",
-    prefix: Prefix = "clip",
-    timeout: Timeout = 60.0,
-    batch_size: BatchSize = 16,
-    concurrency: Concurrency = 4,
-    retries: Retries = 3,
-    ssl: Ssl = False,
-    root_certs: RootCerts = None,
-    private_key: PrivateKey = None,
-    cert_chain: CertChain = None,
-    header: Header = None,
-    preprocess: Preprocess = "server",
+    *,
+    connection: Connection,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -182,11 +165,7 @@ def embed(
             raise UsageError("give one folder (embedded into --out DIR in shards) or image files, not both")
         if out is None or out.suffix.lower() in (".npy", ".jsonl"):
             raise UsageError("a folder is embedded in shards: give --out DIR (a folder, not .npy / .jsonl)")
-        client = _client(
-            url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
-            preprocess,
-        )
-        _embed_folder(client, Path(images[0]), out, shard_size, json_out, quiet)
+        _embed_folder(connection.client(), Path(images[0]), out, shard_size, json_out, quiet)
         return
     if out is not None and out.suffix.lower() not in (".npy", ".jsonl"):
         raise UsageError(f"--out must end in .npy or .jsonl, got {out.name}")
@@ -194,10 +173,7 @@ def embed(
         from clip_triton.clients.files import check_writable_parent
 
         check_writable_parent(out)
-    client = _client(
-        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
-        preprocess,
-    )
+    client = connection.client()
     with client:
         info = client.model_info
         if images:
@@ -294,6 +270,7 @@ def _write_embeddings(out: Path, labels: list[str], vectors: Any, kind: str) -> 
                     handle.write(json.dumps({kind: label, "embedding": [float(v) for v in row]}) + "\n")
 
 
+@dataclass_options
 def classify(
     images: Annotated[list[str], typer.Argument(help="Image files to classify.", show_default=False)],
     labels: Annotated[str, typer.Option(help="Comma-separated class names, e.g. cat,dog,car.")],
@@ -301,18 +278,8 @@ def classify(
     template: Annotated[
         list[str] | None, typer.Option("--template", help="Prompt template with {} for the label; repeatable.")
     ] = None,
-    url: Url = "127.0.0.1:8001",
-    prefix: Prefix = "clip",
-    timeout: Timeout = 60.0,
-    batch_size: BatchSize = 16,
-    concurrency: Concurrency = 4,
-    retries: Retries = 3,
-    ssl: Ssl = False,
-    root_certs: RootCerts = None,
-    private_key: PrivateKey = None,
-    cert_chain: CertChain = None,
-    header: Header = None,
-    preprocess: Preprocess = "server",
+    *,
+    connection: Connection,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -324,10 +291,7 @@ def classify(
         raise UsageError("--labels needs at least one name, e.g. --labels cat,dog")
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
-    client = _client(
-        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
-        preprocess,
-    )
+    client = connection.client()
     with client, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         probs = client.classify(
@@ -350,6 +314,7 @@ def classify(
     typer.echo(_table(rows, ["image", "label", "prob"]))
 
 
+@dataclass_options
 def search(
     images: Annotated[Path, typer.Option("--images", help="Folder of images (searched recursively).")],
     query: Annotated[str, typer.Option(help="Text to search for.")],
@@ -357,18 +322,8 @@ def search(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write FOLDER/.clip-triton-cache.npz.")
     ] = False,
-    url: Url = "127.0.0.1:8001",
-    prefix: Prefix = "clip",
-    timeout: Timeout = 60.0,
-    batch_size: BatchSize = 16,
-    concurrency: Concurrency = 4,
-    retries: Retries = 3,
-    ssl: Ssl = False,
-    root_certs: RootCerts = None,
-    private_key: PrivateKey = None,
-    cert_chain: CertChain = None,
-    header: Header = None,
-    preprocess: Preprocess = "server",
+    *,
+    connection: Connection,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -379,10 +334,7 @@ def search(
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
     image_files(images)  # a missing folder fails before connecting
-    client = _client(
-        url, prefix, timeout, batch_size, concurrency, retries, ssl, root_certs, private_key, cert_chain, header,
-        preprocess,
-    )
+    client = connection.client()
     with client:
         index = index_folder(
             client, images, use_cache=not no_cache, progress=_StderrProgress("search", quiet, "images")

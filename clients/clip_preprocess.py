@@ -51,7 +51,9 @@ class ImageInputError(ValueError):
 class ImageLimits:
     """What one image may cost, all checked before any pixel is decoded (docs/limits.md).
 
-    0 turns a limit off. Each is a model config parameter of the preprocess model, of the same name.
+    0 turns a limit off. Each is a model config parameter of the preprocess model, of the same name: the
+    contract's IMAGE_LIMITS (clients/contract.py; this file is copied into the preprocess model, so it
+    cannot import it, and tests/test_contract.py checks that they agree).
     """
 
     max_bytes: int = DEFAULT_MAX_BYTES

@@ -132,7 +132,7 @@ class ClipClient:
     def _discover(self, endpoint: Endpoint) -> ModelInfo:
         prefix = self.options.prefix
         image, image_cfg = self._tower(endpoint, *_core.image_model(self.options))
-        text, text_cfg = self._tower(endpoint, f"{prefix}_text", "text")
+        text, text_cfg = self._tower(endpoint, *_core.text_model(self.options))
         param_sets = [_core.config_parameters(image_cfg), _core.config_parameters(text_cfg)]
         steps: dict[str, dict[str, str]] = {}
         # The ensembles' steps (preprocess, encoder, ...) may carry the parameters instead; read them too.

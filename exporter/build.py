@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_triton.clients.cli_options import option, same_option
 from clip_triton.exporter import runtimes
 from clip_triton.exporter.base.common import (
     ClipTritonError,
@@ -26,11 +27,12 @@ from clip_triton.exporter.base.common import (
     os_error_message,
     staged_file,
 )
-from clip_triton.exporter.base.manifest import MANIFEST_NAME, load_manifest
+from clip_triton.exporter.base.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
 from clip_triton.exporter.parity.metrics import cosine_rows
-from clip_triton.exporter.parity.report import FAIL, MIN_COSINE_FP16, MIN_COSINE_FP32, PASS, SKIP, format_table
-from clip_triton.exporter.parity.run import DEFAULT_SAMPLES, check_parity_options, run_parity
+from clip_triton.exporter.parity.report import FAIL, PASS, SKIP, format_table
+from clip_triton.exporter.parity.run import ParityOptions, check_parity_options, run_parity
 from clip_triton.exporter.runtimes.triton import TritonModels, TritonRunner
+from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
 # ---------------------------------------------------------------------------------------------
 # `clip-triton build`: every stage in order, called directly; the CI entry point
@@ -39,29 +41,87 @@ from clip_triton.exporter.runtimes.triton import TritonModels, TritonRunner
 AUTO = "auto"  # tensorrt when engines were built, else python (runtimes.AUTO_WITH[OUT]_ENGINES)
 
 
-@dataclass
-class BuildOptions:
-    model: str
-    out: Path
-    pretrained: str | None = None
-    checkpoint: Path | None = None
-    random_weights: bool = False
-    seed: int = 0
-    runtime: str = AUTO
-    precision: str = "fp32"
-    skip_engines: bool = False
-    require_engines: bool = False
-    samples: int = DEFAULT_SAMPLES
-    min_cosine_fp32: float = MIN_COSINE_FP32
-    min_cosine_fp16: float = MIN_COSINE_FP16
-    images: Path | None = None
-    texts: Path | None = None
-    opset: int = 18
-    max_batch: int = 128
-    exporter: str = "torchscript"
-    preprocess: dict[str, Any] | None = None  # open_clip PreprocessCfg overrides
-    tokenizer_file: Path | None = None
-    force: bool = False
+@dataclass(kw_only=True)
+class ExportOptions:
+    """The model and how to export it: options of `export` and of `build` (clients/cli_options.py)."""
+
+    model: str = option(help="open_clip architecture name, e.g. ViT-B-32.")
+    pretrained: str | None = option(None, help="open_clip pretrained tag (downloads).")
+    checkpoint: Path | None = option(None, help="Local state-dict file to load.")
+    random_weights: bool = option(False, flags=("--random-weights",), help="Random weights (offline tests, demos).")
+    seed: int = option(0, help="Torch seed for --random-weights.")
+    opset: int = option(18, help="ONNX opset.")
+    max_batch: int = option(128, help="Largest batch later stages configure.")
+    exporter: str = option("torchscript", help="torchscript (default), dynamo, or auto.")
+    preprocess_from: str | None = option(
+        None, help="Take preprocessing from this pretrained tag's config (no download)."
+    )
+    image_mean: str | None = option(None, help="Override: 'r,g,b' or one value.")
+    image_std: str | None = option(None, help="Override: 'r,g,b' or one value.")
+    image_interpolation: str | None = option(None, help="bicubic, bilinear or nearest.")
+    image_resize_mode: str | None = option(None, help="shortest, longest or squash.")
+    tokenizer_file: Path | None = option(
+        None, help="A Hugging Face tokenizer.json for models whose tokenizer is on the hub."
+    )
+
+    def preprocess_overlay(self) -> dict[str, Any]:
+        """open_clip PreprocessCfg overrides: a tag's config (--preprocess-from), then the --image-* options."""
+        from clip_triton.exporter.sources.open_clip import preprocess_overrides, tag_preprocess
+
+        overrides = preprocess_overrides(
+            self.image_mean, self.image_std, self.image_interpolation, self.image_resize_mode
+        )
+        if self.preprocess_from is None:
+            return overrides
+        return {**tag_preprocess(self.model, self.preprocess_from), **overrides}
+
+
+@dataclass(kw_only=True)
+class BuildOptions(ParityOptions, ExportOptions):
+    """The `build` command's options: the export options, the parity options, then build's own."""
+
+    out: Path = option(help="Output folder: export/, repository/, parity.json, parity.md.")
+    runtime: str = option(
+        AUTO, help=f"auto (tensorrt if engines were built, else python) or {', '.join(runtimes.serving_names())}."
+    )
+    precision: str = same_option(RepositoryOptions, "precision")
+    skip_engines: bool = option(False, flags=("--skip-engines",), help="Do not try to build TensorRT engines.")
+    require_engines: bool = option(
+        False, flags=("--require-engines",), help="Fail (exit 3) when engines cannot be built here."
+    )
+    force: bool = option(False, flags=("--force",), help="Replace an existing output folder.")
+
+
+def run_export(
+    opts: ExportOptions, out: Path, *, force: bool = False, progress: Progress | None = None
+) -> Manifest:
+    """The export step (`export`, and `build`'s first stage): load the model and write its ONNX graphs and
+    manifest.json into `out`. The options and `out` are checked before the (slow) model load."""
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import check_export_options, export_model
+
+    progress = progress or Progress("export", quiet=True)
+    out = Path(out)
+    check_export_options(opts.opset, opts.max_batch, opts.exporter)
+    preprocess = opts.preprocess_overlay()
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ClipTritonError(f"{out} already exists; pass --force to replace it")
+    with progress.step(f"loading {opts.model}"):
+        loaded = load_model(
+            opts.model,
+            pretrained=opts.pretrained,
+            checkpoint=opts.checkpoint,
+            random_weights=opts.random_weights,
+            seed=opts.seed,
+            preprocess=preprocess,
+            tokenizer_file=opts.tokenizer_file,
+            progress=progress,
+        )
+    # release_model: one tower's weights alive at a time (docs/engines.md, "Memory").
+    return export_model(
+        loaded, out, opset=opts.opset, max_batch=opts.max_batch, exporter=opts.exporter, force=force,
+        progress=progress, release_model=True,
+    )
 
 
 def _stage_error(stage: str, exc: ClipTritonError) -> ClipTritonError:
@@ -86,6 +146,7 @@ def _check_build_options(opts: BuildOptions) -> None:
 
     check_number("--seed", opts.seed, 0, MAX_SEED)
     check_export_options(opts.opset, opts.max_batch, opts.exporter)
+    opts.preprocess_overlay()  # --preprocess-from and --image-* (no download)
     check_parity_options(opts.samples, opts.min_cosine_fp32, opts.min_cosine_fp16)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
@@ -129,8 +190,6 @@ def _same_model(manifest: Any, opts: BuildOptions) -> str | None:
         "seed": manifest.seed if manifest.random_weights else None,
     }
     if opts.checkpoint is not None:
-        from clip_triton.exporter.base.manifest import sha256_file
-
         recorded = (manifest.checkpoint or {}).get("sha256")
         if not Path(opts.checkpoint).is_file() or recorded != sha256_file(Path(opts.checkpoint)):
             return "it was exported from another checkpoint"
@@ -145,8 +204,6 @@ def resumable_stages(out: Path, opts: BuildOptions) -> tuple[set[str], list[str]
     file their manifest section records is present with its recorded size and sha256; anything
     else is redone. Refuses (ClipTritonError) when `out` holds another model's build.
     """
-    from clip_triton.exporter.base.manifest import load_manifest, verify_files
-
     reuse: set[str] = set()
     notes: list[str] = []
     export_dir = out / "export"
@@ -186,10 +243,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     Resumable: run again after an interruption and the complete, verified stages are reused
     (resumable_stages); --force rebuilds everything.
     """
-    from clip_triton.exporter.sources.open_clip import load_model
-    from clip_triton.exporter.stages.export import export_model
     from clip_triton.exporter.stages.fp16 import make_fp16
-    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     _check_build_options(opts)
     out = Path(opts.out)
@@ -219,25 +273,6 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         record["stages"][stage]["seconds"] = round(time.perf_counter() - start, 1)
         return result
 
-    def export() -> None:
-        progress = Progress("export", quiet)
-        with progress.step(f"loading {opts.model}"):
-            loaded = load_model(
-                opts.model,
-                pretrained=opts.pretrained,
-                checkpoint=opts.checkpoint,
-                random_weights=opts.random_weights,
-                seed=opts.seed,
-                preprocess=opts.preprocess,
-                tokenizer_file=opts.tokenizer_file,
-                progress=progress,
-            )
-        # The build owns OUT/export: an incomplete one (resumable_stages said why) is replaced.
-        export_model(
-            loaded, export_dir, opset=opts.opset, max_batch=opts.max_batch, exporter=opts.exporter,
-            force=True, progress=progress, release_model=True,
-        )
-
     def engines() -> bool:
         from clip_triton.exporter.stages.engines import build_engines
 
@@ -264,7 +299,8 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     if "export" in reuse:
         reused("export")
     else:
-        timed("export", export)
+        # The build owns OUT/export: an incomplete one (resumable_stages said why) is replaced.
+        timed("export", lambda: run_export(opts, export_dir, force=True, progress=Progress("export", quiet)))
     if "fp16" in reuse:
         reused("fp16")
     else:
@@ -287,11 +323,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         lambda: run_parity(
             export_dir,
             repository=repo_dir,
-            samples=opts.samples,
-            min_cosine_fp32=opts.min_cosine_fp32,
-            min_cosine_fp16=opts.min_cosine_fp16,
-            images=opts.images,
-            texts=opts.texts,
+            **opts.parity_kwargs(),
             report=out / "parity.json",
             markdown=out / "parity.md",
             progress=Progress("parity", quiet),

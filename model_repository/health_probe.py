@@ -12,6 +12,9 @@ Python standard library only: it runs with the container's own python3, beside t
 
 from __future__ import annotations
 
+# Copied standalone into every repository, so it cannot import clip_triton: the model, tensor and type
+# names it sends are spelled here. Their owner is clients/contract.py; tests/test_contract.py checks that
+# they agree.
 import argparse
 import json
 import math

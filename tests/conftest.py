@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,27 +37,52 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="tensorrt is installed but no CUDA GPU is visible"))
 
 
-@pytest.fixture(scope="session")
-def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ViT-B-32 with seeded random weights, exported once per test session."""
-    from clip_triton.exporter.sources.open_clip import load_model
-    from clip_triton.exporter.stages.export import export_model
+def _shared_artifact(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A session artifact built once for the whole run: under `pytest -n N` (`make test`), the first
+    xdist worker to ask builds it while the others wait on a file lock, then all read the same folder.
+    Tests never write into it (they take `linked_copy`s). The folder lives in the run's temporary
+    root, which pytest rotates away (`tmp_path_retention_count`)."""
+    from filelock import FileLock
 
-    out = tmp_path_factory.mktemp("exports") / "vitb32"
-    export_model(load_model("ViT-B-32", random_weights=True), out)
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by every worker of this run
+    out = root / "shared" / name
+    done = out.with_name(name + ".done")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build(out)
+            done.touch()
     return out
 
 
 @pytest.fixture(scope="session")
-def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ViT-B-32 export with its FP16 graphs (hard links to the FP32 files), once per session."""
-    from clip_triton.exporter.stages.fp16 import make_fp16
-    from helpers import linked_copy, scratch_dir
+def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ViT-B-32 with seeded random weights, exported once per test run."""
 
-    with scratch_dir(tmp_path_factory, "fp16") as base:
-        out = linked_copy(vitb32_export, base / "vitb32")
+    def build(out: Path) -> None:
+        from clip_triton.exporter.sources.open_clip import load_model
+        from clip_triton.exporter.stages.export import export_model
+
+        export_model(load_model("ViT-B-32", random_weights=True), out)
+
+    return _shared_artifact(tmp_path_factory, "vitb32", build)
+
+
+@pytest.fixture(scope="session")
+def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ViT-B-32 export with its FP16 graphs (hard links to the FP32 files), once per test run."""
+
+    def build(out: Path) -> None:
+        from clip_triton.exporter.stages.fp16 import make_fp16
+        from helpers import linked_copy
+
+        linked_copy(vitb32_export, out)
         make_fp16(out)
-        yield out
+
+    return _shared_artifact(tmp_path_factory, "vitb32-fp16", build)
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) 
     """NVIDIA's perf_analyzer (make perf-tools) against the real server, with the inputs load.py writes:
     every model answers, and the figures are parsed from its CSV report."""
     from benchmarks.perf_analyzer import PerfAnalyzerError, locate
-    from clip_triton.exporter.stages.repository import model_names
+    from clip_triton.clients.contract import model_names
 
     try:
         tool = locate()

@@ -43,7 +43,8 @@ def _modules(folder: str) -> dict[str, Path]:
 def _graph(folder: str) -> dict[str, list[str]]:
     files = _modules(folder)
     package = NAMESPACE[folder]
-    return {name: sorted(m for m in _imports(path, package) if m in files and m != name) for name, path in files.items()}
+    return {name: sorted(m for m in _imports(path, package) if m in files and m != name)
+            for name, path in files.items()}
 
 
 def _cycle(graph: dict[str, list[str]]) -> list[str] | None:

@@ -259,3 +259,38 @@ def test_live_triton_passes_then_catches_a_wrong_normalisation(vitb32_export: Pa
 )
 def test_triton_threshold_follows_runtime_and_precision(section: dict | None, want: str) -> None:
     assert triton_runner("127.0.0.1:1", section).precision == want
+
+
+def test_stage_gate_checks_every_tower_then_names_each_failure() -> None:
+    """The one gate export, fp16 and engines share (exporter/parity/gate.py): per-row cosine at each
+    verification batch, the worst figures per tower, and one ParityError naming the stage and every
+    tower below the threshold, after all towers ran (so a next stage is one call)."""
+    from clip_triton.exporter.parity.gate import VERIFY_BATCHES, compare_references, gate_towers
+
+    rng = np.random.default_rng(0)
+    refs = {b: (np.zeros((b, 4), np.float32), rng.standard_normal((b, 4)).astype(np.float32)) for b in VERIFY_BATCHES}
+    by_input = {id(inputs): ref for inputs, ref in refs.values()}
+    outputs: dict[int, np.ndarray] = {}
+    same = compare_references(refs, lambda x: by_input[id(x)], finite=True, outputs=outputs)
+    assert same["min_cosine"] == pytest.approx(1.0) and same["finite"] is True
+    assert set(same["batches"]) == {f"batch_{b}" for b in VERIFY_BATCHES} and set(outputs) == set(VERIFY_BATCHES)
+    flipped = compare_references(refs, lambda x: -by_input[id(x)])
+    assert flipped["min_cosine"] == pytest.approx(-1.0) and "finite" not in flipped
+
+    ran: list[str] = []
+
+    def check(tower: str) -> dict:
+        ran.append(tower)
+        return {"min_cosine": 0.5 if tower == "text" else 1.0, "extra": tower}
+
+    gate = {"stage": "INT8", "compared_with": "x vs PyTorch FP32", "progress": Progress("t", quiet=True)}
+    with pytest.raises(ParityError) as info:
+        gate_towers(check, threshold=0.9, order=("text", "image"), refused="nothing written", **gate)
+    assert ran == ["text", "image"]  # every tower checked before the refusal
+    assert str(info.value) == (
+        "INT8 parity failed: text tower min cosine 0.500000 < 0.9 (x vs PyTorch FP32); nothing written"
+    )
+    with pytest.raises(ParityError, match=r"^INT8 parity failed: image tower min cosine 0\.000000, text tower"):
+        gate_towers(lambda t: {"min_cosine": 0.0 if t == "image" else float("nan")}, threshold=0.9, **gate)
+    records = gate_towers(check, threshold=0.4, order=("text", "image"), **gate)
+    assert list(records) == ["image", "text"] and records["text"]["extra"] == "text"  # the manifest's order

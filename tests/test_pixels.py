@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from clip_triton.clients import AsyncClipClient, ClipClient, InvalidItemError, ItemError
 from clip_triton.clients.clip_preprocess import Preprocessor
+from clip_triton.clients.contract import PIXELS_INPUT
 from clip_triton.exporter.base.manifest import load_manifest
-from clip_triton.exporter.base.pixels import PIXELS_INPUT, normalize_graph
+from clip_triton.exporter.base.pixels import normalize_graph
 from clip_triton.exporter.cli import app
 from clip_triton.exporter.parity.samples import render_image
 from helpers import run_cli

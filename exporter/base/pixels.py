@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-PIXELS_INPUT = "pixels"
+from clip_triton.clients.contract import PIXELS_INPUT
+
 # IR 8 / opset 17: loadable by the ONNX Runtime of every Triton release this tool targets (23.xx on).
 IR_VERSION = 8
 OPSET = 17

@@ -43,21 +43,3 @@ class FileTokenizer:
 def clip_tokenizer(context_length: int = 77, clean: str = "lower") -> Any:
     """open_clip's SimpleTokenizer (CLIP BPE), torch-free."""
     return tokenizer_module().ClipBpeTokenizer(context_length=context_length, clean=clean)
-
-
-def tokenizer_for(cfg: TokenizerConfig, directory: Path | None = None) -> Any:
-    """The servable tokenizer a manifest describes; `directory` holds its tokenizer.json if any."""
-    hf_file = None
-    if cfg.kind == "hf":
-        if not cfg.hf_file or directory is None or not (Path(directory) / cfg.hf_file).is_file():
-            raise ClipTritonError(
-                "this model's Hugging Face tokenizer is not in the export folder; "
-                "re-export with --tokenizer-file tokenizer.json to serve text"
-            )
-        hf_file = str(Path(directory) / cfg.hf_file)
-    try:
-        return tokenizer_module().make_tokenizer(
-            cfg.kind, cfg.context_length, cfg.clean, hf_file, cfg.strip_sep_token, cfg.pad_id
-        )
-    except ValueError as exc:
-        raise ClipTritonError(str(exc)) from None

@@ -9,7 +9,6 @@ the thresholds and writes the reports (Polygraphy keeps these two apart in the s
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,7 +309,3 @@ def summary(result: dict[str, Any], report: Path | None = None) -> dict[str, Any
         "stages": stages,
         "report": str(report) if report is not None else None,
     }
-
-
-def print_table(result: dict[str, Any]) -> None:
-    print(format_table(result), file=sys.stdout)

@@ -9,12 +9,14 @@ results against the thresholds and writes the reports (docs/design.md, "Parity")
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clip_triton.clients.cli_options import option
 from clip_triton.exporter import runtimes
 from clip_triton.exporter.base.common import (
     ClipTritonError,
@@ -48,6 +50,21 @@ from clip_triton.exporter.runtimes.triton import TritonPixelsRunner, TritonRunne
 DEFAULT_SAMPLES = 16
 MAX_SAMPLES = 10_000  # built-in samples of one run (each is rendered, preprocessed and embedded per stage)
 TRITON_STAGES = ("triton-preprocess", "triton-tokenize", "triton", TritonPixelsRunner.name)  # what a live server adds
+
+
+@dataclass(kw_only=True)
+class ParityOptions:
+    """The samples and thresholds of a parity run: options of `parity` and of `build` (clients/cli_options.py)."""
+
+    samples: int = option(DEFAULT_SAMPLES, help="Built-in images and captions to compare (plus --images/--texts).")
+    min_cosine_fp32: float = option(MIN_COSINE_FP32, help="Min cosine vs PyTorch for FP32 stages.")
+    min_cosine_fp16: float = option(MIN_COSINE_FP16, help="Min cosine vs PyTorch for FP16 and TensorRT stages.")
+    images: Path | None = option(None, help="A folder of your own images to add to the samples.")
+    texts: Path | None = option(None, help="A UTF-8 file of your own captions, one per line.")
+
+    def parity_kwargs(self) -> dict[str, Any]:
+        """These options as run_parity's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(ParityOptions)}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clip_triton.clients.contract import PARAM_OPTIMIZE
 from clip_triton.exporter.runtimes.base import Runtime, Serving, register
 
 
@@ -22,7 +23,7 @@ class PythonServing(Serving):
     def configure(self, config: Any, precision: str) -> None:
         config.backend = "python"
         # FP16 graphs run with ONNX Runtime's optimiser off (docs/engines.md).
-        config.parameters["optimize"].string_value = "false" if precision == "fp16" else "true"
+        config.parameters[PARAM_OPTIMIZE].string_value = "false" if precision == "fp16" else "true"
 
 
 class PythonRuntime(Runtime):

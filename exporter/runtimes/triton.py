@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_triton.clients import contract
 from clip_triton.exporter.base.common import ClipTritonError
 from clip_triton.exporter.runtimes.base import RunContext, Runner, Runtime, Skipped, TowerBatch, find, register
 
@@ -20,29 +21,31 @@ from clip_triton.exporter.runtimes.base import RunContext, Runner, Runtime, Skip
 # parameter tower on a CPU-only embedded server (minutes on 2 cores). A deadline still bounds a hung
 # server; the clients' 60 s default is for serving traffic.
 PARITY_REQUEST_TIMEOUT = 1800.0
+_DEFAULT_NAMES = contract.model_names(contract.DEFAULT_PREFIX)
 
 
 @dataclass
 class TritonModels:
     """Names of the repository's models (from manifest.repository; `clip` prefix by default)."""
 
-    image: str = "clip_image"
-    text: str = "clip_text"
-    preprocess: str = "clip_image_preprocess"
-    tokenize: str = "clip_text_tokenize"
+    image: str = _DEFAULT_NAMES["image"]
+    text: str = _DEFAULT_NAMES["text"]
+    preprocess: str = _DEFAULT_NAMES["image_preprocess"]
+    tokenize: str = _DEFAULT_NAMES["text_tokenize"]
     pixels: str | None = None  # the pixels entry point; None for repositories written before it existed
-    prefix: str = "clip"
+    prefix: str = contract.DEFAULT_PREFIX
 
     @classmethod
     def from_section(cls, section: dict[str, Any] | None) -> TritonModels:
         section = section or {}
-        prefix = section.get("prefix") or section.get("name_prefix") or "clip"
+        prefix = section.get("prefix") or section.get("name_prefix") or contract.DEFAULT_PREFIX
         models: dict[str, Any] = section["models"] if isinstance(section.get("models"), dict) else {}
+        names = contract.model_names(str(prefix))  # what the contract names them, for records that list none
         return cls(
-            image=str(models.get("image") or f"{prefix}_image"),
-            text=str(models.get("text") or f"{prefix}_text"),
-            preprocess=str(models.get("image_preprocess") or models.get("preprocess") or f"{prefix}_image_preprocess"),
-            tokenize=str(models.get("text_tokenize") or models.get("tokenize") or f"{prefix}_text_tokenize"),
+            image=str(models.get("image") or names["image"]),
+            text=str(models.get("text") or names["text"]),
+            preprocess=str(models.get("image_preprocess") or models.get("preprocess") or names["image_preprocess"]),
+            tokenize=str(models.get("text_tokenize") or models.get("tokenize") or names["text_tokenize"]),
             pixels=str(models["image_pixels"]) if models.get("image_pixels") else None,
             prefix=str(prefix),
         )
@@ -95,7 +98,7 @@ class TritonRunner(Runner):
             data = np.array(chunk, dtype=np.object_).reshape(len(chunk), 1)
             if max_batch == 0:
                 data = data.reshape(1)
-            tensor = grpcclient.InferInput(in_name, list(data.shape), "BYTES")
+            tensor = grpcclient.InferInput(in_name, list(data.shape), contract.BYTES)
             tensor.set_data_from_numpy(data)
             result = self.client.infer(
                 model, [tensor], outputs=[grpcclient.InferRequestedOutput(out_name)],

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from clip_triton.clients.cli_options import option
 from clip_triton.exporter import runtimes
 from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError, Progress, staged_dir
 from clip_triton.exporter.base.manifest import repository_manifest
@@ -57,26 +58,45 @@ _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 
 @dataclass
 class DeployOptions:
-    target: str = "k8s"
-    name: str | None = None  # default: <prefix>-triton
-    namespace: str | None = None  # default: none written (kubectl's current namespace)
-    image: str | None = None  # default: the release the repository targets
-    cpu: bool = False  # insist on a CPU pod (the repository must be written with --device cpu)
-    pvc: str | None = None
-    pvc_subpath: str | None = None
-    storage_uri: str | None = None
-    credentials_secret: str | None = None
-    service_account: str | None = None
-    gpu_count: int = 1
-    min_replicas: int = 2
-    max_replicas: int = 4
-    queue_time_target_us: int | None = None  # default: from the repository's batching delay
-    cpus: str | None = None  # default: 4 (GPU pod) or 8 (CPU pod)
-    memory: str | None = None  # default: from the encoder sizes and the /dev/shm size
-    shm_size: str = "2Gi"
-    node_selector: list[str] = field(default_factory=list)  # KEY=VALUE; default on GPU: the GPU label
-    kserve_protocol: str = "grpc"
-    expose_http: bool = False  # Triton's HTTP/JSON front beyond the pod (kserve --kserve-protocol http implies it)
+    """The `deploy` command's options: each field is one --option (clients/cli_options.py)."""
+
+    target: str = option("k8s", help="k8s (Deployment, Service, HPA, PDB) or kserve (InferenceService).")
+    name: str | None = option(None, help="Object name (default: <prefix>-triton).")
+    # None: no namespace written (kubectl's current namespace).
+    namespace: str | None = option(None, help="Namespace written into every object (default: none).")
+    image: str | None = option(None, help="Triton image (default: the release the repository targets).")
+    cpu: bool = option(False, flags=("--cpu",), help="CPU pods (the repository must be written with --device cpu).")
+    pvc: str | None = option(None, help="k8s: PersistentVolumeClaim holding the repository (read-only).")
+    pvc_subpath: str | None = option(None, help="k8s: the repository's folder inside the PVC.")
+    storage_uri: str | None = option(
+        None, help="The repository in an object store: k8s s3:// gs:// as://; kserve also pvc://."
+    )
+    credentials_secret: str | None = option(
+        None, help="k8s: Secret with the object store's credentials (passed as environment)."
+    )
+    service_account: str | None = option(
+        None, help="kserve: ServiceAccount whose secrets hold the storage credentials."
+    )
+    gpu_count: int = option(1, help="GPUs per pod.")
+    min_replicas: int = option(2, help="Fewest pods (also the PDB's floor).")
+    max_replicas: int = option(4, help="Most pods (equal to --min-replicas: no autoscaler).")
+    queue_time_target_us: int | None = option(
+        None, help="HPA target: average queue µs per request (default: 5x the batching delay)."
+    )
+    cpus: str | None = option(None, help="CPU request = limit (default: 4 GPU pod, 8 CPU pod).")
+    memory: str | None = option(None, help="Memory request = limit (default: sized from the encoders).")
+    shm_size: str = option("2Gi", help="/dev/shm size (memory-backed; counts against --memory).")
+    node_selector: list[str] = option(
+        default_factory=list,
+        help="KEY=VALUE node label, repeatable (GPU default: nvidia.com/gpu.present=true).",
+    )
+    kserve_protocol: str = option("grpc", help="kserve: the one port Knative routes to, grpc or http.")
+    # kserve --kserve-protocol http implies it.
+    expose_http: bool = option(
+        False,
+        flags=("--expose-http",),
+        help="Expose Triton's HTTP/JSON front beyond the pod (default: loopback, for the probes only).",
+    )
 
 
 @dataclass
@@ -769,7 +789,11 @@ def kserve_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_
 
 def deploy_documents(facts: RepositoryFacts, opts: DeployOptions) -> dict[str, list[dict]]:
     """Every Kubernetes document to write, by file name (validated options)."""
-    name, on_gpu = check_options(facts, opts)
+    return _documents(facts, opts, *check_options(facts, opts))
+
+
+def _documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu: bool) -> dict[str, list[dict]]:
+    """The documents for options check_options passed (with the name and on_gpu it returned)."""
     if opts.target == "k8s":
         return k8s_documents(facts, opts, name, on_gpu)
     return kserve_documents(facts, opts, name, on_gpu)
@@ -821,8 +845,8 @@ def write_deploy(
     """Validate, then write the manifests into `out` (atomically); returns the files written."""
     progress = progress or Progress("deploy", quiet=True)
     facts = repository_facts(repo)
-    docs = deploy_documents(facts, opts)
-    _, on_gpu = check_options(facts, opts)
+    name, on_gpu = check_options(facts, opts)
+    docs = _documents(facts, opts, name, on_gpu)
     files = sorted(docs)
     if opts.target == "k8s" and "40-horizontalpodautoscaler.yaml" in docs:
         files.append("prometheus-adapter/values.yaml")

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from clip_triton.exporter.base.common import (
     INT32_MAX,
     ClipTritonError,
-    ParityError,
     Progress,
     check_min_cosine,
     check_number,
@@ -28,10 +27,8 @@ from clip_triton.exporter.base.common import (
 )
 from clip_triton.exporter.base.export_inputs import load_export
 from clip_triton.exporter.base.manifest import TOWERS, Manifest, file_record
-from clip_triton.exporter.parity.metrics import compare_embeddings, worst_of
-from clip_triton.exporter.parity.samples import sample_inputs
+from clip_triton.exporter.parity.gate import VERIFY_BATCHES, compare_references, gate_towers, torch_references
 from clip_triton.exporter.runtimes.tensorrt import EngineRunner, TensorRTHost, require_runtime
-from clip_triton.exporter.runtimes.torch import torch_embed
 from clip_triton.exporter.sources import tower_modules
 
 if TYPE_CHECKING:
@@ -165,8 +162,8 @@ def build_plan(
 
 
 def parity_batches(profile: BatchProfile) -> list[int]:
-    """The smallest batch and 8 (or the nearest batch the profile allows)."""
-    return sorted({profile.min, min(max(8, profile.min), profile.max)})
+    """The gate's batch sizes (VERIFY_BATCHES), each moved to the nearest one the profile allows."""
+    return sorted({min(max(batch, profile.min), profile.max) for batch in VERIFY_BATCHES})
 
 
 # ---------------------------------------------------------------- the stage
@@ -219,8 +216,7 @@ def build_engines(
         modules = tower_modules(loaded)
     stage = Path(tempfile.mkdtemp(prefix=".engines.tmp-", dir=export_dir))
     try:
-        towers: dict[str, Any] = {}
-        for tower in TOWERS:
+        def check(tower: str) -> dict[str, Any]:
             spec = manifest.tower(tower)
             plan = stage / plans[tower]
             info = build_plan(
@@ -236,19 +232,20 @@ def build_engines(
                 progress=progress,
             )
             with progress.step(f"{tower} tower: TensorRT vs PyTorch FP32"):
+                references = torch_references(modules[tower], loaded, tower, parity_batches(profile))
                 runner = EngineRunner(runtime, plan)
-                results = {}
-                for batch in parity_batches(profile):
-                    inputs = sample_inputs(loaded, tower, batch)
-                    results[f"batch_{batch}"] = compare_embeddings(torch_embed(modules[tower], inputs), runner(inputs))
+                record = compare_references(references, runner)
                 del runner
-            towers[tower] = {**worst_of(results), **info}
-            progress.info(f"{tower} tower: min cosine {towers[tower]['min_cosine']:.7f}")
-        bad = [t for t in TOWERS if towers[t]["min_cosine"] < min_cosine]
-        if bad:
-            detail = ", ".join(f"{t} tower min cosine {towers[t]['min_cosine']:.6f}" for t in bad)
-            raise ParityError(f"TensorRT parity failed: {detail} < {min_cosine} (engine vs PyTorch FP32); "
-                              "no plans written")
+            return {**record, **info}
+
+        towers = gate_towers(
+            check,
+            stage="TensorRT",
+            threshold=min_cosine,
+            compared_with="engine vs PyTorch FP32",
+            progress=progress,
+            refused="no plans written",
+        )
         for tower in TOWERS:
             (stage / plans[tower]).replace(export_dir / plans[tower])
         manifest.engines = {

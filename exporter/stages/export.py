@@ -8,6 +8,7 @@ int32 holds every vocabulary we know (< 2**31).
 
 from __future__ import annotations
 
+import functools
 import platform
 import shutil
 import time
@@ -20,7 +21,6 @@ import numpy as np
 from clip_triton.exporter.base.common import (
     INT32_MAX,
     ClipTritonError,
-    ParityError,
     Progress,
     check_number,
     release_memory,
@@ -35,10 +35,15 @@ from clip_triton.exporter.base.onnx_weights import (
     save_with_sidecar,
     write_weights,
 )
-from clip_triton.exporter.parity.metrics import compare_embeddings, worst_of
+from clip_triton.exporter.parity.gate import (
+    VERIFY_BATCHES,
+    References,
+    compare_references,
+    gate_towers,
+    torch_references,
+)
 from clip_triton.exporter.parity.samples import TOKEN_DTYPE, sample_inputs
 from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
-from clip_triton.exporter.runtimes.torch import torch_embed
 from clip_triton.exporter.sources import LoadedModel, release_tower, tower_modules, tower_parameter_bytes
 
 DEFAULT_OPSET = 18
@@ -165,30 +170,13 @@ def check_export_options(opset: int, max_batch: int, exporter: str) -> None:
     check_number("--max-batch", max_batch, 1, INT32_MAX)  # Triton's max_batch_size is an int32
 
 
-VERIFY_BATCHES = (1, 8)
-
-
-def torch_references(
-    module: Any, loaded: LoadedModel, tower: str, batches: tuple[int, ...] = VERIFY_BATCHES
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """(inputs, PyTorch embeddings) per batch size: computed before any ONNX Runtime session opens,
-    so the model can be released first (docs/engines.md, "Memory")."""
-    out = {}
-    for batch in batches:
-        inputs = sample_inputs(loaded, tower, batch)
-        out[batch] = (inputs, torch_embed(module, inputs))
-    return out
-
-
-def verify_graph(path: Path, references: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+def verify_graph(path: Path, references: References) -> dict[str, Any]:
     """ONNX Runtime vs the PyTorch references at each batch size; the worst figures across them."""
     session = ort_session(path)
-    results = {}
-    for batch, (inputs, ref) in references.items():
-        results[f"batch_{batch}"] = compare_embeddings(ref, ort_embed(session, inputs))
+    record = compare_references(references, functools.partial(ort_embed, session))
     del session
     release_memory()
-    return worst_of(results)
+    return record
 
 
 # What exporting a tower adds over the weights already alive, per byte of its FP32 weights
@@ -266,8 +254,8 @@ def export_model(
     dtypes = {"image": "float32", "text": TOKEN_DTYPE}
     used: dict[str, str] = {}
     timings: dict[str, float] = {}
-    parity: dict[str, Any] = {}
-    references: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    references: dict[str, References] = {}
+    batches = " and ".join(map(str, VERIFY_BATCHES))
     with staged_dir(out, force=force) as tmp:
         order = export_order(loaded, release_model)
         for tower in order:
@@ -278,23 +266,25 @@ def export_model(
                 used[tower] = _export_graph(modules[tower], example, tmp / files[tower], inputs[tower], opset, exporter)
                 release_memory()
             timings[tower] = round(time.perf_counter() - start, 2)
-            with progress.step(f"{tower} tower: PyTorch reference embeddings (batch 1 and 8)"):
+            with progress.step(f"{tower} tower: PyTorch reference embeddings (batch {batches})"):
                 references[tower] = torch_references(modules[tower], loaded, tower)
                 if release_model:  # this tower's weights are done with
                     del modules[tower]
                     release_tower(loaded, tower)
         # ONNX Runtime checks come last: with release_model no PyTorch weights are alive beside a
         # session (the first tower's session would otherwise sit on top of the second tower's weights).
-        for tower in order:
-            with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch 1 and 8)"):
-                parity[tower] = verify_graph(tmp / files[tower], references.pop(tower))
-            progress.info(f"{tower} tower: min cosine {parity[tower]['min_cosine']:.7f}")
-            if parity[tower]["min_cosine"] < min_cosine:
-                raise ParityError(
-                    f"export parity failed: {tower} tower min cosine "
-                    f"{parity[tower]['min_cosine']:.6f} < {min_cosine} (ONNX Runtime vs PyTorch)"
-                )
-        parity = {tower: parity[tower] for tower in TOWERS}
+        def check(tower: str) -> dict[str, Any]:
+            with progress.step(f"{tower} tower: ONNX Runtime vs PyTorch (batch {batches})"):
+                return verify_graph(tmp / files[tower], references.pop(tower))
+
+        parity = gate_towers(
+            check,
+            stage="export",
+            threshold=min_cosine,
+            compared_with="ONNX Runtime vs PyTorch",
+            progress=progress,
+            order=order,
+        )
         timings = {tower: timings[tower] for tower in TOWERS}
         manifest = Manifest(
             model_name=loaded.name,

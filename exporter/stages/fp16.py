@@ -18,6 +18,7 @@ what it lacks for CLIP towers:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -52,15 +53,20 @@ from clip_triton.exporter.base.onnx_weights import (
     weights_outside,
     write_weights,
 )
-from clip_triton.exporter.parity.metrics import compare_embeddings, top1, worst_of
+from clip_triton.exporter.parity.gate import (
+    VERIFY_BATCHES,
+    References,
+    compare_references,
+    gate_towers,
+    torch_references,
+)
+from clip_triton.exporter.parity.metrics import top1
 from clip_triton.exporter.parity.samples import sample_inputs
 from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
-from clip_triton.exporter.runtimes.torch import torch_embed
 from clip_triton.exporter.sources import release_model, tower_modules
 
 FP16_MIN_COSINE = 0.999
 FP16_MAX = 65504.0
-PARITY_BATCHES = (1, 8)
 CALIBRATION_BATCH = 4
 CALIBRATION_SEED = 1  # not the parity samples' seed: the range check must not be tuned to them
 # The range calibration's activation budget (docs/engines.md, "Memory"). The calibration graph
@@ -637,7 +643,6 @@ def make_fp16(
 
     progress = progress or Progress("fp16", quiet=True)
     policy = policy or Fp16Policy.default()
-    check_range = True  # always: the range check is the one CPU-side signal of GPU FP16 overflow
     export_dir = Path(export_dir)
     check_min_cosine("--min-cosine", min_cosine)
     check_number("--overflow-threshold", policy.overflow_threshold, 0, above=True)  # NaN and inf refused too
@@ -654,70 +659,63 @@ def make_fp16(
     # a tower one of {calibration session, graph being converted, FP16 session} at a time.
     with progress.step(f"rebuilding the PyTorch reference {manifest.model_name}"):
         loaded = load_reference(manifest, export_dir=export_dir)
-    inputs: dict[str, dict[int, np.ndarray]] = {}
-    refs: dict[str, dict[int, np.ndarray]] = {}
+    references: dict[str, References] = {}
+    # The range check's inputs: always, it is the one CPU-side signal of GPU FP16 overflow.
     calibration: dict[str, np.ndarray] = {}
     with progress.step("PyTorch FP32 reference embeddings (then the model is released)"):
         modules = tower_modules(loaded)
         for tower in TOWERS:
-            inputs[tower] = {batch: sample_inputs(loaded, tower, batch) for batch in PARITY_BATCHES}
-            refs[tower] = {batch: torch_embed(modules[tower], inputs[tower][batch]) for batch in PARITY_BATCHES}
-            if check_range:
-                calib = sample_inputs(loaded, tower, CALIBRATION_BATCH)
-                if tower == "image":
-                    calib = calib * np.float32(1.5)  # a little beyond the samples' range
-                calibration[tower] = calib
+            references[tower] = torch_references(modules[tower], loaded, tower)
+            calib = sample_inputs(loaded, tower, CALIBRATION_BATCH)
+            if tower == "image":
+                calib = calib * np.float32(1.5)  # a little beyond the samples' range
+            calibration[tower] = calib
         del modules
         release_model(loaded)
     stage = Path(tempfile.mkdtemp(prefix=".fp16.tmp-", dir=export_dir))
     try:
-        towers: dict[str, Any] = {}
         seconds: dict[str, float] = {}
-        ref_out: dict[str, np.ndarray] = {}
-        fp16_out: dict[str, np.ndarray] = {}
-        for tower in TOWERS:
+        outputs: dict[str, dict[int, np.ndarray]] = {}
+
+        def check(tower: str) -> dict[str, Any]:
             spec = manifest.tower(tower)
             src = export_dir / spec.file
             dest = stage / ARTIFACTS[("onnx", "fp16")][tower]
             start = time.perf_counter()
             with progress.step(f"{tower} tower: {spec.file} -> {dest.name}"):
-                feeds = None
-                if check_range:
-                    feeds = {spec.input.name: calibration[tower].astype(spec.input.dtype)}
+                feeds = {spec.input.name: calibration[tower].astype(spec.input.dtype)}
                 info = convert_graph(src, dest, policy, feeds, budget)
                 release_memory()
             seconds[f"{tower}_convert"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
             with progress.step(f"{tower} tower: ONNX Runtime FP16 (CPU, optimiser off) vs PyTorch FP32"):
                 session = ort_session(dest, optimize=False)
-                results = {}
-                for batch in PARITY_BATCHES:
-                    ref, out = refs[tower][batch], ort_embed(session, inputs[tower][batch])
-                    results[f"batch_{batch}"] = compare_embeddings(ref, out)
-                    results[f"batch_{batch}"]["finite"] = bool(np.isfinite(out).all())
-                    ref_out[tower], fp16_out[tower] = ref, out
+                outputs[tower] = {}
+                record = compare_references(
+                    references[tower], functools.partial(ort_embed, session), finite=True, outputs=outputs[tower]
+                )
                 del session
                 release_memory()
             seconds[f"{tower}_parity"] = round(time.perf_counter() - start, 2)
-            worst = worst_of(results)
-            towers[tower] = {
-                **worst,
-                "finite": all(r["finite"] for r in results.values()),
-                "graph": info,
-            }
-            progress.info(
-                f"{tower} tower: min cosine {worst['min_cosine']:.7f} "
-                f"({info['nodes_fp32_by_policy']} of {info['nodes']} nodes FP32 by policy, "
+            return {**record, "graph": info}
+
+        def describe(record: dict[str, Any]) -> str:
+            info = record["graph"]
+            return (
+                f"{info['nodes_fp32_by_policy']} of {info['nodes']} nodes FP32 by policy, "
                 f"{info['overflow_tensor_count']} tensors beyond the FP16 range threshold, "
-                f"{info['fp16_range_violation_count']} FP16 tensors overflowing)"
+                f"{info['fp16_range_violation_count']} FP16 tensors overflowing"
             )
-        bad = [t for t in TOWERS if towers[t]["min_cosine"] < min_cosine]
-        if bad:
-            detail = ", ".join(f"{t} tower min cosine {towers[t]['min_cosine']:.6f}" for t in bad)
-            raise ParityError(
-                f"FP16 parity failed: {detail} < {min_cosine} (ONNX Runtime FP16 vs PyTorch FP32); "
-                "no FP16 files written; keep more ops in FP32 with --keep-fp32 OP,..."
-            )
+
+        towers = gate_towers(
+            check,
+            stage="FP16",
+            threshold=min_cosine,
+            compared_with="ONNX Runtime FP16 vs PyTorch FP32",
+            progress=progress,
+            refused="no FP16 files written; keep more ops in FP32 with --keep-fp32 OP,...",
+            describe=describe,
+        )
         over = {t: towers[t]["graph"]["fp16_range_violations"] for t in TOWERS}
         if any(over.values()):
             detail = ", ".join(
@@ -730,7 +728,10 @@ def make_fp16(
                 f"inputs: {detail}; they become inf on a GPU (ONNX Runtime CPU hides it); no FP16 files "
                 "written; keep their ops in FP32 with --keep-fp32 OP,..."
             )
-        agreement = _zero_shot_agreement(ref_out, fp16_out)
+        largest = max(VERIFY_BATCHES)  # zero-shot agreement on the largest batch's embeddings
+        agreement = _zero_shot_agreement(
+            {t: references[t][largest][1] for t in TOWERS}, {t: outputs[t][largest] for t in TOWERS}
+        )
         import onnxruntime
 
         # All checks passed: move the files in (data sidecars first, each an atomic rename).

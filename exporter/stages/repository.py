@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_triton.clients import clip_preprocess
+from clip_triton.clients import clip_preprocess, contract
+from clip_triton.clients.cli_options import option
 from clip_triton.exporter import runtimes
 from clip_triton.exporter.base import python_deps
 from clip_triton.exporter.base.common import (
@@ -30,7 +31,7 @@ from clip_triton.exporter.base.common import (
 )
 from clip_triton.exporter.base.export_inputs import check_export, read_graph
 from clip_triton.exporter.base.manifest import TOWERS, Manifest, load_manifest
-from clip_triton.exporter.base.pixels import PIXELS_INPUT, save_normalize_graph
+from clip_triton.exporter.base.pixels import save_normalize_graph
 from clip_triton.exporter.base.releases import (
     TritonRelease,
     engines_tensorrt,
@@ -50,22 +51,11 @@ DEFAULT_MAX_ASPECT_RATIO = _IMAGE_DEFAULTS.max_aspect_ratio
 DEFAULT_MAX_RESIZED_PIXELS = _IMAGE_DEFAULTS.max_resized_pixels
 DEFAULT_MAX_CHARS = 100_000
 DEFAULT_MAX_REQUEST_SECONDS = 10.0  # both python models' per-request time budget (0: none)
-# Their names (RepositoryOptions fields, config parameters, manifest keys), by the python step reading them.
-IMAGE_LIMITS = ("max_bytes", "max_pixels", "max_aspect_ratio", "max_resized_pixels")  # the preprocess model
-TEXT_LIMITS = ("max_chars",)  # the tokenize model
-REQUEST_LIMITS = ("max_request_seconds",)  # both python models (not the pixels ensemble: nothing runs there)
+# Their names (RepositoryOptions fields, config parameters, manifest keys), by the python step reading
+# them, are the contract's IMAGE_LIMITS, TEXT_LIMITS and REQUEST_LIMITS (clients/contract.py).
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEPS_LOADER = "bundled_deps.py"  # beside each python model.py: puts its deps/ on sys.path
 REQUEST_BUDGET = "request_budget.py"  # beside the preprocess and tokenize model.py: max_request_seconds
-
-NP_TO_TRITON = {
-    "float32": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "bool": "TYPE_BOOL",
-    "object": "TYPE_STRING",
-}
 
 
 def _pb() -> Any:
@@ -76,37 +66,68 @@ def _pb() -> Any:
 
 @dataclass
 class RepositoryOptions:
-    runtime: str = "tensorrt"
-    precision: str = "fp32"
-    prefix: str = "clip"
-    max_batch: int | None = None  # default: the manifest's max_batch (capped by the engine profile)
-    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
-    dynamic_batching: bool = True  # off: each request runs as it comes (a latency floor to compare with)
-    instances: int = 1  # per encoder and per tokenize model
+    """The `repository` command's options: each field is one --option (clients/cli_options.py)."""
+
+    runtime: str = option(
+        "tensorrt",
+        help=f"One of {', '.join(runtimes.serving_names())} (docs/runtimes.md); tensorrt needs plans.",
+    )
+    precision: str = option("fp32", help="fp32 or fp16 ONNX graphs (onnxruntime/python).")
+    prefix: str = option(contract.DEFAULT_PREFIX, help="Model name prefix: <prefix>_image, <prefix>_text, ...")
+    # The manifest's max_batch, capped by the engine profile, unless given.
+    max_batch: int | None = option(None, help="max_batch_size (default: the manifest's, capped by the engines).")
+    queue_delay_us: int = option(DEFAULT_QUEUE_DELAY_US, help="Dynamic batching max queue delay (µs).")
+    # Off: each request runs as it comes (a latency floor to compare with).
+    dynamic_batching: bool = option(True, help="Dynamic batching on every step (off: each request runs alone).")
+    instances: int = option(1, help="Instances per encoder and tokenize model.")
     # The preprocess model: one instance whose thread pool spans the serving host's cores (0: found at
     # load time, so a repository written on a laptop uses a 32-core server fully; docs/serving.md).
-    preprocess_instances: int = 1
-    preprocess_threads: int = 0
-    device: str | None = None  # default: gpu for tensorrt/onnxruntime, cpu for python
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
-    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
-    max_chars: int = DEFAULT_MAX_CHARS
-    max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS
-    copy_files: bool = False  # default: hard-link encoder files from the export when on one filesystem
+    preprocess_instances: int = option(
+        1, help="Instances of the image preprocess model (each runs its own thread pool)."
+    )
+    preprocess_threads: int = option(
+        0, help="Decode threads per preprocess instance (0: the serving host's cores / instances)."
+    )
+    device: str | None = option(None, help="gpu or cpu instance groups (default: gpu, cpu for python).")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, help="Refuse images with more decoded pixels than this.")
+    max_bytes: int = option(
+        DEFAULT_MAX_BYTES, help="Refuse encoded images over this many bytes (checked before decoding)."
+    )
+    max_aspect_ratio: float = option(
+        DEFAULT_MAX_ASPECT_RATIO, help="Refuse images whose long side / short side exceeds this."
+    )
+    max_resized_pixels: int = option(
+        DEFAULT_MAX_RESIZED_PIXELS,
+        help="Refuse images whose resize step (before the crop) would exceed this many pixels.",
+    )
+    max_chars: int = option(DEFAULT_MAX_CHARS, help="Refuse texts longer than this many characters.")
+    max_request_seconds: float = option(
+        DEFAULT_MAX_REQUEST_SECONDS,
+        help="Fail a request still being preprocessed/tokenized after this many seconds (0: off).",
+    )
+    copy_files: bool = option(
+        False,
+        flags=("--copy-files",),
+        help="Copy encoder files (default: hard-link them when on one filesystem).",
+    )
     # The NVIDIA container it is written for (exporter/base/releases.py): default, the one shipping the
     # engines' TensorRT, else the newest known. Decides the Python of the bundled wheels (docs/deploy.md).
-    triton_release: str | None = None
+    triton_release: str | None = option(
+        None, help="NVIDIA Triton container YY.MM it is for (default: the engines' TensorRT, else the newest)."
+    )
     # Bundle the python models' wheels (Pillow, tokenizers, ...) inside the repository, pinned, for the
     # target release's Python, so a stock container serves it with nothing installed at start.
-    python_deps: bool = True
-    deps_python: str | None = None  # override the release's Python X.Y (e.g. to serve locally)
-    deps_arch: str = "x86_64"  # or aarch64 (NVIDIA's arm64 / sbsa containers)
+    python_deps: bool = option(
+        True, help="Bundle the python models' wheels, pinned, for that release's Python (docs/deploy.md)."
+    )
+    # E.g. to serve locally.
+    deps_python: str | None = option(None, help="Python X.Y of the bundled wheels (default: the release's).")
+    deps_arch: str = option("x86_64", help="x86_64 or aarch64 wheels.")  # aarch64: NVIDIA's arm64 / sbsa containers
 
     def limits(self) -> dict[str, Any]:
         """The per-item limits, by name (IMAGE_LIMITS, then TEXT_LIMITS), then the per-request REQUEST_LIMITS."""
-        return {name: getattr(self, name) for name in (*IMAGE_LIMITS, *TEXT_LIMITS, *REQUEST_LIMITS)}
+        names = (*contract.IMAGE_LIMITS, *contract.TEXT_LIMITS, *contract.REQUEST_LIMITS)
+        return {name: getattr(self, name) for name in names}
 
 
 def _limit_parameters(opts: RepositoryOptions, names: tuple[str, ...]) -> dict[str, str]:
@@ -116,23 +137,10 @@ def _limit_parameters(opts: RepositoryOptions, names: tuple[str, ...]) -> dict[s
     return {n: repr(float(values[n])) if isinstance(defaults[n], float) else str(values[n]) for n in names}
 
 
-def model_names(prefix: str) -> dict[str, str]:
-    return {
-        "image_preprocess": f"{prefix}_image_preprocess",
-        "image_normalize": f"{prefix}_image_normalize",
-        "image_encoder": f"{prefix}_image_encoder",
-        "image": f"{prefix}_image",
-        "image_pixels": f"{prefix}_image_pixels",
-        "text_tokenize": f"{prefix}_text_tokenize",
-        "text_encoder": f"{prefix}_text_encoder",
-        "text": f"{prefix}_text",
-    }
-
-
 def _triton_type(dtype: str) -> str:
-    if dtype not in NP_TO_TRITON:
+    if dtype not in contract.NP_TO_TRITON:
         raise ClipTritonError(f"the manifest records dtype {dtype!r}, which this stage cannot map to Triton")
-    return NP_TO_TRITON[dtype]
+    return contract.NP_TO_TRITON[dtype]
 
 
 def _check_options(opts: RepositoryOptions) -> str:
@@ -215,14 +223,14 @@ def _set_params(config: Any, params: dict[str, str]) -> None:
 
 def _model_parameters(manifest: Manifest) -> dict[str, str]:
     params = {
-        "model_name": manifest.model_name,
-        "embed_dim": str(manifest.embed_dim),
-        "logit_scale": repr(manifest.logit_scale),
-        "image_encoder_sha256": manifest.files.get(manifest.image.file, {}).get("sha256", ""),
-        "text_encoder_sha256": manifest.files.get(manifest.text.file, {}).get("sha256", ""),
+        contract.PARAM_MODEL_NAME: manifest.model_name,
+        contract.PARAM_EMBED_DIM: str(manifest.embed_dim),
+        contract.PARAM_LOGIT_SCALE: repr(manifest.logit_scale),
+        contract.PARAM_IMAGE_ENCODER_SHA256: manifest.files.get(manifest.image.file, {}).get("sha256", ""),
+        contract.PARAM_TEXT_ENCODER_SHA256: manifest.files.get(manifest.text.file, {}).get("sha256", ""),
     }
     if manifest.logit_bias is not None:
-        params["logit_bias"] = repr(manifest.logit_bias)
+        params[contract.PARAM_LOGIT_BIAS] = repr(manifest.logit_bias)
     return params
 
 
@@ -238,9 +246,9 @@ def _valid_range(manifest: Manifest, tower: str) -> str:
 
 
 def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, device: str) -> dict[str, Any]:
-    """The eight ModelConfig protobufs, keyed by role (see model_names)."""
+    """The eight ModelConfig protobufs, keyed by role (see contract.model_names)."""
     pb = _pb()
-    names = model_names(opts.prefix)
+    names = contract.model_names(opts.prefix)
     encoder_kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
     h, w = manifest.preprocess.size
     dim = manifest.embed_dim
@@ -253,16 +261,19 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
     # Python steps: CPU work (PIL, BPE) whatever --device says; scale them with --instances.
     pre = _base_config(pb, names["image_preprocess"], max_batch, opts, "KIND_CPU", opts.preprocess_instances)
     pre.backend = "python"
-    pre.input.add(**_tensor(pb, "image", "TYPE_STRING", [1]))
+    pre.input.add(**_tensor(pb, contract.IMAGE_TENSOR.name, contract.IMAGE_TENSOR.config_type, [1]))
     pre.output.add(**_tensor(pb, img_in.name, _triton_type(img_in.dtype), img_dims))
-    preprocess_params = {"preprocess": json.dumps(asdict(manifest.preprocess)), **_limit_parameters(opts, IMAGE_LIMITS)}
+    preprocess_params = {
+        contract.PARAM_PREPROCESS: json.dumps(asdict(manifest.preprocess)),
+        **_limit_parameters(opts, contract.IMAGE_LIMITS),
+    }
     _set_params(
         pre,
         {
             **preprocess_params,
-            **_limit_parameters(opts, REQUEST_LIMITS),
-            "output_name": img_in.name,
-            "threads": str(opts.preprocess_threads),
+            **_limit_parameters(opts, contract.REQUEST_LIMITS),
+            contract.PARAM_OUTPUT_NAME: img_in.name,
+            contract.PARAM_THREADS: str(opts.preprocess_threads),
         },
     )
     configs["image_preprocess"] = pre
@@ -271,25 +282,25 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
     # graph (exporter/base/pixels.py) on ONNX Runtime beside the encoder: no python per image on that path.
     norm = _base_config(pb, names["image_normalize"], max_batch, opts, encoder_kind)
     norm.backend = "onnxruntime"
-    norm.input.add(**_tensor(pb, PIXELS_INPUT, "TYPE_UINT8", [h, w, 3]))
+    norm.input.add(**_tensor(pb, contract.PIXELS_TENSOR.name, contract.PIXELS_TENSOR.config_type, [h, w, 3]))
     norm.output.add(**_tensor(pb, img_in.name, _triton_type(img_in.dtype), img_dims))
     # Five elementwise ops on one crop take under a millisecond: one thread, so no ONNX Runtime thread pool
     # spins on the cores the encoder and the preprocess pool need (Triton onnxruntime backend parameters).
-    _set_params(norm, {"intra_op_thread_count": "1", "inter_op_thread_count": "1"})
+    _set_params(norm, {contract.PARAM_INTRA_OP_THREAD_COUNT: "1", contract.PARAM_INTER_OP_THREAD_COUNT: "1"})
     configs["image_normalize"] = norm
 
     tok = _base_config(pb, names["text_tokenize"], max_batch, opts, "KIND_CPU")
     tok.backend = "python"
-    tok.input.add(**_tensor(pb, "text", "TYPE_STRING", [1]))
+    tok.input.add(**_tensor(pb, contract.TEXT_TENSOR.name, contract.TEXT_TENSOR.config_type, [1]))
     tok.output.add(**_tensor(pb, txt_in.name, _triton_type(txt_in.dtype), txt_dims))
     _set_params(
         tok,
         {
-            "tokenizer": json.dumps(asdict(manifest.tokenizer)),
-            "output_name": txt_in.name,
-            "output_dtype": txt_in.dtype,
-            **_limit_parameters(opts, TEXT_LIMITS),
-            **_limit_parameters(opts, REQUEST_LIMITS),
+            contract.PARAM_TOKENIZER: json.dumps(asdict(manifest.tokenizer)),
+            contract.PARAM_OUTPUT_NAME: txt_in.name,
+            contract.PARAM_OUTPUT_DTYPE: txt_in.dtype,
+            **_limit_parameters(opts, contract.TEXT_LIMITS),
+            **_limit_parameters(opts, contract.REQUEST_LIMITS),
         },
     )
     configs["text_tokenize"] = tok
@@ -303,28 +314,30 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         # Inputs no client of the ensembles can produce, refused by the encoder (python runtime; the
         # real backends ignore the parameter, see docs/limits.md): token ids outside the embedding
         # table fault the runtime; pixels far outside the normalised range overflow to NaN.
-        _set_params(enc, {"valid_range": _valid_range(manifest, tower)})
+        _set_params(enc, {contract.PARAM_VALID_RANGE: _valid_range(manifest, tower)})
         enc.input.add(**_tensor(pb, spec_in.name, _triton_type(spec_in.dtype), dims))
         enc.output.add(**_tensor(pb, spec_out.name, _triton_type(spec_out.dtype), [dim]))
         configs[f"{tower}_encoder"] = enc
 
-    for role, tower, first, (public_in, public_type, public_dims), mid in (
-        ("image", "image", "image_preprocess", ("image", "TYPE_STRING", [1]), img_in),
-        ("image_pixels", "image", "image_normalize", (PIXELS_INPUT, "TYPE_UINT8", [h, w, 3]), img_in),
-        ("text", "text", "text_tokenize", ("text", "TYPE_STRING", [1]), txt_in),
+    embedding = contract.EMBEDDING_TENSOR
+    for role, tower, first, public_dims, mid in (
+        ("image", "image", "image_preprocess", [1], img_in),
+        ("image_pixels", "image", "image_normalize", [h, w, 3], img_in),
+        ("text", "text", "text_tokenize", [1], txt_in),
     ):
+        public = contract.ENSEMBLE_INPUTS[role]
         # Ensembles carry no instance_group (Triton rejects one; server#4341) and no batching of
         # their own: the steps batch.
         ens = pb.ModelConfig(name=names[role], platform="ensemble", max_batch_size=max_batch)
-        ens.input.add(**_tensor(pb, public_in, public_type, public_dims))
-        ens.output.add(**_tensor(pb, "embedding", "TYPE_FP32", [dim]))
+        ens.input.add(**_tensor(pb, public.name, public.config_type, public_dims))
+        ens.output.add(**_tensor(pb, embedding.name, embedding.config_type, [dim]))
         step1 = ens.ensemble_scheduling.step.add(model_name=names[first], model_version=-1)
-        step1.input_map[public_in] = public_in
+        step1.input_map[public.name] = public.name
         step1.output_map[mid.name] = mid.name
         spec_out = manifest.tower(tower).output
         step2 = ens.ensemble_scheduling.step.add(model_name=names[f"{tower}_encoder"], model_version=-1)
         step2.input_map[mid.name] = mid.name
-        step2.output_map[spec_out.name] = "embedding"
+        step2.output_map[spec_out.name] = embedding.name
         # What clients need for zero-shot scores, readable from the server alone (no manifest); the
         # pixels entry point adds the transform and limits a client must apply to crop as the server would.
         _set_params(ens, {**_model_parameters(manifest), **(preprocess_params if role == "image_pixels" else {})})
@@ -367,7 +380,7 @@ def _readme(
     row: TritonRelease,
     target: python_deps.Target | None,
 ) -> str:
-    names = model_names(opts.prefix)
+    names = contract.model_names(opts.prefix)
     h, w = manifest.preprocess.size
     trt = engines_tensorrt(manifest)
     weights = (
@@ -397,19 +410,22 @@ def _readme(
         if trt
         else "; another release works if its Python matches the bundled wheels (rewrite with --triton-release)."
     )
-    emb = f"`embedding` FP32 [{manifest.embed_dim}], L2-normalised"
+    image, pixels, text = contract.IMAGE_TENSOR, contract.PIXELS_TENSOR, contract.TEXT_TENSOR
+    out = contract.EMBEDDING_TENSOR
+    emb = f"`{out.name}` {out.datatype} [{manifest.embed_dim}], L2-normalised"
     ids = f"{manifest.text.input.dtype.upper()} [{manifest.tokenizer.context_length}]"
     rows = [
         "| model | input | output |",
         "|---|---|---|",
-        f"| `{names['image']}` (ensemble) | `image` TYPE_STRING [1]: encoded JPEG/PNG/WebP/BMP/GIF bytes | {emb} |",
-        f"| `{names['image_pixels']}` (ensemble) | `{PIXELS_INPUT}` TYPE_UINT8 [{h},{w},3]: RGB, already resized "
-        f'and cropped (ClipClient(preprocess="client")) | {emb} |',
-        f"| `{names['text']}` (ensemble) | `text` TYPE_STRING [1]: UTF-8 | {emb} |",
-        f"| `{names['image_preprocess']}` (python) | `image` | `{manifest.image.input.name}` FP32 [3,H,W] |",
-        f"| `{names['image_normalize']}` (onnxruntime) | `{PIXELS_INPUT}` | `{manifest.image.input.name}` FP32 |",
-        f"| `{names['text_tokenize']}` (python) | `text` | `{manifest.text.input.name}` {ids} |",
-        f"| `{names['image_encoder']}`, `{names['text_encoder']}` ({opts.runtime}) | ids / pixels | `embedding` |",
+        f"| `{names['image']}` (ensemble) | `{image.name}` {image.config_type} [1]: encoded JPEG/PNG/WebP/BMP/GIF "
+        f"bytes | {emb} |",
+        f"| `{names['image_pixels']}` (ensemble) | `{pixels.name}` {pixels.config_type} [{h},{w},3]: RGB, already "
+        f'resized and cropped (ClipClient(preprocess="client")) | {emb} |',
+        f"| `{names['text']}` (ensemble) | `{text.name}` {text.config_type} [1]: UTF-8 | {emb} |",
+        f"| `{names['image_preprocess']}` (python) | `{image.name}` | `{manifest.image.input.name}` FP32 [3,H,W] |",
+        f"| `{names['image_normalize']}` (onnxruntime) | `{pixels.name}` | `{manifest.image.input.name}` FP32 |",
+        f"| `{names['text_tokenize']}` (python) | `{text.name}` | `{manifest.text.input.name}` {ids} |",
+        f"| `{names['image_encoder']}`, `{names['text_encoder']}` ({opts.runtime}) | ids / pixels | `{out.name}` |",
     ]
     table = "\n".join(rows)
     pip = " ".join(sorted({p for wanted in _python_packages(manifest, opts).values() for p in wanted}))
@@ -551,7 +567,7 @@ def write_repository(
     target = python_deps.Target.for_release(release, opts.deps_python, opts.deps_arch) if opts.python_deps else None
     max_batch = _max_batch(manifest, opts)
     configs = build_configs(manifest, opts, max_batch, device)
-    names = model_names(opts.prefix)
+    names = contract.model_names(opts.prefix)
     with staged_dir(out, force=force) as tmp:
         with progress.step(f"writing {len(configs)} models ({opts.runtime}, {opts.precision}) to {out}"):
             for role, config in configs.items():
@@ -605,10 +621,10 @@ def write_repository(
             "python_deps": bundled,
             # The public API: what a client sends to each ensemble (docs/serving.md).
             "entry_points": {
-                names["image"]: "image: encoded image bytes (TYPE_STRING [1])",
-                names["image_pixels"]: f"{PIXELS_INPUT}: the crop, uint8 RGB [{manifest.preprocess.size[0]}, "
+                names["image"]: f"{contract.IMAGE_INPUT}: encoded image bytes ({contract.TYPE_STRING} [1])",
+                names["image_pixels"]: f"{contract.PIXELS_INPUT}: the crop, uint8 RGB [{manifest.preprocess.size[0]}, "
                 f"{manifest.preprocess.size[1]}, 3] (ClipClient(preprocess='client'))",
-                names["text"]: "text: UTF-8 (TYPE_STRING [1])",
+                names["text"]: f"{contract.TEXT_INPUT}: UTF-8 ({contract.TYPE_STRING} [1])",
             },
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -622,10 +638,3 @@ def write_repository(
     exported.save(export_dir)
     progress.info(f"repository {out}: {', '.join(sorted(names.values()))}")
     return out
-
-
-def repository_models(repo: Path) -> list[str]:
-    """Model folders of a repository (those with a config.pbtxt)."""
-    return sorted(p.name for p in Path(repo).iterdir() if (p / "config.pbtxt").is_file())
-
-

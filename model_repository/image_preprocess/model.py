@@ -17,6 +17,8 @@ fails (INTERNAL, the message says so): its remaining items are skipped, not deco
 hold the instance's threads much longer than that (items already in progress finish).
 """
 
+# Copied standalone into every repository, so it cannot import clip_triton: the names it reads (config parameters)
+# are spelled here. Their owner is clients/contract.py; tests/test_contract.py checks that they agree.
 import json
 import os
 import sys

@@ -13,6 +13,8 @@ gets its own error object: the python backend frees an error with its response, 
 shared by several responses is a use-after-free (garbage messages, then a crashed server).
 """
 
+# Copied standalone into every repository, so it cannot import clip_triton: the names it reads (config parameters)
+# are spelled here. Their owner is clients/contract.py; tests/test_contract.py checks that they agree.
 import json
 import os
 import sys

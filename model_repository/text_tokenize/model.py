@@ -11,6 +11,8 @@ so) and its remaining items are not tokenized: one request cannot hold the insta
 that (the item in progress finishes; one 100,000-character item takes well under a second).
 """
 
+# Copied standalone into every repository, so it cannot import clip_triton: the names it reads (config parameters)
+# are spelled here. Their owner is clients/contract.py; tests/test_contract.py checks that they agree.
 import json
 import os
 import sys
