@@ -107,7 +107,14 @@ async def _level(
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - start
-        after = _encoder_counts(await client.get_inference_statistics(encoder), encoder)
+        # Triton counts a request in its statistics only after its response is out: on a loaded host
+        # the last ones can lag. Poll until every answered request (>= 1 item each) shows, at most 5 s.
+        settle = time.perf_counter() + 5.0
+        while True:
+            after = _encoder_counts(await client.get_inference_statistics(encoder), encoder)
+            if after[0] - before[0] >= len(latencies) or time.perf_counter() > settle:
+                break
+            await asyncio.sleep(0.05)
     stats = latency_stats(latencies)
     inferences, executions = after[0] - before[0], after[1] - before[1]
     stats.update(

@@ -30,8 +30,8 @@ from clip_triton.exporter.base.common import (
 from clip_triton.exporter.base.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
 from clip_triton.exporter.parity.metrics import cosine_rows
 from clip_triton.exporter.parity.report import FAIL, PASS, SKIP, format_table
-from clip_triton.exporter.parity.run import ParityOptions, check_parity_options, run_parity
-from clip_triton.exporter.runtimes.triton import TritonModels, TritonRunner
+from clip_triton.exporter.parity.run import TRITON_STAGES, ParityOptions, check_parity_options, run_parity
+from clip_triton.exporter.runtimes.triton import TritonModels
 from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +45,15 @@ AUTO = "auto"  # tensorrt when engines were built, else python (runtimes.AUTO_WI
 class ExportOptions:
     """The model and how to export it: options of `export` and of `build` (clients/cli_options.py)."""
 
-    model: str = option(help="open_clip architecture name, e.g. ViT-B-32.")
-    pretrained: str | None = option(None, help="open_clip pretrained tag (downloads).")
+    model: str = option(help="open_clip architecture name, e.g. ViT-B-32 (or the --model-config one's name).")
+    model_config: Path | None = option(
+        None,
+        help="An open_clip model-config JSON (a custom architecture); --model names it, whatever the file's "
+        "name. Weights: --checkpoint or --random-weights.",
+    )
+    pretrained: str | None = option(
+        None, help="open_clip pretrained tag (downloads), or 'builtin': the weights shipped with clip-triton."
+    )
     checkpoint: Path | None = option(None, help="Local state-dict file to load.")
     random_weights: bool = option(False, flags=("--random-weights",), help="Random weights (offline tests, demos).")
     seed: int = option(0, help="Torch seed for --random-weights.")
@@ -73,6 +80,8 @@ class ExportOptions:
         )
         if self.preprocess_from is None:
             return overrides
+        if self.model_config is not None:
+            raise ClipTritonError("--preprocess-from needs an architecture with pretrained tags, not --model-config")
         return {**tag_preprocess(self.model, self.preprocess_from), **overrides}
 
 
@@ -115,6 +124,7 @@ def run_export(
             seed=opts.seed,
             preprocess=preprocess,
             tokenizer_file=opts.tokenizer_file,
+            model_config=opts.model_config,
             progress=progress,
         )
     # release_model: one tower's weights alive at a time (docs/engines.md, "Memory").
@@ -141,13 +151,19 @@ def _check_build_options(opts: BuildOptions) -> None:
     if opts.skip_engines and _needs_engines(opts.runtime):
         raise ClipTritonError(f"--runtime {opts.runtime} needs engines: drop --skip-engines")
     # Every stage's numbers, before the first stage's work (each stage checks its own again).
-    from clip_triton.exporter.sources.open_clip import MAX_SEED
+    from clip_triton.exporter.sources.open_clip import MAX_SEED, read_model_config
     from clip_triton.exporter.stages.export import check_export_options
 
     check_number("--seed", opts.seed, 0, MAX_SEED)
+    if opts.model_config is not None:
+        read_model_config(opts.model_config)  # before build.json: a bad file leaves no output folder
     check_export_options(opts.opset, opts.max_batch, opts.exporter)
     opts.preprocess_overlay()  # --preprocess-from and --image-* (no download)
-    check_parity_options(opts.samples, opts.min_cosine_fp32, opts.min_cosine_fp16)
+    check_parity_options(
+        opts.samples, opts.min_cosine_fp32, opts.min_cosine_fp16, labelled_set=opts.labelled_set,
+        labelled_samples=opts.labelled_samples, min_agreement_fp32=opts.min_agreement_fp32,
+        min_agreement_fp16=opts.min_agreement_fp16,
+    )
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ClipTritonError(f"--out {out} is a file, not a folder")
@@ -193,6 +209,13 @@ def _same_model(manifest: Any, opts: BuildOptions) -> str | None:
         recorded = (manifest.checkpoint or {}).get("sha256")
         if not Path(opts.checkpoint).is_file() or recorded != sha256_file(Path(opts.checkpoint)):
             return "it was exported from another checkpoint"
+    from clip_triton.exporter.sources.open_clip import BUILTIN_WEIGHTS, builtin_weights, read_model_config
+
+    config = read_model_config(opts.model_config) if opts.model_config is not None else None
+    if config != manifest.model_config:
+        return "it was exported from another --model-config"
+    if opts.pretrained == BUILTIN_WEIGHTS and manifest.builtin_sha256 != sha256_file(builtin_weights(opts.model)):
+        return "the builtin weights changed since"
     diff = [f"{k} {found[k]!r} (this build: {wanted[k]!r})" for k in wanted if wanted[k] != found[k]]
     return f"it holds {', '.join(diff)}" if diff else None
 
@@ -344,23 +367,40 @@ def _write_build_record(out: Path, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `clip-triton demo`: build (or reuse) a random-weights repository, serve it, query it once
+# `clip-triton demo`: build (or reuse) a repository, serve it, rank captions of a held-out image
 # ---------------------------------------------------------------------------------------------
 
 
 DEMO_RUNTIME = runtimes.AUTO_WITHOUT_ENGINES  # runs on any host and on the embedded server
+DEMO_MODEL = "ShapesCLIP-ViT-T"  # the project's own trained model (exporter/sources/builtin/)
+DEMO_IMAGE_INDEX = 0  # the held-out shapes image the demo ranks captions for (fixed: not a picked success)
+
+
+def demo_weights(model: str) -> dict[str, Any]:
+    """The demo's weights: the shipped ones when `model` has builtin weights, seeded random ones otherwise."""
+    from clip_triton.exporter.sources.open_clip import BUILTIN_WEIGHTS, builtin_models
+
+    return {"pretrained": BUILTIN_WEIGHTS} if model in builtin_models() else {"random_weights": True}
 
 
 def reusable_build(out: Path, model: str) -> bool:
-    """A previous passing demo build of the same model, with its repository, lies in `out`."""
+    """A previous passing demo build of the same model and weights, with its repository, lies in `out`."""
+    from clip_triton.exporter.sources.open_clip import builtin_weights
+
     try:
         manifest = load_manifest(Path(out) / "export")
         record = json.loads((Path(out) / "build.json").read_text())
+        weights = demo_weights(model)
+        if "pretrained" in weights:
+            same_weights = (manifest.pretrained == weights["pretrained"]
+                            and manifest.builtin_sha256 == sha256_file(builtin_weights(model)))
+        else:
+            same_weights = manifest.random_weights
     except Exception:  # noqa: BLE001 - anything unreadable means: build again
         return False
     return (
         manifest.model_name == model
-        and manifest.random_weights
+        and bool(same_weights)
         and bool(record.get("passed"))
         and record.get("runtime") == DEMO_RUNTIME
         and (Path(out) / "repository" / MANIFEST_NAME).is_file()
@@ -368,17 +408,105 @@ def reusable_build(out: Path, model: str) -> bool:
     )
 
 
-def run_demo(model: str, out: Path, quiet: bool = False, rebuild: bool = False, echo: Any = print) -> float:
-    """Returns the cosine similarity of the demo image and caption, as served over gRPC."""
+def _with_article(text: str) -> str:
+    """ "a orange" -> "an orange", "an red" -> "a red" after a word was swapped in a caption."""
+    import re
+
+    text = re.sub(r"\ban? (?=[aeiou])", "an ", text)
+    return re.sub(r"\ban (?=[^aeiou])", "a ", text)
+
+
+def demo_captions(caption: str, labels: dict[str, str]) -> list[str]:
+    """The true caption and close confusers, each one word (or phrase) away: other colours, other shapes,
+    both, the other size, another position; the true caption first."""
+    import re
+
+    from clip_triton.exporter.parity import shapes
+
+    def swap(text: str, old: str, new: str) -> str:
+        return _with_article(re.sub(rf"\b{re.escape(old)}\b", new, text, count=1))
+
+    def others(values: list[str], value: str, n: int) -> list[str]:
+        at = values.index(value)
+        return [values[(at + i) % len(values)] for i in range(1, n + 1)]
+
+    colour, shape = labels["colour"], labels["shape"]
+    colours, kinds = others(list(shapes.COLOURS), colour, 2), others(list(shapes.SHAPES), shape, 2)
+    out = [caption]
+    out += [swap(caption, colour, c) for c in colours]
+    out += [swap(caption, shape, k) for k in kinds]
+    out.append(swap(swap(caption, colour, colours[0]), shape, kinds[0]))
+    size = labels.get("size")
+    if size and re.search(rf"\b{size}\b", caption):
+        out.append(swap(caption, size, others(list(shapes.SIZES), size, 1)[0]))
+    return list(dict.fromkeys(out))
+
+
+def _torch_probabilities(out: Path, manifest: Manifest, image: Any, captions: list[str]) -> np.ndarray | None:
+    """PyTorch's (open_clip, FP32) probabilities of `captions` for `image` (None without a tokenizer here)."""
+    from clip_triton.clients._core import probabilities
+    from clip_triton.exporter.parity.samples import reference_pixels, reference_transform
+    from clip_triton.exporter.runtimes.base import TowerBatch
+    from clip_triton.exporter.runtimes.torch import TorchRunner
+    from clip_triton.exporter.sources import load_reference, release_model
+
+    loaded = load_reference(manifest, export_dir=out / "export")
+    try:
+        if loaded.tokenizer is None:
+            return None
+        pixels = reference_pixels(reference_transform(manifest), [image])
+        ids = np.asarray(loaded.tokenizer(captions)).astype(manifest.text.input.dtype)
+        runner = TorchRunner(loaded)
+        runner.open()
+        try:
+            image_emb = runner.embed_all("image", TowerBatch(pixels, [image.data]))
+            text_emb = runner.embed_all("text", TowerBatch(ids, captions))
+        finally:
+            runner.close()
+    finally:
+        release_model(loaded)
+    return probabilities(image_emb, text_emb, manifest.logit_scale, manifest.logit_bias)[0]
+
+
+def _demo_accuracy(report: dict[str, Any]) -> list[str]:
+    """The served zero-shot accuracy on the labelled set beside PyTorch's, from the build's parity report."""
+    labelled = report.get("labelled")
+    if not labelled:
+        return ["zero-shot accuracy: no labelled set in this build's parity run (random weights: it would "
+                "mean nothing; --labelled-set shapes on `parity` measures it anyway)"]
+    lines = [f"zero-shot top-1 on {labelled['source']} (parity.json):"]
+    served = [s for s in report["stages"] if s["stage"] in TRITON_STAGES and s.get("accuracy")]
+    for stage in served:
+        for row in stage["accuracy"]:
+            if row.get("top1") is None:
+                continue
+            lines.append(
+                f"  {stage['stage']:<14} {row['set']:<20} served {100 * row['top1']:5.1f}%   PyTorch "
+                f"{100 * row['reference_top1']:5.1f}%   same pick as PyTorch: {row['images'] - row['changed']}/"
+                f"{row['images']}"
+            )
+    return lines
+
+
+def run_demo(
+    model: str = DEMO_MODEL, out: Path = Path("build/demo"), quiet: bool = False, rebuild: bool = False,
+    echo: Any = print,
+) -> float:
+    """Build (or reuse) `model`'s python-runtime repository (builtin weights when it has them, random ones
+    otherwise), serve it, and rank a held-out shapes image's true caption among close confusers, served
+    (ClipClient.classify over gRPC) beside PyTorch. Returns the served cosine of the image and its caption."""
+    from clip_triton.clients.sync import ClipClient
     from clip_triton.exporter.base.server import TritonServer
-    from clip_triton.exporter.parity import samples as builtin
+    from clip_triton.exporter.parity import shapes
+    from clip_triton.exporter.parity.labelled import SHAPES_SPLIT, png_bytes
+    from clip_triton.exporter.parity.samples import ImageSample
 
     out = Path(out)
     progress = Progress("demo", quiet)
+    weights = demo_weights(model)
     if rebuild or not reusable_build(out, model):
         run_build(
-            BuildOptions(model=model, out=out, random_weights=True, runtime=DEMO_RUNTIME, skip_engines=True,
-                         force=True),
+            BuildOptions(model=model, out=out, runtime=DEMO_RUNTIME, skip_engines=True, force=True, **weights),
             quiet=quiet,
         )
     else:
@@ -386,28 +514,47 @@ def run_demo(model: str, out: Path, quiet: bool = False, rebuild: bool = False, 
     manifest = load_manifest(out / "export")
     section = manifest.repository or {}
     models = TritonModels.from_section(section)
-    image = builtin.builtin_images(2)[1]  # shapes on a soft background, 640x480 PNG
-    caption = "a red circle on a blue background"
+    sample = shapes.sample(SHAPES_SPLIT, DEMO_IMAGE_INDEX)
+    image_path = out / f"shapes-{SHAPES_SPLIT}-{DEMO_IMAGE_INDEX:04d}.png"
+    with staged_file(image_path) as tmp:
+        tmp.write_bytes(png_bytes(sample.image))
+    image = ImageSample(image_path.name, image_path.read_bytes())
+    captions = demo_captions(sample.caption, sample.labels)
+    with progress.step("PyTorch reference: the same image and captions"):
+        reference = _torch_probabilities(out, manifest, image, captions)
     with progress.step(f"starting tritonserver for {out / 'repository'}"):
         server = TritonServer(out / "repository").start()
     try:
-        runner = TritonRunner(server.grpc_url, models, "fp32", section.get("runtime"))
-        runner.open()
-        try:
-            with progress.step(f"gRPC {server.grpc_url}: {models.image} <- {image.name}"):
-                image_embedding = runner.infer_raw(models.image, [image.data])[0]
-            with progress.step(f"gRPC {server.grpc_url}: {models.text} <- {caption!r}"):
-                text_embedding = runner.infer_raw(models.text, [caption])[0]
-        finally:
-            runner.close()
+        with ClipClient(server.grpc_url, prefix=models.prefix) as client:
+            with progress.step(f"gRPC {server.grpc_url}: classify {image_path.name} over {len(captions)} captions"):
+                served = client.classify([image.data], captions, templates=["{}"])[0]
+            image_embedding = client.embed_images([image.data])[0]
+            text_embedding = client.embed_texts([sample.caption])[0]
     finally:
         with progress.step("stopping tritonserver"):
             server.stop()
     cosine = float(cosine_rows(image_embedding[None], text_embedding[None])[0])
-    echo(f"image {image.name} ({len(image.data)} bytes) -> embedding [{image_embedding.shape[0]}], "
-         f"norm {np.linalg.norm(image_embedding):.4f}")
-    echo(f"text {caption!r} -> embedding [{text_embedding.shape[0]}], norm {np.linalg.norm(text_embedding):.4f}")
-    echo(f"cosine similarity (image, text): {cosine:.4f}  (random weights: the value means nothing)")
+    report = json.loads((out / "parity.json").read_text())
+    echo(format_table(report))
     echo("")
-    echo(format_table(json.loads((out / "parity.json").read_text())))
+    weights_note = ("builtin weights" if "pretrained" in weights
+                    else "random weights: the values mean nothing")
+    echo(f"model {model} ({weights_note}), served by the embedded tritonserver ({section.get('runtime')} runtime), "
+         "queried over gRPC with ClipClient")
+    echo(f"held-out image: {image_path} ({sample.image.size[0]}x{sample.image.size[1]} PNG)")
+    echo(f"true caption:   {sample.caption!r}  (cosine with the image, served: {cosine:.4f})")
+    width = max(len(c) for c in captions) + 2
+    echo(f"  rank  {'caption':<{width}}served   PyTorch")
+    for rank, index in enumerate(np.argsort(-served, kind="stable"), 1):
+        torch_p = "" if reference is None else f"{100 * reference[index]:6.2f}%"
+        mark = "  <- true caption" if index == 0 else ""
+        echo(f"  {rank:<4}  {captions[index]:<{width}}{100 * served[index]:6.2f}%  {torch_p}{mark}")
+    if reference is None:
+        echo("  (no PyTorch column: the model's tokenizer is not available here)")
+    for line in _demo_accuracy(report):
+        echo(line)
+    if manifest.random_weights:
+        trained = (f"this installation ships no weights for {DEMO_MODEL}" if model == DEMO_MODEL
+                   else f"`clip-triton demo --model {DEMO_MODEL}` serves the trained model")
+        echo(f"(random weights: rankings and accuracy mean nothing; {trained})")
     return cosine

@@ -16,7 +16,7 @@ import typer
 from clip_triton.clients.cli_options import dataclass_options
 from clip_triton.clients.errors import ClipClientError
 from clip_triton.exporter.base.common import INT32_MAX, ClipTritonError, Progress, check_number, os_error_message
-from clip_triton.exporter.build import BuildOptions, ExportOptions, run_build, run_demo, run_export
+from clip_triton.exporter.build import DEMO_MODEL, BuildOptions, ExportOptions, run_build, run_demo, run_export
 from clip_triton.exporter.parity.run import ParityOptions
 from clip_triton.exporter.stages.deploy import DeployOptions, write_deploy
 from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
@@ -255,14 +255,16 @@ def build(opts: BuildOptions, quiet: Quiet = False) -> None:
 
 @app.command()
 def demo(
-    model: Annotated[str, typer.Option(help="open_clip architecture (random weights).")] = "ViT-B-32",
+    model: Annotated[
+        str, typer.Option(help="Architecture: builtin weights when it ships them (the default does), else random.")
+    ] = DEMO_MODEL,
     out: Annotated[
         Path, typer.Option(help="Build folder (reused when it holds a passing build).")
     ] = Path("build/demo"),
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if OUT holds a passing build.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Build (or reuse) a random-weights python-runtime repository, serve it, embed an image and a caption."""
+    """Build (or reuse) a python-runtime repository, serve it, rank a held-out image's captions vs PyTorch."""
     run_demo(model, out, quiet=quiet, rebuild=rebuild, echo=typer.echo)
 
 

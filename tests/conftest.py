@@ -12,6 +12,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under `pytest -n N` (make test) the workers already share the cores: each worker's torch (and the
+# OpenMP pools of what it launches) gets its share of them rather than one thread per core, since
+# oversubscribed threads spin and switch more than they compute. CLIP_TRITON_TEST_THREADS overrides.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = os.environ.get("CLIP_TRITON_TEST_THREADS") or str(
+        max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    import torch
+
+    torch.set_num_threads(int(_share))
+
 
 def _cuda_available() -> bool:
     try:

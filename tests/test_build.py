@@ -84,6 +84,13 @@ def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
     demo = run_cli("demo", "--model", "ViT-B-32", "--out", str(out), timeout=300)
     assert demo.returncode == 0, demo.stderr[-4000:]
     assert "reusing the build" in demo.stderr
-    line = next(x for x in demo.stdout.splitlines() if x.startswith("cosine similarity (image, text):"))
-    assert -1.0 <= float(line.split(":")[1].split()[0]) <= 1.0
+    lines = demo.stdout.splitlines()
+    image = Path(next(x for x in lines if x.startswith("held-out image: ")).split()[2])
+    assert image.is_file() and image.parent == out and image.read_bytes().startswith(b"\x89PNG")
+    line = next(x for x in lines if x.startswith("true caption: "))
+    assert -1.0 <= float(line.rsplit(":", 1)[1].strip(" )")) <= 1.0
+    ranked = [x for x in lines if x.startswith("  ") and x.strip()[:1].isdigit() and "%" in x]
+    assert len(ranked) >= 6 and sum("<- true caption" in x for x in ranked) == 1
+    assert all(x.count("%") == 2 for x in ranked)  # served and PyTorch probabilities side by side
     assert "triton             image   PASS" in demo.stdout  # the parity figures table
+    assert "random weights: rankings and accuracy mean nothing" in demo.stdout

@@ -23,6 +23,8 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 # What each tower's graph takes and gives (docs/engines.md, "Token ids": int32, not int64).
 TOWER_INPUT_DTYPES = {"image": "float32", "text": "int32"}
 EMBEDDING_DTYPE = "float32"
+BUILTIN_WEIGHTS = "builtin"  # `pretrained` of a model whose weights ship in exporter/sources/builtin/
+MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config has
 
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
@@ -115,6 +117,10 @@ class Manifest:
     engines: dict[str, Any] | None = None
     repository: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
+    # A custom architecture's open_clip model config (--model-config), so later stages rebuild it without
+    # the file; None for open_clip's own and builtin architectures.
+    model_config: dict[str, Any] | None = None
+    builtin_sha256: str | None = None  # sha256 of the shipped weights when pretrained is "builtin"
     source: str = "open_clip"  # the model source that rebuilds the reference (exporter/sources/)
     schema_version: int = SCHEMA_VERSION
 
@@ -241,6 +247,7 @@ def check_manifest(m: Manifest) -> None:
     sources = [s for s in (m.pretrained, m.checkpoint, m.random_weights or None) if s is not None]
     if len(sources) != 1:
         raise ValueError("exactly one of pretrained, checkpoint and random_weights must be set")
+    _model_config(m)
     _int("embed_dim", m.embed_dim, 1)
     if not _is_number(m.logit_scale) or not (m.logit_bias is None or _is_number(m.logit_bias)):
         raise ValueError("logit_scale (and logit_bias, when set) must be finite numbers")
@@ -301,6 +308,30 @@ def check_manifest(m: Manifest) -> None:
             _int(f"engines.profile.{key}", profile.get(key), 1, INT32_MAX)
         if not profile["min"] <= profile["opt"] <= profile["max"]:
             raise ValueError(f"engines.profile needs min <= opt <= max, got {json.dumps(profile)}")
+
+
+def _model_config(m: Manifest) -> None:
+    """model_config: null or an open_clip model config of this embed_dim (a custom architecture has no
+    pretrained tag); builtin_sha256: the weights' sha256 exactly when pretrained is "builtin"."""
+    config = m.model_config
+    if config is not None:
+        if not (
+            isinstance(config, dict)
+            and all(k in config for k in MODEL_CONFIG_KEYS)
+            and all(isinstance(config[k], dict) for k in ("vision_cfg", "text_cfg"))
+        ):
+            raise ValueError("model_config must be null or an open_clip model config (embed_dim, vision_cfg, text_cfg)")
+        if config["embed_dim"] != m.embed_dim:
+            found = json.dumps(config["embed_dim"])
+            raise ValueError(f"model_config.embed_dim {found} differs from embed_dim {m.embed_dim}")
+        if m.pretrained is not None:
+            raise ValueError("a model_config architecture has no pretrained weights: pretrained must be null")
+    sha = m.builtin_sha256
+    if m.pretrained == BUILTIN_WEIGHTS:
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"builtin_sha256 must be the builtin weights' sha256 (64 hex), got {json.dumps(sha)}")
+    elif sha is not None:
+        raise ValueError('builtin_sha256 must be null unless pretrained is "builtin"')
 
 
 class ManifestError(ClipTritonError):

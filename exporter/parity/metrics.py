@@ -55,3 +55,48 @@ def normalise(x: np.ndarray) -> np.ndarray:
 def top1(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
     """For each image, the index of the most similar text."""
     return np.argmax(normalise(images) @ normalise(texts).T, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy on a labelled set (docs/design.md, "Parity"): what a user of the embeddings sees.
+# ---------------------------------------------------------------------------------------------
+
+
+def class_embeddings(texts: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """Prompt ensembling: per class, the re-normalised mean of its prompts' normalised rows of `texts`."""
+    if not groups or any(not g for g in groups):
+        raise ValueError("every class needs at least one prompt")
+    rows = normalise(texts)
+    return normalise(np.stack([rows[list(group)].mean(axis=0) for group in groups]))
+
+
+def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Share of `predicted` equal to `truth` (NaN for none)."""
+    predicted, truth = np.asarray(predicted), np.asarray(truth)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"shape mismatch: {predicted.shape} predictions vs {truth.shape} labels")
+    return float(np.mean(predicted == truth)) if len(truth) else float("nan")
+
+
+def agreement(predicted: np.ndarray, reference: np.ndarray) -> float:
+    """Share of items whose prediction equals the reference's prediction for the same item."""
+    return accuracy(predicted, reference)
+
+
+def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Retrieval recall: per query (row of `similarity`), whether any of its positives (True in the
+    same row of `positives`) ranks in the top k; the share of queries with a hit, per k.
+
+    Queries without a positive are left out. Ties rank in index order (a stable sort), so a constant
+    similarity row is not a free hit."""
+    sim = np.nan_to_num(np.asarray(similarity, np.float64), nan=-np.inf)
+    pos = np.asarray(positives, bool)
+    if sim.shape != pos.shape:
+        raise ValueError(f"shape mismatch: similarity {sim.shape} vs positives {pos.shape}")
+    keep = pos.any(axis=1)
+    sim, pos = sim[keep], pos[keep]
+    if not len(sim):
+        return {k: float("nan") for k in ks}
+    order = np.argsort(-sim, axis=1, kind="stable")
+    hit_rank = np.argmax(np.take_along_axis(pos, order, axis=1), axis=1)  # rank of the first positive
+    return {k: float(np.mean(hit_rank < k)) for k in ks}

@@ -17,11 +17,26 @@ import numpy as np
 
 from clip_triton.exporter.base.common import staged_file
 from clip_triton.exporter.base.manifest import TOWERS
-from clip_triton.exporter.parity.metrics import compare_embeddings, cosine_rows, normalise, top1
+from clip_triton.exporter.parity.metrics import (
+    agreement,
+    class_embeddings,
+    compare_embeddings,
+    cosine_rows,
+    normalise,
+    recall_at_k,
+    top1,
+)
 from clip_triton.exporter.parity.samples import SampleSet
 
 MIN_COSINE_FP32 = 0.99999
 MIN_COSINE_FP16 = 0.999
+# Labelled-set top-1 agreement with PyTorch (share of images whose predicted class is PyTorch's), per
+# precision class: FP32 stages flip only exact near-ties (one image in 100 allowed); FP16 stages
+# (and TensorRT) move cosines by ~1e-3, enough to flip a close call now and then (two in 100).
+MIN_AGREEMENT_FP32 = 0.99
+MIN_AGREEMENT_FP16 = 0.98
+RECALL_KS = (1, 5)
+DEFAULT_AGREEMENT = {"fp32": MIN_AGREEMENT_FP32, "fp16": MIN_AGREEMENT_FP16}
 PIXEL_TOLERANCE = 1e-6
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
 
@@ -44,6 +59,26 @@ class TowerFigures:
 
 
 @dataclass
+class AccuracyRow:
+    """One stage on one labelling of the labelled set: its zero-shot top-1 (both towers its own),
+    PyTorch's, their agreement, and retrieval recall where the set has captions.
+
+    A label set's row (`set` "shapes/shape_colour") has top-1; the captions row ("shapes/captions")
+    has recall, and its agreement is over each image's top-1 caption."""
+
+    set: str
+    images: int
+    agreement: float
+    changed: int  # images whose pick differs from PyTorch's
+    status: str
+    min_agreement: float | None = None
+    top1: float | None = None
+    reference_top1: float | None = None
+    recall: dict[str, float] | None = None  # "i2t@1", "i2t@5", "t2i@1", "t2i@5"
+    reference_recall: dict[str, float] | None = None
+
+
+@dataclass
 class StageResult:
     """One row group of the report: an embedding stage (both towers), an equality check, a skip or an error."""
 
@@ -55,6 +90,7 @@ class StageResult:
     threshold: float | None = None
     towers: dict[str, TowerFigures] | None = None
     zero_shot: dict[str, float] | None = None
+    accuracy: list[AccuracyRow] | None = None  # on the labelled set, when one is used
     failures: list[str] | None = None
     reason: str | None = None
     note: str | None = None
@@ -69,6 +105,8 @@ class StageResult:
         data = _drop_none(asdict(self))
         if self.towers is not None:
             data["towers"] = {t: _drop_none(asdict(f)) for t, f in self.towers.items()}
+        if self.accuracy is not None:
+            data["accuracy"] = [_drop_none(asdict(row)) for row in self.accuracy]
         return data
 
     def failure_lines(self) -> list[str]:
@@ -105,12 +143,72 @@ def zero_shot_agreement(
         captions = texts[: samples.n_captions]
         if len(captions):
             out["captions"] = top1(images, captions)
-        prompts = normalise(texts[samples.n_captions :]).reshape(len(samples.labels), samples.templates, -1)
+        prompts = texts[samples.n_captions : samples.n_captions + len(samples.prompts)]
+        prompts = normalise(prompts).reshape(len(samples.labels), samples.templates, -1)
         out["labels"] = top1(images, prompts.mean(axis=1))
         return out
 
     want, got = picks(ref["image"], ref["text"]), picks(images, texts)
     return {key: float(np.mean(got[key] == want[key])) for key in want}
+
+
+def _labelled_picks(samples: SampleSet, images: np.ndarray, texts: np.ndarray) -> dict[str, Any]:
+    """Per label set, each labelled image's predicted class; with captions, each image's top-1 caption
+    and the recall figures. `images`/`texts`: the embeddings of all samples (labelled rows last)."""
+    labelled = samples.labelled
+    assert labelled is not None
+    start = samples.labelled_image_start
+    image_rows = images[start : start + len(labelled.images)]
+    text_rows = texts[samples.labelled_text_start :]
+    index = {text: i for i, text in enumerate(labelled.texts())}
+    out: dict[str, Any] = {}
+    for label_set in labelled.label_sets:
+        classes = class_embeddings(text_rows, [[index[p] for p in prompts] for prompts in label_set.prompts])
+        out[label_set.name] = top1(image_rows, classes)
+    if labelled.captions:
+        caption_rows = text_rows[[index[c] for c in labelled.captions]]
+        positives = np.zeros((len(labelled.images), len(labelled.captions)), bool)
+        for image, caption in labelled.pairs:
+            positives[image, caption] = True
+        sim = normalise(image_rows) @ normalise(caption_rows).T
+        i2t, t2i = recall_at_k(sim, positives, RECALL_KS), recall_at_k(sim.T, positives.T, RECALL_KS)
+        out["captions"] = np.argmax(sim, axis=1)
+        out["recall"] = {**{f"i2t@{k}": v for k, v in i2t.items()}, **{f"t2i@{k}": v for k, v in t2i.items()}}
+    return out
+
+
+def judge_accuracy(
+    samples: SampleSet, ref: dict[str, np.ndarray], embeds: dict[str, np.ndarray] | None, min_agreement: float | None
+) -> list[AccuracyRow]:
+    """The labelled set's rows for one stage (`embeds`), or PyTorch's own (`embeds` None): top-1 and
+    recall beside PyTorch's, and the agreement with PyTorch's picks, gated at `min_agreement`.
+
+    The gate holds every class row. A captions row's agreement (same top-1 caption) is gated only when
+    the set has no classes (a captions file): beside classes, its captions include paraphrases of one
+    another ("a red circle", "a photo of a red circle") whose order is a near-tie by design."""
+    labelled = samples.labelled
+    if labelled is None:
+        return []
+    want = _labelled_picks(samples, ref["image"], ref["text"])
+    got = want if embeds is None else _labelled_picks(samples, embeds["image"], embeds["text"])
+    n = len(labelled.images)
+    rows = []
+    keys = [ls.name for ls in labelled.label_sets] + (["captions"] if labelled.captions else [])
+    truth = {ls.name: np.asarray(ls.truth) for ls in labelled.label_sets}
+    for key in keys:
+        agree = agreement(got[key], want[key])
+        gate = min_agreement if key in truth or not truth else None
+        row = AccuracyRow(
+            set=f"{labelled.name}/{key}", images=n, agreement=agree, changed=int(np.sum(got[key] != want[key])),
+            status=PASS if gate is None or agree >= gate else FAIL, min_agreement=gate,
+        )
+        if key in truth:
+            row.top1 = float(np.mean(got[key] == truth[key]))
+            row.reference_top1 = float(np.mean(want[key] == truth[key]))
+        else:
+            row.recall, row.reference_recall = got["recall"], want["recall"]
+        rows.append(row)
+    return rows
 
 
 def judge_embeddings(
@@ -153,6 +251,14 @@ def judge_embeddings(
                 f"(worst sample: {figures.worst_sample or '?'!r:.60})"
             )
         towers[tower] = figures
+    if samples.labelled is not None:
+        min_agreement = thresholds.get(f"agreement_{run.precision}", DEFAULT_AGREEMENT[run.precision])
+        result.accuracy = judge_accuracy(samples, ref, run.embeds, min_agreement)
+        failures += [
+            f"{run.name} accuracy on {row.set}: top-1 agreement with PyTorch {row.agreement:.4f} < {min_agreement} "
+            f"({row.changed}/{row.images} images changed their pick)"
+            for row in result.accuracy if row.status == FAIL
+        ]
     result.status = FAIL if failures else PASS
     result.towers = towers
     result.zero_shot = zero_shot_agreement(ref, run.embeds["image"], run.embeds["text"], samples)
@@ -238,13 +344,66 @@ HEADER = [
 ]
 
 
-def format_table(result: dict[str, Any]) -> str:
-    rows = [HEADER, *_rows(result)]
+REFERENCE_ROW = "pytorch"  # the stage name of PyTorch's own accuracy rows
+ACCURACY_HEADER = [
+    "stage", "set", "top-1", "PyTorch top-1", "agreement", "R@1 i->t", "R@5 i->t", "R@1 t->i", "R@5 t->i", "status",
+]
+
+
+def _pct1(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _accuracy_rows(result: dict[str, Any]) -> list[list[str]]:
+    """PyTorch's own rows on the labelled set, then every stage's that reached it."""
+    labelled = result.get("labelled")
+    if not labelled:
+        return []
+    rows = []
+    entries = [(REFERENCE_ROW, row, True) for row in labelled["pytorch"]]
+    entries += [(stage["stage"], row, False) for stage in result["stages"] for row in stage.get("accuracy", [])]
+    for name, row, reference in entries:
+        recall = row.get("recall") or {}
+        if reference:
+            status = "reference"
+        elif "min_agreement" not in row:
+            status = f"not gated ({row['changed']}/{row['images']} changed)"
+        else:
+            status = row["status"].upper() + (f" (min {_pct1(row['min_agreement'])}, {row['changed']}/"
+                                              f"{row['images']} changed)" if "min_agreement" in row else "")
+        rows.append([
+            name, row["set"], _pct1(row.get("top1")), _pct1(row.get("reference_top1")), _pct1(row["agreement"]),
+            *(_pct1(recall.get(key)) for key in ("i2t@1", "i2t@5", "t2i@1", "t2i@5")), status,
+        ])
+    return rows
+
+
+def _accuracy_title(result: dict[str, Any]) -> str:
+    labelled = result["labelled"]
+    return (f"accuracy on {labelled['source']}: zero-shot top-1 (prompt-ensembled classes, both towers the "
+            "stage's own), agreement with PyTorch's picks, retrieval recall over the distinct captions")
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
     # The last column (a note, a skip reason) is left unpadded.
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1]).rstrip()
              for row in rows]
     lines.insert(1, "-" * min(120, max(len(line) for line in lines)))
+    return lines
+
+
+def format_accuracy_table(result: dict[str, Any]) -> str:
+    """The accuracy rows alone ("" without a labelled set)."""
+    rows = _accuracy_rows(result)
+    return "\n".join([_accuracy_title(result), *_aligned([ACCURACY_HEADER, *rows])]) if rows else ""
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = _aligned([HEADER, *_rows(result)])
+    accuracy = format_accuracy_table(result)
+    if accuracy:
+        lines += ["", accuracy]
     verdict = "PASSED" if result["passed"] else "FAILED: " + "; ".join(result["failures"])
     return "\n".join([*lines, "", f"parity {verdict}"])
 
@@ -271,6 +430,13 @@ def format_markdown(result: dict[str, Any]) -> str:
         rule,
         *body,
     ]
+    accuracy = _accuracy_rows(result)
+    if accuracy:
+        lines += [
+            "", "## Accuracy", "", _accuracy_title(result)[0].upper() + _accuracy_title(result)[1:] + ".", "",
+            "| " + " | ".join(ACCURACY_HEADER) + " |", "|" + "|".join("---" for _ in ACCURACY_HEADER) + "|",
+            *["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in accuracy],
+        ]
     if result["failures"]:
         lines += ["", "## Failures", "", *[f"- {line}" for line in result["failures"]]]
     if result.get("random_weights"):
@@ -296,6 +462,11 @@ def summary(result: dict[str, Any], report: Path | None = None) -> dict[str, Any
             for tower, fig in stage["towers"].items():
                 entry[f"{tower}_min_cosine"] = fig["min_cosine"]
             entry["zero_shot"] = stage.get("zero_shot")
+        if "accuracy" in stage:
+            entry["accuracy"] = {
+                row["set"]: {k: row[k] for k in ("top1", "reference_top1", "agreement", "recall") if k in row}
+                for row in stage["accuracy"]
+            }
         if "max_abs_diff" in stage:
             entry["max_abs_diff"] = stage["max_abs_diff"]
         if "reason" in stage:
@@ -306,6 +477,8 @@ def summary(result: dict[str, Any], report: Path | None = None) -> dict[str, Any
         "created": result["created"],
         "thresholds": result["thresholds"],
         "samples": {"images": len(result["samples"]["images"]), "captions": len(result["samples"]["captions"])},
+        **({"labelled": {k: result["labelled"][k] for k in ("name", "source", "pytorch")}}
+           if result.get("labelled") else {}),
         "stages": stages,
         "report": str(report) if report is not None else None,
     }

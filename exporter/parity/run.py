@@ -9,7 +9,7 @@ results against the thresholds and writes the reports (docs/design.md, "Parity")
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,11 @@ from clip_triton.exporter.base.common import (
 )
 from clip_triton.exporter.base.export_inputs import load_export
 from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
+from clip_triton.exporter.parity import labelled as labelled_sets
 from clip_triton.exporter.parity.report import (
     ERROR,
+    MIN_AGREEMENT_FP16,
+    MIN_AGREEMENT_FP32,
     MIN_COSINE_FP16,
     MIN_COSINE_FP32,
     PIXEL_TOLERANCE,
@@ -37,6 +40,7 @@ from clip_triton.exporter.parity.report import (
     EmbeddingRun,
     StageResult,
     format_table,
+    judge_accuracy,
     judge_embeddings,
     judge_ids,
     judge_pixels,
@@ -61,6 +65,21 @@ class ParityOptions:
     min_cosine_fp16: float = option(MIN_COSINE_FP16, help="Min cosine vs PyTorch for FP16 and TensorRT stages.")
     images: Path | None = option(None, help="A folder of your own images to add to the samples.")
     texts: Path | None = option(None, help="A UTF-8 file of your own captions, one per line.")
+    labelled_set: str = option(
+        labelled_sets.AUTO,
+        help="Accuracy rows (zero-shot top-1, recall@1/5, agreement with PyTorch) on: shapes (the built-in "
+        "held-out shapes), a folder of class sub-folders, a folder with captions.jsonl/.tsv (or that file), "
+        "none, or auto (shapes for the builtin trained model, none otherwise).",
+    )
+    labelled_samples: int = option(
+        labelled_sets.DEFAULT_SHAPES_IMAGES, help="Held-out shapes images of --labelled-set shapes."
+    )
+    min_agreement_fp32: float = option(
+        MIN_AGREEMENT_FP32, help="Min share of labelled images whose top-1 equals PyTorch's, FP32 stages (0: off)."
+    )
+    min_agreement_fp16: float = option(
+        MIN_AGREEMENT_FP16, help="Min top-1 agreement with PyTorch for FP16 and TensorRT stages (0: off)."
+    )
 
     def parity_kwargs(self) -> dict[str, Any]:
         """These options as run_parity's keyword arguments."""
@@ -170,11 +189,24 @@ def repository_section(manifest: Manifest, repository: Path | None) -> dict[str,
     return manifest.repository
 
 
-def check_parity_options(samples: int, min_cosine_fp32: float, min_cosine_fp16: float) -> None:
-    """The numbers of a parity run (`parity`, and `build` before any work): one line each, exit 2."""
+def check_parity_options(
+    samples: int,
+    min_cosine_fp32: float,
+    min_cosine_fp16: float,
+    *,
+    labelled_set: str | Path | None = None,
+    labelled_samples: int = labelled_sets.DEFAULT_SHAPES_IMAGES,
+    min_agreement_fp32: float = MIN_AGREEMENT_FP32,
+    min_agreement_fp16: float = MIN_AGREEMENT_FP16,
+) -> None:
+    """The options of a parity run (`parity`, and `build` before any work): one line each, exit 2."""
     check_number("--samples", samples, 0, MAX_SAMPLES)
     check_min_cosine("--min-cosine-fp32", min_cosine_fp32)
     check_min_cosine("--min-cosine-fp16", min_cosine_fp16)
+    check_number("--labelled-samples", labelled_samples, 1, labelled_sets.MAX_LABELLED_IMAGES)
+    check_number("--min-agreement-fp32", min_agreement_fp32, 0, 1)
+    check_number("--min-agreement-fp16", min_agreement_fp16, 0, 1)
+    labelled_sets.check_choice(labelled_set)
 
 
 def plan_runners(ctx: runtimes.RunContext) -> list[runtimes.Runner | runtimes.Skipped]:
@@ -193,6 +225,10 @@ def run_parity(
     min_cosine_fp16: float = MIN_COSINE_FP16,
     images: Path | None = None,
     texts: Path | None = None,
+    labelled_set: str | Path | None = labelled_sets.AUTO,
+    labelled_samples: int = labelled_sets.DEFAULT_SHAPES_IMAGES,
+    min_agreement_fp32: float = MIN_AGREEMENT_FP32,
+    min_agreement_fp16: float = MIN_AGREEMENT_FP16,
     report: Path | None = None,
     markdown: Path | None = None,
     providers: list[str] | None = None,
@@ -208,7 +244,10 @@ def run_parity(
     export_dir = Path(export_dir)
     if repository is not None and url is not None:
         raise ClipTritonError("give either --repository REPO (a local server is started) or --url, not both")
-    check_parity_options(samples, min_cosine_fp32, min_cosine_fp16)
+    check_parity_options(
+        samples, min_cosine_fp32, min_cosine_fp16, labelled_set=labelled_set, labelled_samples=labelled_samples,
+        min_agreement_fp32=min_agreement_fp32, min_agreement_fp16=min_agreement_fp16,
+    )
     if repository is not None and not Path(repository).is_dir():
         raise ClipTritonError(f"--repository {repository} is not a folder")
     manifest = load_export(export_dir, list(ARTIFACTS))  # every graph that exists is compared
@@ -217,6 +256,12 @@ def run_parity(
     for dest in (report, markdown):
         check_writable_parent(dest)
     thresholds = {"fp32": float(min_cosine_fp32), "fp16": float(min_cosine_fp16)}
+    chosen = labelled_sets.resolve(labelled_set, manifest.pretrained)
+    labelled = None
+    if chosen is not None:
+        thresholds.update(agreement_fp32=float(min_agreement_fp32), agreement_fp16=float(min_agreement_fp16))
+        with progress.step(f"labelled set: {chosen}"):
+            labelled = labelled_sets.load(chosen, labelled_samples)
     started = time.perf_counter()
 
     section = repository_section(manifest, repository)
@@ -227,10 +272,11 @@ def run_parity(
     with progress.step(f"rebuilding the PyTorch reference ({manifest.model_name})"):
         loaded = load_reference(manifest, progress=progress, export_dir=export_dir)
     with progress.step("samples: open_clip preprocessing and tokenisation"):
-        sample_set, ids_real = build_samples(manifest, loaded, samples, images, texts)
+        sample_set, ids_real = build_samples(manifest, loaded, samples, images, texts, labelled)
     progress.info(
         f"{len(sample_set.image_names)} images, {sample_set.n_captions} captions, "
         f"{len(sample_set.prompts)} zero-shot prompts"
+        + (f" (labelled set: {labelled.source})" if labelled is not None else "")
     )
     reference = TorchRunner(loaded)
     reference.open()
@@ -273,6 +319,7 @@ def run_parity(
             "prompts": len(sample_set.prompts),
             "labels": sample_set.labels,
         },
+        **({"labelled": _labelled_record(labelled, sample_set, ref)} if labelled is not None else {}),
         "stages": [stage.to_dict() for stage in stages],
         "failures": failures,
         "seconds": round(time.perf_counter() - started, 1),
@@ -284,6 +331,23 @@ def run_parity(
     if failures:
         raise ParityError("parity failed: " + "; ".join(failures) + f" (report: {report})")
     return result
+
+
+def _labelled_record(
+    labelled: labelled_sets.LabelledSet, samples: SampleSet, ref: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """The report's labelled-set record: what it is, and PyTorch's own accuracy rows on it."""
+    return {
+        "name": labelled.name,
+        "source": labelled.source,
+        "images": len(labelled.images),
+        "label_sets": {ls.name: len(ls.labels) for ls in labelled.label_sets},
+        "captions": len(labelled.captions),
+        "pytorch": [
+            {k: v for k, v in asdict(row).items() if v is not None and k not in ("status", "min_agreement")}
+            for row in judge_accuracy(samples, ref, None, None)
+        ],
+    }
 
 
 def _triton_checks(

@@ -10,7 +10,7 @@ The captions cover empty, unicode, HTML-escaped and over-length text.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,24 +199,26 @@ def zero_shot_prompts() -> list[str]:
 
 def user_images(folder: Path) -> list[ImageSample]:
     """Every readable image in `folder` (sorted by name); an unreadable one is an error."""
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipTritonError(f"--images {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ClipTritonError(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    samples = []
-    for path in files:
-        data = path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise ClipTritonError(f"--images: {path} is not a readable image ({exc})") from None
-        samples.append(ImageSample(path.name, data))
-    return samples
+    return [read_image(path, "--images") for path in files]
+
+
+def read_image(path: Path, flag: str) -> ImageSample:
+    """One user image file, decoded once to check it; an unreadable one is an error naming `flag`."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ClipTritonError(f"{flag}: {path} is not a readable image ({exc})") from None
+    return ImageSample(path.name, data)
 
 
 def user_texts(path: Path) -> list[str]:
@@ -286,6 +288,37 @@ def sample_inputs(loaded: Any, tower: str, batch: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LabelSet:
+    """One way of labelling the images: classes, their prompts, and each image's class."""
+
+    name: str
+    labels: list[str]
+    prompts: list[list[str]]  # per label, the prompts whose embeddings are averaged
+    truth: list[int]  # per image: index into labels
+
+
+@dataclass
+class LabelledSet:
+    """A labelled set for parity's accuracy rows (loaded by clip_triton.exporter.parity.labelled)."""
+
+    name: str  # "shapes", or the user folder's name
+    source: str  # where it came from, for the report
+    images: list[ImageSample]
+    label_sets: list[LabelSet] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)  # distinct caption texts
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (image index, caption index)
+
+    def texts(self) -> list[str]:
+        """Every distinct text the set needs embedded: the label sets' prompts, then the captions."""
+        seen: dict[str, None] = {}
+        for label_set in self.label_sets:
+            for prompts in label_set.prompts:
+                seen.update(dict.fromkeys(prompts))
+        seen.update(dict.fromkeys(self.captions))
+        return list(seen)
+
+
 @dataclass
 class SampleSet:
     image_names: list[str]
@@ -295,6 +328,11 @@ class SampleSet:
     texts: TowerBatch  # captions + prompts; ids from open_clip's tokenizer; raw = strings
     labels: list[str]
     templates: int
+    # The labelled set (parity's accuracy rows), when one is used: its images are the last rows of
+    # `images` (from labelled_image_start), its distinct texts the last rows of `texts`.
+    labelled: LabelledSet | None = None
+    labelled_image_start: int = 0
+    labelled_text_start: int = 0
 
     @property
     def n_captions(self) -> int:
@@ -337,16 +375,24 @@ def build_samples(
     count: int,
     images_dir: Path | None = None,
     texts_file: Path | None = None,
+    labelled: LabelledSet | None = None,
 ) -> tuple[SampleSet, bool]:
-    """The parity sample set and whether its token ids are real (False: synthetic, no tokenizer here)."""
+    """The parity sample set and whether its token ids are real (False: synthetic, no tokenizer here).
+
+    `labelled`: a labelled set (clip_triton.exporter.parity.labelled) whose images and texts every
+    stage embeds too, after the others."""
     if count < 0:
         raise ClipTritonError("--samples must be 0 or more")
     images = (user_images(images_dir) if images_dir else []) + builtin_images(count)
     captions = (user_texts(texts_file) if texts_file else []) + builtin_texts(count)
-    if not images:
+    if not images and labelled is None:
         raise ClipTritonError("no images to compare: give --samples 1 or more, or --images FOLDER")
     prompts = zero_shot_prompts()
     texts = captions + prompts
+    image_start, text_start = len(images), len(texts)
+    if labelled is not None:
+        images = images + labelled.images
+        texts = texts + labelled.texts()
     pixels = reference_pixels(reference_transform(manifest), images)
     tokenizer = loaded.tokenizer
     if tokenizer is not None:
@@ -361,5 +407,8 @@ def build_samples(
         texts=TowerBatch(ids, texts),
         labels=list(LABELS),
         templates=len(TEMPLATES),
+        labelled=labelled,
+        labelled_image_start=image_start,
+        labelled_text_start=text_start,
     )
     return sample_set, tokenizer is not None

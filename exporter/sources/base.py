@@ -32,6 +32,8 @@ class LoadedModel:
     logit_scale: float
     logit_bias: float | None
     source: str = "open_clip"  # the registered ModelSource that built it (recorded in the manifest)
+    model_config: dict[str, Any] | None = None  # a custom architecture's config (Manifest.model_config)
+    builtin_sha256: str | None = None  # the shipped weights' sha256 (pretrained "builtin")
 
     @property
     def random_weights(self) -> bool:

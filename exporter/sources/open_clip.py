@@ -1,22 +1,31 @@
 """Load an open_clip model, its preprocessing config and its tokenizer.
 
-Three sources, exactly one per call: a pretrained tag (open_clip's own download), a local
-checkpoint file, or explicit random weights (seeded, so a later stage can rebuild the very
-same model from the manifest).
+Weights from exactly one source per call: a pretrained tag (open_clip's own download), the weights
+shipped with clip-triton (`--pretrained builtin`, exporter/sources/builtin/), a local checkpoint
+file, or explicit random weights (seeded, so a later stage can rebuild the very same model from the
+manifest). The architecture is one of open_clip's, a builtin one, or a custom open_clip model config
+(`--model-config FILE.json`, named by `--model`; recorded in the manifest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
+import json
 import math
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from clip_triton.exporter.base.common import ClipTritonError, Progress, check_number, release_memory
 from clip_triton.exporter.base.manifest import (
+    BUILTIN_WEIGHTS,
     INTERPOLATIONS,
+    MODEL_CONFIG_KEYS,
     RESIZE_MODES,
     Manifest,
     PreprocessConfig,
@@ -27,23 +36,250 @@ from clip_triton.exporter.sources.base import LoadedModel, ModelSource, register
 
 DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+# Models shipped with clip-triton: NAME.json (an open_clip model config) and NAME.safetensors (its weights).
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+MAX_MODEL_CONFIG_BYTES = 1 << 20  # a model config is a few hundred bytes; anything near this is not one
 
 
 def _import_open_clip() -> Any:
     # Heavy (torch, timm): imported only when a stage needs a model.
     import open_clip
 
+    _sync_builtins(open_clip)
     return open_clip
 
 
 def check_model_name(name: str) -> None:
+    """An architecture open_clip knows: its own, a builtin one, or a --model-config one while it loads."""
     open_clip = _import_open_clip()
     models = open_clip.list_models()
     if name in models:
         return
     close = difflib.get_close_matches(name, models, n=5, cutoff=0.5)
     hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise ClipTritonError(f"unknown open_clip model {name!r}{hint} (see open_clip.list_models())")
+    raise ClipTritonError(
+        f"unknown open_clip model {name!r}{hint} (see open_clip.list_models(); "
+        "a custom architecture needs --model-config FILE.json)"
+    )
+
+
+# ---------------------------------------------------------------- model configs (docs/runtimes.md)
+
+_ABSENT = object()
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # open_clip looks names up with "/" as "-"
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The keys open_clip's configs use most, with the type each must have (others are left to open_clip).
+_KINDS: dict[str, tuple[str, Any]] = {
+    "positive integer": ("a positive integer", _positive_int),
+    "size": ("a positive integer or [height, width]", lambda v: _positive_int(v) or (
+        isinstance(v, list) and len(v) == 2 and all(_positive_int(x) for x in v))),
+    "layers": ("a positive integer or a list of them", lambda v: _positive_int(v) or (
+        isinstance(v, list) and bool(v) and all(_positive_int(x) for x in v))),
+    "positive number": ("a positive number", lambda v: _number(v) and v > 0),
+    "number": ("a finite number", _number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "string": ("a string", lambda v: isinstance(v, str)),
+}
+_CONFIG_TYPES = {
+    "embed_dim": "positive integer",
+    "quick_gelu": "bool",
+    "custom_text": "bool",
+    "init_logit_scale": "number",
+    "init_logit_bias": "number",
+    "vision_cfg.image_size": "size",
+    "vision_cfg.patch_size": "size",
+    "vision_cfg.width": "positive integer",
+    "vision_cfg.layers": "layers",
+    "vision_cfg.head_width": "positive integer",
+    "vision_cfg.mlp_ratio": "positive number",
+    "vision_cfg.timm_model_name": "string",
+    "text_cfg.context_length": "positive integer",
+    "text_cfg.vocab_size": "positive integer",
+    "text_cfg.width": "positive integer",
+    "text_cfg.heads": "positive integer",
+    "text_cfg.layers": "positive integer",
+    "text_cfg.mlp_ratio": "positive number",
+    "text_cfg.hf_model_name": "string",
+    "text_cfg.hf_tokenizer_name": "string",
+}
+
+
+def check_model_config(config: Any, where: str) -> dict[str, Any]:
+    """`config` if it is an open_clip model config (embed_dim, vision_cfg, text_cfg and the common keys of
+    the right type), else a one-line ClipTritonError naming `where` and the first problem."""
+    if not isinstance(config, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(config), "a number")
+        raise ClipTritonError(f"{where} must be a JSON object (an open_clip model config), not {kind}")
+    missing = [key for key in MODEL_CONFIG_KEYS if key not in config]
+    if missing:
+        hint = " (an open_clip_config.json? pass its model_cfg object)" if "model_cfg" in config else ""
+        raise ClipTritonError(f"{where} lacks {', '.join(missing)}{hint}")
+    for key in ("vision_cfg", "text_cfg"):
+        if not isinstance(config[key], dict):
+            raise ClipTritonError(f"{where}: {key} must be an object, got {json.dumps(config[key])[:60]}")
+    for dotted, kind in _CONFIG_TYPES.items():
+        *section, key = dotted.split(".")
+        holder = config[section[0]] if section else config
+        if key in holder and (dotted == "embed_dim" or holder[key] is not None):
+            text, valid = _KINDS[kind]
+            if not valid(holder[key]):
+                raise ClipTritonError(f"{where}: {dotted} must be {text}, got {json.dumps(holder[key])[:60]}")
+    return config
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """An open_clip model-config JSON file, checked (check_model_config); one-line errors naming the file."""
+    path = Path(path)
+    where = f"model config {path}"
+    try:
+        if not path.exists():
+            raise ClipTritonError(f"{where} does not exist")
+        if not path.is_file():
+            raise ClipTritonError(f"{where} is not a file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_MODEL_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ClipTritonError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_MODEL_CONFIG_BYTES:
+        raise ClipTritonError(f"{where} is over {MAX_MODEL_CONFIG_BYTES >> 20} MiB: not an open_clip model config")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ClipTritonError(f"{where} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ClipTritonError(f"{where} is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ClipTritonError(f"{where} nests too deeply to be an open_clip model config") from None
+    return check_model_config(config, where)
+
+
+def _custom_config(
+    name: str, model_config: Path | dict[str, Any] | None, pretrained: str | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the checked config, what to call it in errors) of a --model-config architecture; (None, None)
+    without one. `--model` names it and must not name an architecture open_clip already has."""
+    if model_config is None:
+        return None, None
+    if isinstance(model_config, dict):
+        where = "the manifest's model_config"
+        config = check_model_config(copy.deepcopy(model_config), where)
+    else:
+        where = f"model config {model_config}"
+        config = read_model_config(Path(model_config))
+    if pretrained is not None:
+        raise ClipTritonError(
+            f"--pretrained {pretrained} cannot load a --model-config architecture: "
+            "pass --checkpoint FILE or --random-weights"
+        )
+    if not _NAME.fullmatch(name):
+        raise ClipTritonError(
+            f"--model {name!r} cannot name a --model-config architecture: use letters, digits and . _ + - "
+            "(up to 100, starting with a letter or digit)"
+        )
+    if name in _import_open_clip().list_models():
+        raise ClipTritonError(
+            f"--model {name} already names an open_clip architecture: give the {where} architecture its own name"
+        )
+    return config, where
+
+
+@contextlib.contextmanager
+def _registered(name: str, config: dict[str, Any] | None) -> Iterator[None]:
+    """open_clip knows `name` as `config` inside the block and as before after it (nothing leaks into
+    the next load). open_clip's only registry is the private `factory._MODEL_CONFIGS` (its
+    add_model_config takes a path and rescans every folder)."""
+    if config is None:
+        yield
+        return
+    registry = _import_open_clip().factory._MODEL_CONFIGS
+    before = registry.get(name, _ABSENT)
+    registry[name] = copy.deepcopy(config)
+    try:
+        yield
+    finally:
+        registry = _import_open_clip().factory._MODEL_CONFIGS  # add_model_config rebinds it
+        if before is _ABSENT:
+            registry.pop(name, None)
+        else:
+            registry[name] = before
+
+
+_BUILTINS: dict[str, Any] = {"key": None, "names": []}
+
+
+def _sync_builtins(open_clip: Any) -> None:
+    """Register BUILTIN_DIR's configs with open_clip under their file names, so a builtin model also
+    takes --random-weights and --checkpoint. Re-read only when the folder changes; never shadows one of
+    open_clip's own names; a broken file is skipped here (`--pretrained builtin` names its problem)."""
+    folder = Path(BUILTIN_DIR)
+    try:
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        key = (str(folder), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    except OSError:
+        files, key = [], (str(folder), ())
+    registry = open_clip.factory._MODEL_CONFIGS
+    if _BUILTINS["key"] == key and all(name in registry for name in _BUILTINS["names"]):
+        return
+    for name in _BUILTINS["names"]:
+        registry.pop(name, None)
+    names = []
+    for path in files:
+        if path.stem in registry:
+            continue
+        try:
+            registry[path.stem] = read_model_config(path)
+        except ClipTritonError:
+            continue
+        names.append(path.stem)
+    _BUILTINS.update(key=key, names=names)
+
+
+def builtin_models() -> list[str]:
+    """The models shipped with weights: NAME.json and NAME.safetensors in BUILTIN_DIR."""
+    folder = Path(BUILTIN_DIR)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json") if p.with_suffix(".safetensors").is_file())
+
+
+def builtin_weights(name: str) -> Path:
+    """The shipped weights of builtin model `name`; a one-line error listing the builtin models otherwise."""
+    models = builtin_models()
+    if name not in models:
+        known = ", ".join(models) if models else "none ship with this installation"
+        raise ClipTritonError(f"{name} has no builtin weights (builtin models: {known})")
+    read_model_config(Path(BUILTIN_DIR) / f"{name}.json")  # a broken shipped config: its problem, in one line
+    return Path(BUILTIN_DIR) / f"{name}.safetensors"
+
+
+def _load_builtin(model: Any, name: str, path: Path) -> None:
+    """The shipped safetensors into `model`, strictly: every key, every shape."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise ClipTritonError(f"builtin weights {path} cannot be read: {_first_line(exc)}") from None
+    mismatch = _shape_mismatches(model, state) or _key_mismatches(
+        [key for key in model.state_dict() if key not in state], [key for key in state if key not in model.state_dict()]
+    )
+    if mismatch:
+        raise ClipTritonError(f"builtin weights {path} do not match {name}: {mismatch}")
+    model.load_state_dict(state, strict=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def parse_floats(text: str | None, what: str) -> list[float] | None:
@@ -260,12 +496,17 @@ def _load_checkpoint(model: Any, name: str, path: Path) -> None:
     missing = list(getattr(incompatible, "missing_keys", []) or [])
     unexpected = list(getattr(incompatible, "unexpected_keys", []) or [])
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_few(unexpected)}")
-        raise ClipTritonError(f"checkpoint {path} does not match {name}: {'; '.join(parts)}")
+        raise ClipTritonError(f"checkpoint {path} does not match {name}: {_key_mismatches(missing, unexpected)}")
+
+
+def _key_mismatches(missing: list[str], unexpected: list[str]) -> str:
+    """'missing keys: a, b; unexpected keys: c' ('' when neither)."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_few(unexpected)}")
+    return "; ".join(parts)
 
 
 def _raw_state_dict(path: Path) -> dict[str, Any]:
@@ -314,7 +555,47 @@ def load_model(
     seed: int = DEFAULT_SEED,
     preprocess: dict[str, Any] | None = None,
     tokenizer_file: Path | None = None,
+    model_config: Path | dict[str, Any] | None = None,
     progress: Progress | None = None,
+) -> LoadedModel:
+    """The model `name` with weights from exactly one of `pretrained` (a tag, or "builtin": the weights
+    shipped in BUILTIN_DIR), `checkpoint` and `random_weights`.
+
+    `model_config` (a JSON file, or the dict a manifest recorded) defines a custom architecture that
+    `name` names: open_clip knows it only while this call runs, and the loaded model records it.
+    """
+    config, where = _custom_config(name, model_config, pretrained)
+    with _registered(name, config):
+        loaded = _load_model(
+            name, pretrained=pretrained, checkpoint=checkpoint, random_weights=random_weights, seed=seed,
+            preprocess=preprocess, tokenizer_file=tokenizer_file, custom=where, progress=progress,
+        )
+    loaded.model_config = config
+    return loaded
+
+
+def _create_model(name: str, custom: str | None) -> Any:
+    """open_clip's model `name`, randomly initialised; `custom` names the --model-config it comes from."""
+    open_clip = _import_open_clip()
+    if custom is None:
+        return open_clip.create_model(name, pretrained=None)
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    except Exception as exc:  # noqa: BLE001 - whatever a config makes the model classes raise
+        raise ClipTritonError(f"{custom}: open_clip cannot build {name} from it ({_first_line(exc)})") from None
+
+
+def _load_model(
+    name: str,
+    *,
+    pretrained: str | None,
+    checkpoint: Path | None,
+    random_weights: bool,
+    seed: int,
+    preprocess: dict[str, Any] | None,
+    tokenizer_file: Path | None,
+    custom: str | None,
+    progress: Progress | None,
 ) -> LoadedModel:
     progress = progress or Progress("load", quiet=True)
     check_number("--seed", seed, 0, MAX_SEED)
@@ -323,6 +604,8 @@ def load_model(
         raise ClipTritonError("give exactly one of --pretrained TAG, --checkpoint FILE, --random-weights")
     if tokenizer_file is not None and not Path(tokenizer_file).is_file():
         raise ClipTritonError(f"tokenizer file {tokenizer_file} does not exist")
+    # Shipped in the package: no hub, no user path; an unknown name lists the builtin models.
+    weights = builtin_weights(name) if pretrained == BUILTIN_WEIGHTS else None
     check_model_name(name)
     open_clip = _import_open_clip()
     import torch
@@ -331,7 +614,13 @@ def load_model(
     torch.backends.mha.set_fastpath_enabled(False)
     checkpoint_record = None
     used_seed: int | None = None
-    if pretrained is not None:
+    builtin_sha256: str | None = None
+    if weights is not None:
+        torch.manual_seed(seed)
+        model = _create_model(name, custom)
+        builtin_sha256 = sha256_file(weights)
+        _load_builtin(model, name, weights)
+    elif pretrained is not None:
         _check_tag(name, pretrained)
         offline = hub_offline_reason(progress)
         try:
@@ -350,7 +639,7 @@ def load_model(
             )
             used_seed = seed
         torch.manual_seed(seed)
-        model = open_clip.create_model(name, pretrained=None)
+        model = _create_model(name, custom)
         if checkpoint is not None:
             checkpoint = Path(checkpoint)
             _load_checkpoint(model, name, checkpoint)
@@ -386,10 +675,12 @@ def load_model(
         embed_dim=embed_dim,
         logit_scale=float(model.logit_scale.exp().item()),
         logit_bias=float(logit_bias.item()) if logit_bias is not None else None,
+        builtin_sha256=builtin_sha256,
     )
 
 
 def _embed_dim(model: Any, name: str) -> int:
+    # A --model-config architecture is registered while load_model runs, so its config is found here too.
     open_clip = _import_open_clip()
     return int(open_clip.get_model_config(name)["embed_dim"])
 
@@ -397,10 +688,17 @@ def _embed_dim(model: Any, name: str) -> int:
 def _load_reference(
     manifest: Manifest, progress: Progress | None = None, export_dir: Path | None = None
 ) -> LoadedModel:
-    """Rebuild the exact PyTorch model a manifest was exported from (tag, checkpoint or seed).
+    """Rebuild the exact PyTorch model a manifest was exported from (tag, builtin weights, checkpoint or
+    seed; a custom architecture from the model_config the manifest records).
 
     With `export_dir`, a Hugging Face tokenizer file the export copied there is loaded too.
     """
+    if manifest.pretrained == BUILTIN_WEIGHTS:
+        weights = builtin_weights(manifest.model_name)
+        if sha256_file(weights) != manifest.builtin_sha256:
+            raise ClipTritonError(
+                f"the builtin weights {weights} changed since export (sha256 differs); re-export {manifest.model_name}"
+            )
     checkpoint = None
     if manifest.checkpoint is not None:
         checkpoint = Path(manifest.checkpoint["path"])
@@ -416,6 +714,7 @@ def _load_reference(
         seed=manifest.seed if manifest.seed is not None else DEFAULT_SEED,
         preprocess=asdict(manifest.preprocess),
         tokenizer_file=_exported_tokenizer_file(manifest, export_dir),
+        model_config=manifest.model_config,
         progress=progress or Progress("reference", quiet=True),
     )
     return loaded

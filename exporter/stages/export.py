@@ -296,6 +296,8 @@ def export_model(
             embed_dim=loaded.embed_dim,
             logit_scale=loaded.logit_scale,
             logit_bias=loaded.logit_bias,
+            model_config=loaded.model_config,
+            builtin_sha256=loaded.builtin_sha256,
             image_size=[h, w],
             preprocess=loaded.preprocess,
             tokenizer=loaded.tokenizer_cfg,
