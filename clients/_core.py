@@ -288,6 +288,39 @@ def tower_info(metadata: Any, config: Any, input_preferred: str, version: str) -
     )
 
 
+def tokenizer_info(metadata: Any, config: Any, version: str) -> tuple[TowerInfo, int]:
+    """The tokenize model (`<prefix>_text_tokenize`) as a TowerInfo over its ids output, and its pad id
+    (from the `tokenizer` parameter: the manifest's tokenizer section)."""
+    model = metadata.name
+    params = config_parameters(config)
+    inp = _pick(list(metadata.inputs), contract.TEXT_INPUT, "input", model)
+    out = _pick(list(metadata.outputs), params.get(contract.PARAM_OUTPUT_NAME, ""), "output", model)
+    try:
+        pad_id = int(json.loads(params.get(contract.PARAM_TOKENIZER) or "{}").get("pad_id", 0))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ServerResponseError(f"model {model} parameter {contract.PARAM_TOKENIZER} is not usable: {exc}") from None
+    shape = list(out.shape)
+    tower = TowerInfo(model=model, version=version, input_name=inp.name, output_name=out.name,
+                      output_datatype=out.datatype, dim=int(shape[-1]) if shape else -1,
+                      max_batch_size=int(config.max_batch_size), input_datatype=inp.datatype)
+    return tower, pad_id
+
+
+def token_count_parser(pad_id: int) -> Callable[[np.ndarray | None, TowerInfo, int], np.ndarray]:
+    """A `parse` for _embed over the tokenize model: ids [N, L] -> tokens per text [N, 1] (float32), counted
+    up to the last non-pad id (special tokens included; a truncated text counts L)."""
+
+    def parse(raw: np.ndarray | None, tower: TowerInfo, count: int) -> np.ndarray:
+        if raw is None:
+            raise ServerResponseError(f"model {tower.model} returned no {tower.output_name!r} output")
+        ids = np.asarray(raw).reshape(count, -1)
+        used = ids != pad_id
+        length = ids.shape[1] - np.argmax(used[:, ::-1], axis=1)
+        return np.where(used.any(axis=1), length, 0).astype(np.float32).reshape(count, 1)
+
+    return parse
+
+
 def config_parameters(config: Any) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_triton.clients import _core
+from clip_triton.clients import _core, contract
 from clip_triton.clients._core import (
     DEFAULT_TEMPLATES,
     ClientOptions,
@@ -46,6 +46,7 @@ class AsyncClipClient:
         # Transports are created inside the running loop (grpc.aio channels bind to it).
         self._pool = EndpointPool(options)
         self._info_lock: asyncio.Lock | None = None
+        self._tokenize: tuple[TowerInfo, int] | None = None
 
     # -- lifecycle
 
@@ -144,13 +145,15 @@ class AsyncClipClient:
 
     # -- embedding
 
-    async def _infer(self, endpoint: Endpoint, tower: TowerInfo, payloads: list[Any]) -> np.ndarray:
+    async def _infer(
+        self, endpoint: Endpoint, tower: TowerInfo, payloads: list[Any], parse: Callable = _core.parse_embeddings
+    ) -> np.ndarray:
         array = _core.request_array(payloads, tower.max_batch_size > 0)
         inp = self._aio.InferInput(tower.input_name, list(array.shape), tower.input_datatype)
         inp.set_data_from_numpy(array)
         out = self._aio.InferRequestedOutput(tower.output_name)
         result = await self._call(endpoint, "infer", tower.model, [inp], model_version=tower.version, outputs=[out])
-        return _core.parse_embeddings(result.as_numpy(tower.output_name), tower, len(payloads))
+        return parse(result.as_numpy(tower.output_name), tower, len(payloads))
 
     async def _blame(
         self, endpoint: Endpoint, tower: TowerInfo, index: int, label: str, exc: Exception
@@ -162,7 +165,14 @@ class AsyncClipClient:
         return _core.item_error(exc, endpoint.url, tower.model, index, label, ready)
 
     async def _run_chunk(
-        self, tower: TowerInfo, items: Sequence[Any], part: range, encode: Callable, label: Callable, offload: bool
+        self,
+        tower: TowerInfo,
+        items: Sequence[Any],
+        part: range,
+        encode: Callable,
+        label: Callable,
+        offload: bool,
+        parse: Callable,
     ) -> np.ndarray:
         def encode_all() -> list[Any]:
             return [encode(i, items[i]) for i in part]
@@ -172,7 +182,7 @@ class AsyncClipClient:
         while True:  # until an endpoint answers, or the pool gives up on all of them
             endpoint = await self._acquire()
             try:
-                return await self._send(endpoint, tower, items, part, payloads, label)
+                return await self._send(endpoint, tower, items, part, payloads, label, parse)
             except (ServerUnavailableError, ClientTimeoutError) as exc:
                 if not self._pool.failed(endpoint, exc, _core.now()):
                     raise
@@ -180,10 +190,17 @@ class AsyncClipClient:
                 self._pool.release(endpoint)
 
     async def _send(
-        self, endpoint: Endpoint, tower: TowerInfo, items: Sequence[Any], part: range, payloads: list, label: Callable
+        self,
+        endpoint: Endpoint,
+        tower: TowerInfo,
+        items: Sequence[Any],
+        part: range,
+        payloads: list,
+        label: Callable,
+        parse: Callable,
     ) -> np.ndarray:
         try:
-            return await self._infer(endpoint, tower, payloads)
+            return await self._infer(endpoint, tower, payloads, parse)
         except self._error_type as exc:
             mapped = _core.transport_error(exc, endpoint.url, self.options, tower.model)
             if mapped is not None:
@@ -193,7 +210,7 @@ class AsyncClipClient:
         rows = []
         for i, payload in zip(part, payloads, strict=True):
             try:
-                rows.append(await self._infer(endpoint, tower, [payload]))
+                rows.append(await self._infer(endpoint, tower, [payload], parse))
             except self._error_type as exc:
                 mapped = _core.transport_error(exc, endpoint.url, self.options, tower.model)
                 raise (mapped or await self._blame(endpoint, tower, i, label(items[i]), exc)) from None
@@ -207,6 +224,7 @@ class AsyncClipClient:
         label: Callable,
         progress: ProgressCallback | None,
         offload: bool,
+        parse: Callable = _core.parse_embeddings,
     ) -> np.ndarray:
         total = len(items)
         if total == 0:
@@ -220,7 +238,7 @@ class AsyncClipClient:
             next_part = 0
             while next_part < len(parts) or pending:
                 while next_part < len(parts) and len(pending) < window:
-                    coro = self._run_chunk(tower, items, parts[next_part], encode, label, offload)
+                    coro = self._run_chunk(tower, items, parts[next_part], encode, label, offload, parse)
                     pending[asyncio.ensure_future(coro)] = next_part
                     next_part += 1
                 finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -247,6 +265,32 @@ class AsyncClipClient:
         texts = [texts] if isinstance(texts, str) else list(texts)
         tower = (await self.model_info()).text
         return await self._embed(tower, texts, _core.encode_text, _core.text_label, progress, offload=False)
+
+    async def token_counts(self, texts: Iterable[str]) -> np.ndarray:
+        """Tokens per text as the served tokenizer (`<prefix>_text_tokenize`) counts them: int64 [N], special
+        tokens included, at most the context length (the tokenizer truncates longer texts there)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tower, pad_id = await self._tokenizer()
+        counts = await self._embed(
+            tower, texts, _core.encode_text, _core.text_label, None, offload=False,
+            parse=_core.token_count_parser(pad_id),
+        )
+        return counts.reshape(-1).astype(np.int64)
+
+    async def _tokenizer(self) -> tuple[TowerInfo, int]:
+        if self._tokenize is None:
+            await self.model_info()
+            name = contract.model_names(self.options.prefix)["text_tokenize"]
+            endpoint = await self._acquire()
+            try:
+                metadata = await self._call(endpoint, "get_model_metadata", name, "")
+                config = (await self._call(endpoint, "get_model_config", name, "")).config
+            except self._error_type as exc:
+                raise _core.discovery_error(exc, endpoint.url, self.options, name) from None
+            finally:
+                self._pool.release(endpoint)
+            self._tokenize = _core.tokenizer_info(metadata, config, "")
+        return self._tokenize
 
     async def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """See ClipClient.label_embeddings."""

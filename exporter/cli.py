@@ -15,6 +15,7 @@ import typer
 
 from clip_triton.clients.cli_options import dataclass_options
 from clip_triton.clients.errors import ClipClientError
+from clip_triton.clients.gateway.cli import gateway as gateway_command
 from clip_triton.exporter.base.common import INT32_MAX, ClipTritonError, Progress, check_number, os_error_message
 from clip_triton.exporter.build import DEMO_MODEL, BuildOptions, ExportOptions, run_build, run_demo, run_export
 from clip_triton.exporter.parity.run import ParityOptions
@@ -183,6 +184,9 @@ def serve(
     serve_forever(
         repository, grpc_port, http_port, metrics_port, echo=typer.echo, host=host, expose_http=expose_http
     )
+
+
+app.command()(dataclass_options(gateway_command))
 
 
 @app.command()

@@ -415,12 +415,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw each batch from this many colours (0: uniform batches); see Batches")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none",
                         help="bf16: CPU bfloat16 autocast (measured no faster here on 2 cores)")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="open_clip model-config JSON (default: the committed ShapesCLIP config)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     train(args.out, args.steps, args.batch, args.seed, args.quiet, lr=args.lr, warmup=args.warmup,
           weight_decay=args.weight_decay, pool=args.pool, threads=args.threads, eval_images=args.eval_images,
           eval_pairs=args.eval_pairs, amp=args.amp, log_every=args.log_every,
-          colour_groups=args.colour_groups,
+          colour_groups=args.colour_groups, config=args.config,
           command=" ".join(["python -m training.train_shapes", *(argv if argv is not None else sys.argv[1:])]))
     return 0
 
