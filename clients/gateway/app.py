@@ -168,7 +168,8 @@ class Gateway:
         jobs: list[Any] = []
         if texts:
             values = [str(it.value) for it in texts]
-            jobs += [_blaming(texts, self.client.embed_texts(values)), _blaming(texts, self.client.token_counts(values))]
+            jobs += [_blaming(texts, self.client.embed_texts(values)),
+                     _blaming(texts, self.client.token_counts(values))]
         if images:
             jobs.append(_blaming(images, self.client.embed_images([it.value for it in images])))
         try:
