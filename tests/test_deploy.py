@@ -373,6 +373,8 @@ def test_kserve_manifests_validate(repos: dict[str, Path], tmp_path: Path, devic
         ("cpu", ["--pvc", "m", "--node-selector", "novalue"], "KEY=VALUE"),
         ("cpu", ["--pvc", "m", "--target", "helm"], "--target must be one of"),
         ("cpu", ["--pvc", "m", "--pvc-subpath", "../up"], "relative path"),
+        ("cpu", ["--pvc", "m", "--gateway-keys-secret", "keys"], "needs --gateway-image"),
+        ("cpu", ["--target", "kserve", "--storage-uri", "s3://b/r", "--gateway-image", "gw:1"], "k8s target"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -427,3 +429,29 @@ def test_http_front_stays_inside_the_pod_unless_asked(repos: dict[str, Path]) ->
         assert {p["name"] for p in kinds["Service"]["spec"]["ports"]} == ports
         admitted = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
         assert admitted == ({8000, 8001, 8002} if expose else {8001, 8002})
+
+
+def test_gateway_beside_triton(repos: dict[str, Path]) -> None:
+    """Issue 24: --gateway-image adds the OpenAI-compatible gateway to each pod (loopback gRPC to Triton, its
+    own probes, non-root, keys from a Secret) and a `gateway` port to the Service and the NetworkPolicy."""
+    facts = repository_facts(repos["cpu"])
+    opts = DeployOptions(pvc="m", cpu=True, gateway_image="registry.example/clip-gateway:0.1",
+                         gateway_keys_secret="gateway-keys")
+    kinds = _by_kind(deploy_documents(facts, opts))
+    for doc in kinds.values():
+        validate(doc)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    triton, gateway = pod["containers"]
+    assert triton["name"] == "triton" and gateway["image"] == "registry.example/clip-gateway:0.1"
+    args = gateway["args"]
+    assert args[args.index("--url") + 1] == "127.0.0.1:8001" and args[args.index("--prefix") + 1] == facts.prefix
+    assert args[args.index("--api-keys") + 1].endswith("/keys")
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert gateway["securityContext"]["runAsNonRoot"] and gateway["securityContext"]["readOnlyRootFilesystem"]
+    keys = next(v for v in pod["volumes"] if v["name"] == "gateway-keys")
+    assert keys["secret"]["secretName"] == "gateway-keys"
+    assert {p["name"] for p in kinds["Service"]["spec"]["ports"]} == {"grpc", "metrics", "gateway"}
+    admitted = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
+    assert admitted == {8001, 8002, 8080}
+    plain = _by_kind(deploy_documents(facts, DeployOptions(pvc="m", cpu=True)))
+    assert len(plain["Deployment"]["spec"]["template"]["spec"]["containers"]) == 1

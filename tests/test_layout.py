@@ -119,6 +119,7 @@ def test_clients_never_import_the_exporter() -> None:
         "import sys; sys.modules['clip_triton.exporter'] = None\n"
         "import clip_triton.clients, clip_triton.clients.sync, clip_triton.clients.aio\n"
         "import clip_triton.clients.search, clip_triton.clients.cli, clip_triton.clients.errors\n"
+        "import clip_triton.clients.gateway.cli, clip_triton.clients.gateway.app\n"
         "from clip_triton import ClipClient, ClipClientError\n"
         "assert not issubclass(ClipClientError, ImportError)\n"
         "assert 'torch' not in sys.modules, 'the client imported torch'\n"

@@ -26,6 +26,9 @@ from clip_triton.exporter.base.server import MALLOC_ENV, admin_lock_args
 TARGETS = ("k8s", "kserve")
 KSERVE_PROTOCOLS = ("grpc", "http")
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+GATEWAY_PORT = 8080  # `clip-triton gateway` beside Triton (--gateway-image)
+GATEWAY_KEYS_MOUNT = "/var/run/secrets/clip-triton/gateway"
+GATEWAY_UID = 10001  # docker/gateway.Dockerfile's user
 # KServe's Triton runtime listens here (its stock ServingRuntime's ports; Knative routes to one of them).
 KSERVE_HTTP_PORT, KSERVE_GRPC_PORT = 8080, 9000
 TRITON_UID = 1000  # the Triton image's triton-server user
@@ -96,6 +99,14 @@ class DeployOptions:
         False,
         flags=("--expose-http",),
         help="Expose Triton's HTTP/JSON front beyond the pod (default: loopback, for the probes only).",
+    )
+    gateway_image: str | None = option(
+        None,
+        help="k8s: run the OpenAI-compatible gateway (an image from docker/gateway.Dockerfile) beside Triton in "
+        f"each pod; the Service gains port {GATEWAY_PORT} (docs/gateway.md).",
+    )
+    gateway_keys_secret: str | None = option(
+        None, help="k8s: Secret whose `keys` entry lists the gateway's bearer keys, one per line (else no auth)."
     )
 
 
@@ -212,6 +223,7 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
         ("--pvc", opts.pvc),
         ("--credentials-secret", opts.credentials_secret),
         ("--service-account", opts.service_account),
+        ("--gateway-keys-secret", opts.gateway_keys_secret),
     ):
         if value is not None and (len(value) > 253 or not _RFC1123_SUBDOMAIN.match(value)):
             raise ClipTritonError(f"{flag} {value!r} is not a valid Kubernetes object name")
@@ -227,6 +239,8 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
             )
         if opts.service_account:
             raise ClipTritonError("--service-account is for the kserve target (k8s: --credentials-secret)")
+        if opts.gateway_keys_secret and not opts.gateway_image:
+            raise ClipTritonError("--gateway-keys-secret needs --gateway-image (the gateway it configures)")
     else:
         if opts.pvc:
             raise ClipTritonError("the kserve target takes the repository as --storage-uri pvc://NAME/PATH, not --pvc")
@@ -243,6 +257,8 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
             raise ClipTritonError(
                 "KServe takes storage credentials from a service account (--service-account), not --credentials-secret"
             )
+        if opts.gateway_image or opts.gateway_keys_secret:
+            raise ClipTritonError("the gateway is offered for the k8s target (KServe routes one port to Triton)")
         if opts.kserve_protocol not in KSERVE_PROTOCOLS:
             raise ClipTritonError(f"--kserve-protocol must be grpc or http, got {opts.kserve_protocol!r}")
     if opts.pvc_subpath is not None and (not opts.pvc or opts.pvc_subpath.startswith("/") or ".." in opts.pvc_subpath):
@@ -468,6 +484,40 @@ def _probe_volume(name: str) -> dict[str, Any]:
 _PROBE_VOLUME_MOUNT = {"name": "health-probe", "mountPath": PROBE_MOUNT, "readOnly": True}
 
 
+def _gateway_container(facts: RepositoryFacts, opts: DeployOptions, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway beside Triton: it reaches Triton over the pod's loopback (gRPC), so each pod answers
+    /v1/embeddings by itself and the Service spreads clients over pods. Ready only while a real tiny
+    inference through Triton succeeds (its /health/ready)."""
+    args = ["--url", f"127.0.0.1:{GRPC_PORT}", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+            "--prefix", facts.prefix]
+    mounts = []
+    if opts.gateway_keys_secret:
+        volumes.append({"name": "gateway-keys", "secret": {"secretName": opts.gateway_keys_secret,
+                                                           "defaultMode": 0o440}})
+        mounts.append({"name": "gateway-keys", "mountPath": GATEWAY_KEYS_MOUNT, "readOnly": True})
+        args += ["--api-keys", f"{GATEWAY_KEYS_MOUNT}/keys"]
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "gateway"}, "periodSeconds": period, "timeoutSeconds": 15,
+                "failureThreshold": failures}
+
+    security = {**_container_security(), "runAsUser": GATEWAY_UID, "runAsGroup": GATEWAY_UID,
+                "readOnlyRootFilesystem": True}
+    return {
+        "name": "gateway",
+        "image": opts.gateway_image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "ports": [{"name": "gateway", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "livenessProbe": probe("/health/live", 10, 3),
+        "readinessProbe": probe("/health/ready", 10, 1),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "10"]}}},
+        "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+        "securityContext": security,
+        "volumeMounts": mounts,
+    }
+
+
 def support_documents(name: str, opts: DeployOptions, labels: dict[str, str]) -> list[dict[str, Any]]:
     """The probe script (a ConfigMap) and the admin-API key (a Secret), for both targets."""
     return [
@@ -544,11 +594,14 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
         container["envFrom"] = [{"secretRef": {"name": opts.credentials_secret}}]
         volumes.append({"name": "storage-credentials", "secret": {"secretName": opts.credentials_secret}})
         mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True})
+    containers = [container]
+    if opts.gateway_image:
+        containers.append(_gateway_container(facts, opts, volumes))
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # Triton never calls the Kubernetes API
         "securityContext": _pod_security(),
         "terminationGracePeriodSeconds": 60,  # preStop 10 s + Triton's 30 s exit timeout for in-flight requests
-        "containers": [container],
+        "containers": containers,
         "volumes": volumes,
         "topologySpreadConstraints": [
             {
@@ -621,7 +674,13 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
                     "appProtocol": "kubernetes.io/h2c",
                 },
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
-            ],
+            ]
+            + (
+                [{"name": "gateway", "port": GATEWAY_PORT, "targetPort": "gateway", "protocol": "TCP",
+                  "appProtocol": "http"}]
+                if opts.gateway_image
+                else []
+            ),
         },
     }
     pdb = {
@@ -640,7 +699,9 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
         "spec": {
             "podSelector": {"matchLabels": _selector(name)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": p["containerPort"]} for p in container["ports"]]}],
+            "ingress": [
+                {"ports": [{"protocol": "TCP", "port": p["containerPort"]} for c in containers for p in c["ports"]]}
+            ],
         },
     }
     docs: dict[str, list[dict]] = {
@@ -835,6 +896,15 @@ def _readme(facts: RepositoryFacts, opts: DeployOptions, files: list[str], on_gp
             "The HorizontalPodAutoscaler scales on the custom metric `avg_time_queue_us`, served by "
             "prometheus-adapter with the rule in prometheus-adapter/values.yaml (not a Kubernetes object: "
             "merge it into your adapter's values). See clip-triton's docs/deploy.md.",
+        ]
+    if opts.gateway_image:
+        auth = (f"bearer keys from Secret `{opts.gateway_keys_secret}` (entry `keys`)" if opts.gateway_keys_secret
+                else "NO authentication (pass --gateway-keys-secret, or keep the Service internal)")
+        lines += [
+            "",
+            f"Each pod also runs the OpenAI-compatible gateway (`{opts.gateway_image}`) on port {GATEWAY_PORT} of the "
+            f"Service: POST /v1/embeddings, /v1/classify, GET /v1/models; {auth}. It reaches Triton over the "
+            "pod's loopback. See clip-triton's docs/gateway.md.",
         ]
     return "\n".join(lines) + "\n"
 
