@@ -4,6 +4,8 @@ concurrency levels, against one embedded tritonserver, in one run.
 
     python -m benchmarks.gateway --repository build/demo/repository [--seconds 10] [--out benchmarks/gateway.json]
 
+writes the raw numbers (--out) and benchmarks/GATEWAY.md (the table, the command, the machine).
+
 Both paths share this machine's cores with Triton (and the gateway with both): the ratio includes the
 gateway's CPU time taken from the server, which is what a sidecar on the same node costs too.
 """
@@ -129,8 +131,36 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_count": os.cpu_count(), "levels": LEVELS, "results": results,
               "min_ratio_at_16": float(np.min([results[f"{t}@16"]["throughput_ratio"] for t in ("text", "image")]))}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report = args.out.with_name("GATEWAY.md")
+    report.write_text(markdown(record, " ".join(["python -m benchmarks.gateway", *(argv or sys.argv[1:])])))
+    print(f"wrote {args.out} and {report}")
     return 0
+
+
+def markdown(record: dict[str, Any], command: str) -> str:
+    lines = [
+        "# The gateway's cost beside direct gRPC",
+        "",
+        f"Written by `{command}` (benchmarks/gateway.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"{record['model']} served by the embedded tritonserver (CPU, {record['cpu_count']} cores shared by Triton, "
+        "the gateway and the load generator), one item per request, each cell "
+        f"{record['seconds_per_cell']:.0f} s per path, both paths in one run. Direct: `AsyncClipClient` over gRPC. "
+        "Gateway: `httpx.AsyncClient` POSTing OpenAI embeddings requests (`encoding_format: base64`) to "
+        "`clip-triton gateway`, which forwards over gRPC.",
+        "",
+        "| input | concurrency | gRPC items/s | gateway items/s | gateway / gRPC | gRPC p50 ms | gateway p50 ms "
+        "| gRPC p99 ms | gateway p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, cell in record["results"].items():
+        tower, level = key.split("@")
+        g, w = cell["grpc"], cell["gateway"]
+        lines.append(f"| {tower} | {level} | {g['items_per_s']:.1f} | {w['items_per_s']:.1f} | "
+                     f"{cell['throughput_ratio']:.3f} | {g['median_ms']:.1f} | {w['median_ms']:.1f} | "
+                     f"{g['p99_ms']:.1f} | {w['p99_ms']:.1f} |")
+    lines += ["", f"Lowest throughput ratio at concurrency 16: {record['min_ratio_at_16']:.3f} "
+              "(the goal: >= 0.90, at most 10 % lost).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

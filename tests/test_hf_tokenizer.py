@@ -34,15 +34,26 @@ def test_stand_in_tokenizer_has_the_model_vocabulary(model: str, specials: dict[
 
 @pytest.mark.server
 def test_siglip2_text_is_served_with_a_tokenizer_file(tmp_path: Path) -> None:
+    """SigLIP 2's text side (Gemma tokenizer.json, 256k vocabulary, last-token pooling, no causal mask) at a
+    tiny width through a custom model config: the tokenizer path is what is tested here; the full model's
+    shapes are covered by tests/test_coverage.py."""
+    import open_clip
+
     from clip_triton.exporter.parity.run import run_parity
     from clip_triton.exporter.sources.open_clip import load_model
     from clip_triton.exporter.stages.export import export_model
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
-    model = "ViT-B-16-SigLIP2"
-    tokenizer = write_tokenizer_json(model, tmp_path / "tok" / "tokenizer.json")
+    real = open_clip.get_model_config("ViT-B-16-SigLIP2")
+    config = {
+        "embed_dim": 64, "init_logit_bias": real["init_logit_bias"], "custom_text": True,
+        "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32},
+        "text_cfg": {**real["text_cfg"], "width": 64, "heads": 2, "layers": 1},
+    }
+    tokenizer = write_tokenizer_json("ViT-B-16-SigLIP2", tmp_path / "tok" / "tokenizer.json")
     export = tmp_path / "export"
-    export_model(load_model(model, random_weights=True, tokenizer_file=tokenizer), export, max_batch=8)
+    loaded = load_model("Tiny-SigLIP2-text", random_weights=True, tokenizer_file=tokenizer, model_config=config)
+    export_model(loaded, export, max_batch=8)
     repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="python"))
     result = run_parity(export, repository=repo, samples=4)
     assert result["passed"], result["stages"]
