@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= build
-MODEL ?= ShapesCLIP-ViT-T
+MODEL ?= ShapesCLIP-RN-T
 PYTEST_ARGS ?=
 
 PERF_ENV ?= .venv-perf
@@ -27,7 +27,7 @@ $(PERF_ENV)/.installed: $(STAMP) benchmarks/perf_analyzer.py
 
 perf-tools: $(PERF_ENV)/.installed
 
-## Build + serve the trained ShapesCLIP-ViT-T (builtin weights; MODEL=ViT-B-32 etc.: random weights, offline),
+## Build + serve the trained ShapesCLIP-RN-T (builtin weights; MODEL=ViT-B-32 etc.: random weights, offline),
 ## run parity with accuracy, rank a held-out image's captions over gRPC beside PyTorch.
 demo: install
 	$(BIN)/clip-triton demo --model $(MODEL) --out $(OUT)/demo

@@ -372,7 +372,7 @@ def _write_build_record(out: Path, record: dict[str, Any]) -> None:
 
 
 DEMO_RUNTIME = runtimes.AUTO_WITHOUT_ENGINES  # runs on any host and on the embedded server
-DEMO_MODEL = "ShapesCLIP-ViT-T"  # the project's own trained model (exporter/sources/builtin/)
+DEMO_MODEL = "ShapesCLIP-RN-T"  # the project's own trained model (exporter/sources/builtin/)
 DEMO_IMAGE_INDEX = 0  # the held-out shapes image the demo ranks captions for (fixed: not a picked success)
 
 

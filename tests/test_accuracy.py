@@ -20,7 +20,7 @@ from clip_triton.exporter.parity.samples import ImageSample, SampleSet
 from clip_triton.exporter.runtimes import TowerBatch
 from helpers import linked_copy, run_cli, scratch_dir, tiny_images
 
-SHAPES_MODEL = "ShapesCLIP-ViT-T"
+SHAPES_MODEL = "ShapesCLIP-RN-T"
 LABELLED_IMAGES = 48  # of the shapes held-out split, in the tests without a server
 
 
@@ -273,7 +273,7 @@ def test_bad_parity_options_exit_2_before_any_work(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shapes_export(tmp_path_factory: pytest.TempPathFactory):
-    """ShapesCLIP-ViT-T (builtin weights when shipped, else random) exported with its FP16 graphs, once."""
+    """ShapesCLIP-RN-T (builtin weights when shipped, else random) exported with its FP16 graphs, once."""
     from clip_triton.exporter.sources.open_clip import load_model
     from clip_triton.exporter.stages.export import export_model
     from clip_triton.exporter.stages.fp16 import make_fp16
@@ -308,8 +308,8 @@ def test_parity_reports_accuracy_rows_per_stage(shapes_export: Path, tmp_path: P
     assert all("accuracy" not in s for s in result["stages"] if s["status"] == SKIP)
     fp32 = {row["set"]: row for row in stage(result, "onnx-fp32")["accuracy"]}
     assert fp32["shapes/shape_colour"]["agreement"] == 1.0  # FP32 graphs decide as PyTorch does
-    if _has_builtin_weights():  # the trained model: far above chance (1/64) on the held-out split
-        assert reference["shapes/shape_colour"]["top1"] > 0.5
+    if _has_builtin_weights():  # the trained model (99.9 % on 2,000 held-out images; chance 1/64)
+        assert reference["shapes/shape_colour"]["top1"] >= 0.9
     table = format_table(result)
     assert "PyTorch top-1" in table and "R@5 t->i" in table
     assert any(line.startswith("onnx-fp16") and "shapes/colour" in line and "PASS" in line
@@ -325,6 +325,16 @@ def test_parity_reports_accuracy_rows_per_stage(shapes_export: Path, tmp_path: P
     assert ("labelled" in run_parity(export, samples=1, labelled_samples=8)) == _has_builtin_weights()
 
 
+def _last_3x3_conv(path: Path) -> str:
+    """The widest 3x3 convolution of the image graph (ShapesCLIP-RN-T's last stage; BatchNorm folded into it
+    by the export, so its name is the exporter's)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    convs = [t for t in graph.initializer if len(t.dims) == 4 and list(t.dims[2:]) == [3, 3]]
+    return max(convs, key=lambda t: t.dims[0]).name
+
+
 def test_agreement_below_tolerance_fails_parity(shapes_export: Path, tmp_path: Path) -> None:
     """A corrupted image graph whose cosines still pass a lax threshold: the changed decisions alone
     fail parity (exit 1), naming the stage and the labelled set."""
@@ -335,8 +345,7 @@ def test_agreement_below_tolerance_fails_parity(shapes_export: Path, tmp_path: P
     manifest.pop("fp16", None)
     (export / "manifest.json").unlink()
     (export / "manifest.json").write_text(json.dumps(manifest))
-    scale_initializer(export / "image_encoder.onnx", "model.visual.transformer.resblocks.5.attn.out_proj.weight",
-                      factor=4.0)
+    scale_initializer(export / "image_encoder.onnx", _last_3x3_conv(export / "image_encoder.onnx"), factor=1.5)
     proc = run_cli("parity", "--export", str(export), "--samples", "1", "--labelled-set", "shapes",
                    "--labelled-samples", str(LABELLED_IMAGES), "--min-cosine-fp32", "0.01", "--quiet", timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -355,7 +364,7 @@ def test_agreement_below_tolerance_fails_parity(shapes_export: Path, tmp_path: P
 
 @pytest.mark.server
 def test_served_shapes_model_decides_as_pytorch(shapes_export: Path, tmp_path: Path) -> None:
-    """ShapesCLIP-ViT-T exported, written as a python-runtime repository and served by the embedded
+    """ShapesCLIP-RN-T exported, written as a python-runtime repository and served by the embedded
     tritonserver: on the shapes held-out split (the default 120 images) the served zero-shot picks equal
     PyTorch's item for item, for bytes in (triton) and client-side crops in (triton-pixels)."""
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
@@ -374,7 +383,7 @@ def test_served_shapes_model_decides_as_pytorch(shapes_export: Path, tmp_path: P
             assert row.get("top1") == reference[key].get("top1")
         assert rows["shapes/captions"]["recall"] == reference["shapes/captions"]["recall"]
     if _has_builtin_weights():
-        assert reference["shapes/shape_colour"]["top1"] > 0.5
+        assert reference["shapes/shape_colour"]["top1"] >= 0.9
 
 
 def test_demo_captions_are_close_confusers() -> None:

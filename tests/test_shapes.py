@@ -138,7 +138,7 @@ def test_shapes_module_needs_no_torch() -> None:
 
 
 def test_config_is_open_clip_format() -> None:
-    cfg = json.loads((ROOT / "exporter" / "sources" / "builtin" / "ShapesCLIP-ViT-T.json").read_text())
+    cfg = json.loads((ROOT / "exporter" / "sources" / "builtin" / "ShapesCLIP-RN-T.json").read_text())
     assert set(cfg) == {"embed_dim", "vision_cfg", "text_cfg"}
     assert cfg["vision_cfg"]["image_size"] == 64 and cfg["text_cfg"]["vocab_size"] == 49408
 

@@ -1,15 +1,15 @@
-"""Train ShapesCLIP-ViT-T, the project's own small CLIP, from scratch on synthetic shapes (offline, seeded).
+"""Train ShapesCLIP-RN-T, the project's own small CLIP, from scratch on synthetic shapes (offline, seeded).
 
     python -m training.train_shapes --out DIR [--steps N --batch B --seed S --quiet]
 
 Everything is open_clip's own: the model is built from the committed model config
-(exporter/sources/builtin/ShapesCLIP-ViT-T.json, via open_clip.add_model_config + create_model), the
+(exporter/sources/builtin/ShapesCLIP-RN-T.json, via open_clip.add_model_config + create_model), the
 tokenizer is open_clip.get_tokenizer (the default SimpleTokenizer at the config's context length), the
 loss is open_clip.loss.ClipLoss. Images are normalised with the mean/std open_clip's preprocess config
 gives the model (its defaults: OpenAI's CLIP mean/std), the data come from
 clip_triton.exporter.parity.shapes (a fixed, pre-rendered pool of "train" samples; the evaluation uses
 the disjoint "heldout" split). DIR receives model.safetensors (FP32 state_dict) and metrics.json.
-The model card is exporter/sources/builtin/ShapesCLIP-ViT-T.md.
+The model card is exporter/sources/builtin/ShapesCLIP-RN-T.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from clip_triton.exporter.parity import shapes
 
-MODEL_NAME = "ShapesCLIP-ViT-T"
+MODEL_NAME = "ShapesCLIP-RN-T"
 BUILTIN = Path(__file__).resolve().parents[1] / "exporter" / "sources" / "builtin"
 CONFIG = BUILTIN / f"{MODEL_NAME}.json"
 
@@ -283,8 +283,8 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def train(out: Path | str, steps: int = 1600, batch: int = 128, seed: int = 0, quiet: bool = False, *,
-          lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.1, pool: int = 64000, threads: int = 2,
+def train(out: Path | str, steps: int = 2400, batch: int = 128, seed: int = 0, quiet: bool = False, *,
+          lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.1, pool: int = 96000, threads: int = 2,
           eval_images: int = 2000, eval_pairs: int = 1000, log_every: int = 50, amp: str = "none",
           colour_groups: int = 0,
           config: Path = CONFIG, command: str | None = None) -> dict[str, Any]:
@@ -400,13 +400,13 @@ def summary(metrics: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train_shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for model.safetensors and metrics.json")
-    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--pool", type=int, default=64000, help="pre-rendered training samples")
+    parser.add_argument("--pool", type=int, default=96000, help="pre-rendered training samples")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-images", type=int, default=2000, help="heldout images per generator")
     parser.add_argument("--eval-pairs", type=int, default=1000, help="heldout image-caption pairs for recall")

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -574,15 +575,28 @@ def load_model(
     return loaded
 
 
+class _NoRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" line: every model is
+    created that way before its weights load (checkpoint, builtin), and random weights get our own warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
 def _create_model(name: str, custom: str | None) -> Any:
     """open_clip's model `name`, randomly initialised; `custom` names the --model-config it comes from."""
     open_clip = _import_open_clip()
-    if custom is None:
-        return open_clip.create_model(name, pretrained=None)
+    quiet = _NoRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(quiet)
     try:
         return open_clip.create_model(name, pretrained=None)
     except Exception as exc:  # noqa: BLE001 - whatever a config makes the model classes raise
+        if custom is None:
+            raise
         raise ClipTritonError(f"{custom}: open_clip cannot build {name} from it ({_first_line(exc)})") from None
+    finally:
+        root.removeFilter(quiet)
 
 
 def _load_model(
