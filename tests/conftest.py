@@ -59,7 +59,8 @@ FILE_SECONDS = {
     "test_build_inputs.py": 86, "test_hostile.py": 86, "test_coverage.py": 77, "test_build.py": 74,
     "test_server_e2e.py": 65, "test_parity.py": 57, "test_faults.py": 54, "test_deploy.py": 43,
     "test_clients.py": 42, "test_surface.py": 40, "test_runtimes.py": 36, "test_python_deps.py": 31,
-    "test_accuracy.py": 27, "test_hf_tokenizer.py": 25, "test_benchmarks.py": 25, "test_tokenizer_cost.py": 22, "test_client_inputs.py": 12,
+    "test_accuracy.py": 27, "test_hf_tokenizer.py": 25,
+    "test_benchmarks.py": 25, "test_tokenizer_cost.py": 22, "test_client_inputs.py": 12,
     "test_pixels.py": 10, "test_shapes.py": 7,
 }
 
