@@ -56,8 +56,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # missing here runs after the listed ones.
 FILE_SECONDS = {
     "test_memory.py": 127, "test_export.py": 95, "test_replicas.py": 94, "test_gateway.py": 55,
-    "test_build_inputs.py": 86, "test_hostile.py": 86, "test_coverage.py": 77, "test_build.py": 74,
-    "test_server_e2e.py": 65, "test_parity.py": 57, "test_faults.py": 54, "test_deploy.py": 43,
+    "test_build_inputs.py": 86, "test_hostile.py": 86, "test_coverage.py": 77, "test_build.py": 40,
+    "test_server_e2e.py": 55, "test_parity.py": 57, "test_faults.py": 40, "test_deploy.py": 43,
     "test_clients.py": 42, "test_surface.py": 40, "test_runtimes.py": 36, "test_python_deps.py": 31,
     "test_accuracy.py": 27, "test_hf_tokenizer.py": 25,
     "test_benchmarks.py": 25, "test_tokenizer_cost.py": 22, "test_client_inputs.py": 12,

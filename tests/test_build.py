@@ -57,13 +57,16 @@ def test_require_engines_without_tensorrt_exits_3_at_once(tmp_path: Path) -> Non
 
 @pytest.mark.server
 def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
-    """ViT-B-32 (random weights), python runtime: export, fp16, engines (notice), repository, parity
-    through a live embedded tritonserver; exit 0. Then `demo` reuses the build and queries it."""
+    """The shipped ShapesCLIP-RN-T, python runtime: export, fp16, engines (notice), repository, parity
+    (accuracy rows included) through a live embedded tritonserver; exit 0. Then `demo` reuses the build,
+    queries it, and the trained model ranks the true caption first, served as PyTorch does."""
     out = tmp_path / "build"
-    proc = run_cli("build", "--model", "ViT-B-32", "--random-weights", "--out", str(out),
+    model = "ShapesCLIP-RN-T"
+    proc = run_cli("build", "--model", model, "--pretrained", "builtin", "--out", str(out),
                    "--runtime", "python", "--samples", "4", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "build passed" in proc.stdout
+    assert "initialized randomly" not in proc.stderr  # the weights load after open_clip builds the model
     for path in ("export/manifest.json", "export/image_encoder.fp16.onnx", "repository/clip_image/config.pbtxt",
                  "parity.json", "parity.md", "build.json"):
         assert (out / path).is_file(), path
@@ -74,14 +77,15 @@ def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
     assert report["passed"]
     assert statuses["onnx-fp32"] == statuses["onnx-fp16"] == "pass"
     assert statuses["triton-preprocess"] == statuses["triton-tokenize"] == statuses["triton"] == "pass"
+    assert report["labelled"]["images"] == 120  # auto: the builtin model brings its held-out set
     record = json.loads((out / "build.json").read_text())
     assert record["passed"] and record["runtime"] == "python"
     assert list(record["stages"]) == ["export", "fp16", "engines", "repository", "parity"]
     manifest = json.loads((out / "export" / "manifest.json").read_text())
     assert manifest["parity"]["passed"] and manifest["repository"]["runtime"] == "python"
-    assert reusable_build(out, "ViT-B-32") and not reusable_build(out, "ViT-B-16")
+    assert reusable_build(out, model) and not reusable_build(out, "ViT-B-16")
 
-    demo = run_cli("demo", "--model", "ViT-B-32", "--out", str(out), timeout=300)
+    demo = run_cli("demo", "--model", model, "--out", str(out), timeout=300)
     assert demo.returncode == 0, demo.stderr[-4000:]
     assert "reusing the build" in demo.stderr
     lines = demo.stdout.splitlines()
@@ -91,6 +95,7 @@ def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
     assert -1.0 <= float(line.rsplit(":", 1)[1].strip(" )")) <= 1.0
     ranked = [x for x in lines if x.startswith("  ") and x.strip()[:1].isdigit() and "%" in x]
     assert len(ranked) >= 6 and sum("<- true caption" in x for x in ranked) == 1
+    assert "<- true caption" in ranked[0]  # the trained model ranks the held-out image's caption first
     assert all(x.count("%") == 2 for x in ranked)  # served and PyTorch probabilities side by side
     assert "triton             image   PASS" in demo.stdout  # the parity figures table
-    assert "random weights: rankings and accuracy mean nothing" in demo.stdout
+    assert "builtin weights" in demo.stdout and "random weights" not in demo.stdout

@@ -213,6 +213,7 @@ def test_server_start_failure_reports_the_log(tmp_path: Path) -> None:
 def test_hf_tokenizer_file_is_shipped_and_served(tmp_path: Path) -> None:
     """SigLIP's tokenizer lives on the hub: a tokenizer.json given at export travels into the
     repository, and the served ids and embeddings match the exporter's (same file, same rules)."""
+    import open_clip
     from test_repository import _write_hf_tokenizer
 
     from clip_triton.exporter.base.server import TritonServer
@@ -222,8 +223,14 @@ def test_hf_tokenizer_file_is_shipped_and_served(tmp_path: Path) -> None:
     from clip_triton.exporter.stages.export import export_model
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
+    # SigLIP's text side (its tokenizer settings, last-token pooling) at a tiny width: what travels and is
+    # served here is the tokenizer; the full model's shapes are tests/test_coverage.py's.
+    real = open_clip.get_model_config("ViT-B-16-SigLIP")
+    config = {"embed_dim": 64, "init_logit_bias": real["init_logit_bias"], "custom_text": True,
+              "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32},
+              "text_cfg": {**real["text_cfg"], "width": 64, "heads": 2, "layers": 1}}
     tokenizer_file = _write_hf_tokenizer(tmp_path / "tok")
-    loaded = load_model("ViT-B-16-SigLIP", random_weights=True, tokenizer_file=tokenizer_file)
+    loaded = load_model("Tiny-SigLIP-text", random_weights=True, tokenizer_file=tokenizer_file, model_config=config)
     manifest = export_model(loaded, tmp_path / "export")
     assert manifest.tokenizer.kind == "hf" and manifest.tokenizer.hf_file == "tokenizer.json"
     assert (tmp_path / "export" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
