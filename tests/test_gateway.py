@@ -338,3 +338,17 @@ def test_bad_options_are_one_line_errors(tmp_path) -> None:
         got = subprocess.run(cmd + args, capture_output=True, text=True, timeout=60)
         assert got.returncode == 2 and word in got.stderr.lower() and len(got.stderr.strip().splitlines()) == 1, (
             args, got.stderr)
+
+
+def test_listening_socket_disables_nagle() -> None:
+    """uvicorn writes a response's head and body separately: with Nagle on, every kept-alive request waited
+    ~40 ms for the client's delayed ACK (measured: 44 ms per /health/live, 0.3 ms with TCP_NODELAY)."""
+    import socket
+
+    from clip_triton.clients.gateway.cli import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()
