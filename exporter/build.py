@@ -537,8 +537,7 @@ def run_demo(
     report = json.loads((out / "parity.json").read_text())
     echo(format_table(report))
     echo("")
-    weights_note = ("builtin weights" if "pretrained" in weights
-                    else "random weights: the values mean nothing")
+    weights_note, closing = demo_weights_notes(model, bool(manifest.random_weights))
     echo(f"model {model} ({weights_note}), served by the embedded tritonserver ({section.get('runtime')} runtime), "
          "queried over gRPC with ClipClient")
     echo(f"held-out image: {image_path} ({sample.image.size[0]}x{sample.image.size[1]} PNG)")
@@ -553,8 +552,16 @@ def run_demo(
         echo("  (no PyTorch column: the model's tokenizer is not available here)")
     for line in _demo_accuracy(report):
         echo(line)
-    if manifest.random_weights:
-        trained = (f"this installation ships no weights for {DEMO_MODEL}" if model == DEMO_MODEL
-                   else f"`clip-triton demo --model {DEMO_MODEL}` serves the trained model")
-        echo(f"(random weights: rankings and accuracy mean nothing; {trained})")
+    if closing:
+        echo(closing)
     return cosine
+
+
+def demo_weights_notes(model: str, random_weights: bool) -> tuple[str, str | None]:
+    """The demo's words for its weights: the note beside the model name, and a closing line for random ones."""
+    if not random_weights:
+        return "builtin weights", None
+    trained = (f"this installation ships no weights for {DEMO_MODEL}" if model == DEMO_MODEL
+               else f"`clip-triton demo --model {DEMO_MODEL}` serves the trained model")
+    return ("random weights: the values mean nothing",
+            f"(random weights: rankings and accuracy mean nothing; {trained})")

@@ -99,3 +99,15 @@ def test_build_end_to_end_then_demo_reuses_it(tmp_path: Path) -> None:
     assert all(x.count("%") == 2 for x in ranked)  # served and PyTorch probabilities side by side
     assert "triton             image   PASS" in demo.stdout  # the parity figures table
     assert "builtin weights" in demo.stdout and "random weights" not in demo.stdout
+
+
+def test_demo_says_when_its_weights_are_random() -> None:
+    """The words `demo` prints for random weights (the end-to-end test above serves the trained model)."""
+    from clip_triton.exporter.build import DEMO_MODEL, demo_weights_notes
+
+    assert demo_weights_notes(DEMO_MODEL, False) == ("builtin weights", None)
+    note, closing = demo_weights_notes("ViT-B-32", True)
+    assert note == "random weights: the values mean nothing"
+    assert closing == (f"(random weights: rankings and accuracy mean nothing; `clip-triton demo --model {DEMO_MODEL}` "
+                       "serves the trained model)")
+    assert "ships no weights" in demo_weights_notes(DEMO_MODEL, True)[1]
