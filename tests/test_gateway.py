@@ -108,6 +108,14 @@ def _vectors(response) -> np.ndarray:
     return np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)], dtype=np.float32)
 
 
+def _same_as_single_requests(answers: list, reference: dict, image_shift: int) -> None:
+    """Answer i holds [TEXTS[i % 3], IMAGES[(i + image_shift) % 3]]: each equals the gRPC client's alone."""
+    for i, answer in enumerate(answers):
+        got = _vectors(answer)
+        np.testing.assert_allclose(got[0], reference["texts"][i % 3], atol=1e-6)
+        np.testing.assert_allclose(got[1], reference["images"][(i + image_shift) % 3], atol=1e-6)
+
+
 def _expected_tokens(texts: list[str]) -> int:
     import open_clip
 
@@ -154,11 +162,7 @@ def test_async_sdk_under_bounded_concurrent_load_answers_like_single_requests(ga
         finally:
             await client.close()
 
-    answers = asyncio.run(run())
-    for i, answer in enumerate(answers):
-        got = _vectors(answer)
-        np.testing.assert_allclose(got[0], reference["texts"][i % 3], atol=1e-6)
-        np.testing.assert_allclose(got[1], reference["images"][(i + 1) % 3], atol=1e-6)
+    _same_as_single_requests(asyncio.run(run()), reference, image_shift=1)
 
 
 def test_classify_endpoint_matches_the_grpc_client(gateway: Gateway, served, reference) -> None:
@@ -320,11 +324,7 @@ def test_a_replica_killed_mid_run_loses_no_request(served, reference, tmp_path) 
             finally:
                 await client.close()
 
-        answers = asyncio.run(run())
-        for i, answer in enumerate(answers):
-            got = _vectors(answer)
-            np.testing.assert_allclose(got[0], reference["texts"][i % 3], atol=1e-6)
-            np.testing.assert_allclose(got[1], reference["images"][i % 3], atol=1e-6)
+        _same_as_single_requests(asyncio.run(run()), reference, image_shift=0)
         assert httpx.get(gw.base + "/health/ready").status_code == 200
     finally:
         gw.stop()
