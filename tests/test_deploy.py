@@ -22,6 +22,7 @@ from clip_triton.exporter.base.common import ClipTritonError
 from clip_triton.exporter.stages.deploy import (
     DeployOptions,
     deploy_documents,
+    missing_credentials,
     repository_facts,
     startup_budget_s,
     write_deploy,
@@ -455,3 +456,26 @@ def test_gateway_beside_triton(repos: dict[str, Path]) -> None:
     assert admitted == {8001, 8002, 8080}
     plain = _by_kind(deploy_documents(facts, DeployOptions(pvc="m", cpu=True)))
     assert len(plain["Deployment"]["spec"]["template"]["spec"]["containers"]) == 1
+
+
+def test_k8s_service_account_and_missing_storage_credentials(repos: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 27: workload identity on the k8s target (--service-account), and an object-store repository with
+    no credentials at all is said in one line (a public bucket or node identity may still serve it)."""
+    facts = repository_facts(repos["cpu"])
+    opts = DeployOptions(storage_uri="s3://bucket/clip/repo", cpu=True, service_account="clip-reader")
+    kinds = _by_kind(deploy_documents(facts, opts))
+    for doc in kinds.values():
+        validate(doc)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "clip-reader" and pod["automountServiceAccountToken"] is False
+    assert missing_credentials(opts) is None
+    bare = run_cli("deploy", "--repository", str(repos["cpu"]), "--out", str(tmp_path / "bare"), "--cpu",
+                   "--storage-uri", "gs://bucket/repo", "--quiet")
+    assert bare.returncode == 0, bare.stderr
+    warning = [line for line in bare.stderr.splitlines() if "has no credentials" in line]
+    assert len(warning) == 1 and "gs://bucket/repo" in warning[0]
+    for extra in (["--credentials-secret", "gcs-key"], ["--service-account", "clip-reader"]):
+        quiet = run_cli("deploy", "--repository", str(repos["cpu"]), "--out", str(tmp_path / extra[1]), "--cpu",
+                        "--storage-uri", "gs://bucket/repo", "--quiet", *extra)
+        assert quiet.returncode == 0 and "has no credentials" not in quiet.stderr, quiet.stderr
+    assert missing_credentials(DeployOptions(pvc="m")) is None

@@ -78,7 +78,9 @@ class DeployOptions:
         None, help="k8s: Secret with the object store's credentials (passed as environment)."
     )
     service_account: str | None = option(
-        None, help="kserve: ServiceAccount whose secrets hold the storage credentials."
+        None,
+        help="ServiceAccount the pods run as: k8s workload identity (IRSA, GKE, Azure) for --storage-uri; "
+        "kserve: the one whose secrets hold the storage credentials.",
     )
     gpu_count: int = option(1, help="GPUs per pod.")
     min_replicas: int = option(2, help="Fewest pods (also the PDB's floor).")
@@ -237,8 +239,6 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
                 f"--storage-uri must start with {', '.join(K8S_URI_SCHEMES)} (what tritonserver reads itself), "
                 f"got {opts.storage_uri!r}"
             )
-        if opts.service_account:
-            raise ClipTritonError("--service-account is for the kserve target (k8s: --credentials-secret)")
         if opts.gateway_keys_secret and not opts.gateway_image:
             raise ClipTritonError("--gateway-keys-secret needs --gateway-image (the gateway it configures)")
     else:
@@ -598,7 +598,9 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
     if opts.gateway_image:
         containers.append(_gateway_container(facts, opts, volumes))
     pod_spec: dict[str, Any] = {
-        "automountServiceAccountToken": False,  # Triton never calls the Kubernetes API
+        # Triton never calls the Kubernetes API. Workload identity needs no API token either: EKS (IRSA) and
+        # Azure inject their own projected token volume, GKE answers on the metadata server.
+        "automountServiceAccountToken": False,
         "securityContext": _pod_security(),
         "terminationGracePeriodSeconds": 60,  # preStop 10 s + Triton's 30 s exit timeout for in-flight requests
         "containers": containers,
@@ -612,6 +614,8 @@ def k8s_documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu
             }
         ],
     }
+    if opts.service_account:
+        pod_spec["serviceAccountName"] = opts.service_account
     pod_spec.update(_placement(facts, opts, on_gpu))
     autoscale = opts.max_replicas > opts.min_replicas
     deployment_spec: dict[str, Any] = {}
@@ -909,6 +913,16 @@ def _readme(facts: RepositoryFacts, opts: DeployOptions, files: list[str], on_gp
     return "\n".join(lines) + "\n"
 
 
+def missing_credentials(opts: DeployOptions) -> str | None:
+    """One line when an object-store repository is given no way to authenticate (a public bucket, or node-level
+    identity, is the only way such pods start); None otherwise."""
+    uri = opts.storage_uri or ""
+    if opts.credentials_secret or opts.service_account or not uri.startswith(("s3://", "gs://", "as://")):
+        return None
+    return (f"--storage-uri {uri} has no credentials (--credentials-secret or --service-account): the pods read it "
+            "only if the bucket is public or the nodes' own identity may; otherwise Triton fails to start")
+
+
 def write_deploy(
     repo: Path, out: Path, opts: DeployOptions, *, force: bool = False, progress: Progress | None = None
 ) -> list[str]:
@@ -916,6 +930,9 @@ def write_deploy(
     progress = progress or Progress("deploy", quiet=True)
     facts = repository_facts(repo)
     name, on_gpu = check_options(facts, opts)
+    missing = missing_credentials(opts)
+    if missing:
+        progress.warn(missing)
     docs = _documents(facts, opts, name, on_gpu)
     files = sorted(docs)
     if opts.target == "k8s" and "40-horizontalpodautoscaler.yaml" in docs:
