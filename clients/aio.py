@@ -309,7 +309,7 @@ class AsyncClipClient:
         """See ClipClient.classify."""
         images = list(images)
         _core.check_paths(images)  # a missing file or a FIFO fails before the labels are embedded
-        label_emb, image_emb = await _both(
+        label_emb, image_emb = await all_or_nothing(
             self.label_embeddings(labels, templates), self.embed_images(images, progress=progress)
         )
         info = await self.model_info()
@@ -322,18 +322,18 @@ class AsyncClipClient:
         """See ClipClient.rank."""
         if not isinstance(text, str):
             raise ClipClientError("rank() takes one query text (str)")
-        query, image_emb = await _both(self.embed_texts([text]), self.embed_images(images, progress=progress))
+        query, image_emb = await all_or_nothing(self.embed_texts([text]), self.embed_images(images, progress=progress))
         return _core.ranking(query[0], image_emb, top)
 
 
-async def _both(first: Any, second: Any) -> tuple[Any, Any]:
-    """Run two coroutines concurrently; if one fails, cancel the other (gather would leave it running)."""
-    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+async def all_or_nothing(*jobs: Any) -> list[Any]:
+    """Run coroutines concurrently and return their results in order; if one fails, cancel the others
+    (gather would leave them running) and raise its error: never a partial answer."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
     try:
-        a, b = await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except BaseException:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    return a, b

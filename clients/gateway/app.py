@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
-import io
 import logging
 import sys
 import time
@@ -25,6 +25,7 @@ import numpy as np
 
 from clip_triton.clients import _core, contract
 from clip_triton.clients._core import ClientOptions, ModelInfo
+from clip_triton.clients.aio import AsyncClipClient, all_or_nothing
 from clip_triton.clients.errors import (
     ClientTimeoutError,
     ClipClientError,
@@ -45,9 +46,7 @@ READY_TEXT = "a photo"
 def _tiny_png() -> bytes:
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (120, 80, 40)).save(buf, format="PNG")
-    return buf.getvalue()
+    return _core._png(Image.new("RGB", (32, 32), (120, 80, 40)))
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,6 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
-        from clip_triton.clients.aio import AsyncClipClient
-
         self.client = AsyncClipClient(options=self.client_options)
         self._ready_lock = asyncio.Lock()
         try:
@@ -116,7 +113,7 @@ class Gateway:
             changes["max_image_bytes"] = served_bytes
         if served_chars and served_chars < limits.max_text_chars:
             changes["max_text_chars"] = served_chars
-        return req.Limits(**{**limits.__dict__, **changes}) if changes else limits
+        return dataclasses.replace(limits, **changes)
 
     # -- auth and admission
 
@@ -148,7 +145,7 @@ class Gateway:
                 return ok, why
             try:
                 await asyncio.wait_for(
-                    asyncio.gather(self.client.embed_texts([READY_TEXT]), self.client.embed_images([self._tiny_png])),
+                    all_or_nothing(self.client.embed_texts([READY_TEXT]), self.client.embed_images([self._tiny_png])),
                     self.settings.ready_timeout,
                 )
                 ok, why = True, "ready"
@@ -161,7 +158,7 @@ class Gateway:
 
     # -- work
 
-    async def embed(self, items: list[req.Item]) -> tuple[np.ndarray, int]:
+    async def embed(self, items: list[req.Item], dim: int) -> tuple[np.ndarray, int]:
         """Embeddings for the items in their order, and the texts' token count (the served tokenizer's)."""
         texts = [it for it in items if it.kind == "text"]
         images = [it for it in items if it.kind == "image"]
@@ -173,11 +170,10 @@ class Gateway:
         if images:
             jobs.append(_blaming(images, self.client.embed_images([it.value for it in images])))
         try:
-            results = await _all(jobs)
+            results = await all_or_nothing(*jobs)
         except ClipClientError as exc:
             raise _upstream_problem(exc) from None
-        info = await self.info()
-        out = np.zeros((len(items), info.dim), dtype=np.float32)
+        out = np.zeros((len(items), dim), dtype=np.float32)
         tokens = 0
         if texts:
             out[[it.index for it in texts]] = results[0]
@@ -203,18 +199,6 @@ async def _blaming(group: list[req.Item], job: Any, param: str = "input") -> Any
     except ItemError as exc:
         where = group[exc.index].index if 0 <= exc.index < len(group) else exc.index
         raise req.Problem(400, f"{param}[{where}]: {exc.reason}", param=param) from None
-
-
-async def _all(jobs: list[Any]) -> list[Any]:
-    """Run the jobs together; on the first failure cancel the rest (never a partial answer)."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def _int(value: str | None) -> int:
@@ -304,7 +288,7 @@ def create_app(client_options: ClientOptions, settings: GatewaySettings | None =
         info = await gw.info()
         model_id = gw.model_id(info)
         parsed = req.parse_embeddings(doc, model_id, info.dim, gw.limits_for(info))
-        vectors, tokens = await gw.embed(parsed.items)
+        vectors, tokens = await gw.embed(parsed.items, info.dim)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, parsed.encoding_format)}
                 for i, v in enumerate(vectors)]
         counts = {"text": sum(it.kind == "text" for it in parsed.items),

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from clip_triton.clients import contract
-from clip_triton.clients._core import ClientOptions, parse_urls
+from clip_triton.clients._core import ClientOptions
 from clip_triton.clients.cli_options import dataclass_options, option
 from clip_triton.clients.errors import ClipClientError, UsageError
 
@@ -70,19 +70,16 @@ def read_keys(path: Path | None, environ: dict[str, str] | None = None) -> tuple
 
 
 def _check(opts: GatewayOptions) -> None:
-    parse_urls(opts.url)  # InvalidUrlError: one line
+    opts.client_options()  # the url, --batch-size, --concurrency, --timeout: ClientOptions' own checks
     try:
         ipaddress.ip_address(opts.host)
     except ValueError:
         raise UsageError(f"--host must be an IP address (e.g. 127.0.0.1 or 0.0.0.0), got {opts.host!r}") from None
     if not 0 <= opts.port <= 65535:
         raise UsageError(f"--port must be 0-65535, got {opts.port}")
-    for name in ("max_in_flight", "max_body_bytes", "max_items", "max_image_bytes", "max_json_depth", "batch_size",
-                 "concurrency"):
+    for name in ("max_in_flight", "max_body_bytes", "max_items", "max_image_bytes", "max_json_depth"):
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if opts.timeout <= 0:
-        raise UsageError(f"--timeout must be > 0, got {opts.timeout}")
 
 
 def bind(host: str, port: int) -> socket.socket:
