@@ -85,6 +85,28 @@ class Connection:
         )
 
 
+@dataclass
+class Skipping:
+    """Whether a bulk command (`embed FOLDER`, `search`) leaves out the files that fail as their own fault."""
+
+    skip_invalid: bool = option(
+        False,
+        flags=("--skip-invalid",),
+        help="Leave out files that cannot be read, are not images, are truncated or corrupt, are over the size "
+        "limits or that the server rejects, and list each with its reason (embed: DIR/rejected.jsonl; search: "
+        "FOLDER/.clip-triton-rejected.jsonl) instead of stopping. Server down or timeouts still stop the run.",
+    )
+
+
+def _report_skipped(stage: str, count: int, listed: Path | None, first: list[tuple[str, str]]) -> None:
+    """The one line a --skip-invalid run ends with when it left files out (stderr, shown even with --quiet)."""
+    if not count:
+        return
+    files = f"{count} file{'' if count == 1 else 's'} skipped"
+    where = f"see {listed}" if listed is not None else "; ".join(f"{path}: {why}" for path, why in first[:3])
+    print(f"[{stage}] WARNING: {files}, {where}", file=sys.stderr, flush=True)
+
+
 class _StderrProgress:
     """`[embed] 96/250 items` on stderr, at most once a second plus the last one; nothing for one request."""
 
@@ -151,6 +173,7 @@ def embed(
     ),
     *,
     connection: Connection,
+    skipping: Skipping,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -165,8 +188,10 @@ def embed(
             raise UsageError("give one folder (embedded into --out DIR in shards) or image files, not both")
         if out is None or out.suffix.lower() in (".npy", ".jsonl"):
             raise UsageError("a folder is embedded in shards: give --out DIR (a folder, not .npy / .jsonl)")
-        _embed_folder(connection.client(), Path(images[0]), out, shard_size, json_out, quiet)
+        _embed_folder(connection.client(), Path(images[0]), out, shard_size, json_out, quiet, skipping.skip_invalid)
         return
+    if skipping.skip_invalid:
+        raise UsageError("--skip-invalid applies to a folder embedded into --out DIR (and to search), not to files")
     if out is not None and out.suffix.lower() not in (".npy", ".jsonl"):
         raise UsageError(f"--out must end in .npy or .jsonl, got {out.name}")
     if out is not None:
@@ -219,9 +244,11 @@ def embed(
     typer.echo(_table(rows, ["#", kind, "dim", "embedding"]))
 
 
-def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, json_out: bool, quiet: bool) -> None:
+def _embed_folder(
+    client: ClipClient, folder: Path, out: Path, shard_size: int, json_out: bool, quiet: bool, skip_invalid: bool
+) -> None:
     from clip_triton.clients.files import check_writable_parent
-    from clip_triton.clients.stream import embed_folder
+    from clip_triton.clients.stream import REJECTED_NAME, embed_folder
 
     check_writable_parent(out / "index.json")
 
@@ -230,9 +257,16 @@ def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, 
 
     with client:
         result = embed_folder(
-            client, folder, out, shard_size=shard_size, progress=_RateProgress(quiet), notice=notice
+            client,
+            folder,
+            out,
+            shard_size=shard_size,
+            progress=_RateProgress(quiet),
+            notice=notice,
+            skip_invalid=skip_invalid,
         )
         model = client.model_info.image.model
+    rejected_file = out / REJECTED_NAME if result.rejected else None
     summary = {
         "out": str(out),
         "count": result.count,
@@ -245,6 +279,10 @@ def _embed_folder(client: ClipClient, folder: Path, out: Path, shard_size: int, 
         "embedded": result.embedded,
         "skipped": len(result.skipped),
     }
+    if skip_invalid:
+        summary |= {"rejected": len(result.rejected), "rejected_now": result.rejected_now,
+                    "rejected_file": None if rejected_file is None else str(rejected_file)}
+    _report_skipped("embed", len(result.rejected), rejected_file, result.rejected)
     redone = f"{len(result.damaged)} damaged and embedded again, " if result.damaged else ""
     typer.echo(
         json.dumps(summary)
@@ -324,12 +362,13 @@ def search(
     ] = False,
     *,
     connection: Connection,
+    skipping: Skipping,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Rank a folder's images by similarity to --query; embeddings are cached next to the folder."""
     from clip_triton.clients._core import ranking
-    from clip_triton.clients.search import describe_skipped, image_files, index_folder
+    from clip_triton.clients.search import describe_skipped, image_files, index_folder, relative
 
     if top < 1:
         raise UsageError(f"--top must be >= 1, got {top}")
@@ -337,7 +376,11 @@ def search(
     client = connection.client()
     with client:
         index = index_folder(
-            client, images, use_cache=not no_cache, progress=_StderrProgress("search", quiet, "images")
+            client,
+            images,
+            use_cache=not no_cache,
+            progress=_StderrProgress("search", quiet, "images"),
+            skip_invalid=skipping.skip_invalid,
         )
         if index.skipped:  # a warning: shown even with --quiet
             print(f"[search] WARNING: {describe_skipped(index.skipped, images)}", file=sys.stderr, flush=True)
@@ -348,12 +391,18 @@ def search(
                 flush=True,
             )
         query_vec = client.embed_texts([query])[0]
+    left_out = [(relative(path, images), why) for path, why in index.rejected]
+    _report_skipped("search", len(left_out), index.rejected_file, left_out)
     hits = ranking(query_vec, index.embeddings, top)
     results: list[dict[str, Any]] = [
         {"rank": r + 1, "score": hit.score, "path": str(index.paths[hit.index])} for r, hit in enumerate(hits)
     ]
     if json_out:
-        typer.echo(json.dumps({"query": query, "results": results, "cached": index.reused, "embedded": index.embedded}))
+        answer = {"query": query, "results": results, "cached": index.reused, "embedded": index.embedded}
+        if skipping.skip_invalid:
+            file = None if index.rejected_file is None else str(index.rejected_file)
+            answer |= {"rejected": [{"path": p, "reason": why} for p, why in left_out], "rejected_file": file}
+        typer.echo(json.dumps(answer))
         return
     typer.echo(_table([[str(h["rank"]), f"{h['score']:.4f}", h["path"]] for h in results], ["rank", "score", "path"]))
 

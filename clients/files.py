@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +36,26 @@ def staged_path(dest: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dest)
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace (line breaks included) as one space."""
+    return " ".join(str(text).split())
+
+
+def write_rejected(dest: Path, rejected: Iterable[tuple[str, str]]) -> bool:
+    """The files a `--skip-invalid` run left out, as JSON lines `{"path": ..., "reason": ...}` (a path
+    relative to the folder, a one-line reason), replacing `dest` whole; with none, `dest` is removed.
+    Returns whether the file now exists."""
+    lines = [
+        json.dumps({"path": path, "reason": one_line(reason)}, ensure_ascii=False) + "\n" for path, reason in rejected
+    ]
+    if not lines:
+        Path(dest).unlink(missing_ok=True)
+        return False
+    with staged_path(dest) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8")
+    return True
 
 
 def pid_alive(pid: int) -> bool:

@@ -12,6 +12,14 @@ only after both of its files are in place, so a killed run leaves no half shard.
 shard only when its input digest still matches and its output files check out (sha256, npy header,
 dtype, dim and row count, the paths equal to the folder's); it redoes the rest (the interrupted shard
 included), saying which shards were damaged and why.
+
+With `skip_invalid`, a file that fails as its own fault (search.embed_valid: unreadable, vanished, over
+the size limits, not an image, truncated, refused by the server with INVALID_ARGUMENT) is left out of its
+shard instead of ending the run: the shard's paths file lists only the files embedded, its index entry
+lists the files left out (relative path, one-line reason) and DIR/rejected.jsonl gathers them from every
+shard, in walk order. Shards are still cut from the folder's files (`shard_size` inputs each) and the
+digest still covers every input, so resuming keeps vectors and paths aligned, and a left-out file that
+changes (mtime or size) has its shard embedded again.
 """
 
 from __future__ import annotations
@@ -32,17 +40,18 @@ import numpy as np
 
 from clip_triton.clients._core import ModelInfo
 from clip_triton.clients.errors import ClipClientError, ModelMismatchError, UsageError
-from clip_triton.clients.files import pid_alive, staged_path
-from clip_triton.clients.search import IMAGE_SUFFIXES, describe_skipped, iter_image_files
+from clip_triton.clients.files import pid_alive, staged_path, write_rejected
+from clip_triton.clients.search import IMAGE_SUFFIXES, describe_skipped, embed_valid, iter_image_files, unreadable
 from clip_triton.clients.sync import ClipClient
 
 INDEX_NAME = "index.json"
+REJECTED_NAME = "rejected.jsonl"  # skip_invalid: {"path": ..., "reason": ...} per file left out
 FORMAT = "clip-triton-embeddings"
 VERSION = 2  # 2: per-shard sha256 of the output files. A version-1 index is read; its shards are redone.
 _READABLE = (1, 2)
 DEFAULT_SHARD_SIZE = 10_000
 # staged_path's temporary names: .NAME.tmp-PID
-_TEMP = re.compile(r"^\.(?:shard-\d+\.(?:npy|paths\.txt)|index\.json)\.tmp-(\d+)$")
+_TEMP = re.compile(r"^\.(?:shard-\d+\.(?:npy|paths\.txt)|index\.json|rejected\.jsonl)\.tmp-(\d+)$")
 _SHARD = re.compile(r"shard-(\d{5,})")
 _SHARD_FILE = re.compile(r"(shard-\d{5,})\.(?:npy|paths\.txt)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -58,13 +67,16 @@ entry, skipped non-regular files); by default each becomes a warnings.warn."""
 @dataclass
 class StreamResult:
     out: Path
-    count: int  # images in the folder, all now embedded
+    count: int  # images embedded in DIR's shards: the folder's, less those left out (skip_invalid)
     dim: int
     shards: int
     reused_shards: int  # found done by an earlier run and kept as they were
     embedded: int  # images sent to the server by this run
     damaged: dict[str, str] = field(default_factory=dict)  # shard name -> why its kept files were redone
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # image-named entries that are not files
+    # skip_invalid: every file DIR's shards leave out (this run's and kept shards'), as (relative path, reason)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    rejected_now: int = 0  # of those, found by this run
 
 
 def shard_name(k: int) -> str:
@@ -120,11 +132,15 @@ def embed_folder(
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: StreamProgress | None = None,
     notice: Notice | None = None,
+    skip_invalid: bool = False,
 ) -> StreamResult:
     """Embed every image under `folder` into shards in `out`, resuming what an earlier run left there.
 
     `notice(line)` hears of everything found wrong and dealt with: image-named entries that are not
-    regular files (skipped), index entries dropped, kept shards whose files are damaged (redone)."""
+    regular files (skipped), index entries dropped, kept shards whose files are damaged (redone).
+    `skip_invalid`: files that fail as their own fault are left out and listed (DIR/rejected.jsonl,
+    StreamResult.rejected) instead of ending the run; a strict run (the default) redoes a shard that
+    an earlier skip_invalid run left files out of, so it fails on them as a first strict run would."""
     folder, out = Path(folder), Path(out)
     note = notice if notice is not None else _warn
     if not folder.is_dir():
@@ -145,49 +161,76 @@ def embed_folder(
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(out)
     index.update(total=total, complete=False)
-    done = reused = embedded = reused_shards = 0
+    done = reused = embedded = reused_shards = rejected_now = 0
     count = 0
     damaged: dict[str, str] = {}
     for k, paths in enumerate(_batches(iter_image_files(folder), shard_size)):
         count = k + 1
         name = shard_name(k)
-        rels = [_relative(folder, p) for p in paths]
+        unlisted: dict[int, str] = {}  # skip_invalid: files whose names cannot go in a paths file
+        rels = [_relative(folder, p, unlisted if skip_invalid else None, i) for i, p in enumerate(paths)]
         digest = _digest(paths, rels)
         previous = entries.get(name)
         if previous is not None and previous["digest"] == digest:
-            problem = _shard_problem(out, previous, rels, info.dim)
-            if problem is None:
+            gone = {r["path"] for r in previous.get("rejected", ())}
+            problem = _shard_problem(out, previous, [r for r in rels if r not in gone], info.dim)
+            if problem is None and (skip_invalid or not gone):
                 done, reused, reused_shards = done + len(paths), reused + len(paths), reused_shards + 1
                 if progress is not None:
                     progress(done, total, reused)
                 continue
-            damaged[name] = problem
-            note(f"{name}: damaged ({problem}), embedding again")
+            if problem is not None:
+                damaged[name] = problem
+                note(f"{name}: damaged ({problem}), embedding again")
+            # else a strict run over files an earlier run left out: embedded again, so it fails on them
+        within = None if progress is None else _offset(progress, done, total, reused)
+        if skip_invalid:
+            vectors, kept, rejected = _embed_skipping(client, paths, unlisted, within)
+        else:
+            vectors, kept, rejected = client.embed_images(paths, progress=within), list(range(len(paths))), []
         if previous is not None:  # its files are about to change: out of the index first
             del entries[name]
             _write_index(out, index, entries)
-        within = None if progress is None else _offset(progress, done, total, reused)
-        vectors = client.embed_images(paths, progress=within)
-        npy_sha256, paths_sha256 = _write_shard(out, name, vectors, rels)
+        kept_rels = [rels[i] for i in kept]
+        npy_sha256, paths_sha256 = _write_shard(out, name, vectors, kept_rels)
         entries[name] = {
             "name": name,
-            "count": len(paths),
+            "count": len(kept_rels),
             "digest": digest,
-            "first": rels[0],
+            "first": kept_rels[0] if kept_rels else None,
             "npy_sha256": npy_sha256,
             "paths_sha256": paths_sha256,
         }
+        if rejected:
+            entries[name]["rejected"] = [{"path": rels[i], "reason": reason} for i, reason in rejected]
         _write_index(out, index, entries)
-        done, embedded = done + len(paths), embedded + len(paths)
+        done, embedded, rejected_now = done + len(paths), embedded + len(kept_rels), rejected_now + len(rejected)
     # The folder may have shrunk since an earlier run (or the index names shards it never had): drop
     # entries past its end, and their files.
     for name in sorted(n for n in entries if _number(n) >= count):
         note(f"{name}: past the folder's end (it has {count} shard(s) now), removed")
         del entries[name]
-    index.update(total=done, complete=True)
+    rows = sum(entry["count"] for entry in entries.values())
+    left_out = _left_out(entries[n] for n in sorted(entries, key=_number))
+    index.update(total=rows, complete=True)
+    if left_out:
+        index["rejected"] = len(left_out)
     _write_index(out, index, entries)
     _remove_files_past(out, count)
-    return StreamResult(out, done, info.dim, count, reused_shards, embedded, damaged, skipped)
+    return StreamResult(
+        out, rows, info.dim, count, reused_shards, embedded, damaged, skipped, left_out, rejected_now
+    )
+
+
+def _embed_skipping(
+    client: ClipClient, paths: list[Path], unlisted: dict[int, str], progress: Callable[[int, int], None] | None
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """One shard's embeddings with the files that fail as their own fault left out: (vectors, indices
+    of the files kept, [(index, reason)] of those left out), in the shard's order."""
+    candidates = [i for i in range(len(paths)) if i not in unlisted]
+    vectors, kept, bad = embed_valid(client, [paths[i] for i in candidates], progress=progress)
+    rejected = sorted([*unlisted.items(), *((candidates[j], reason) for j, reason in bad)])
+    return vectors, [candidates[j] for j in kept], rejected
 
 
 def _warn(message: str) -> None:
@@ -205,18 +248,27 @@ def _batches(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
         yield batch
 
 
-def _relative(folder: Path, path: Path) -> str:
+def _relative(folder: Path, path: Path, unlisted: dict[int, str] | None = None, index: int = 0) -> str:
+    """`path` relative to `folder`, for a paths file; a name with a line break cannot go in one: an
+    error, or (skipping, `unlisted` given) recorded there by `index` as the file's reason to be left out."""
     rel = path.relative_to(folder).as_posix()
     if "\n" in rel or "\r" in rel:
-        raise ClipClientError(f"cannot list {rel!r} in a paths file: its name has a line break; rename it")
+        if unlisted is None:
+            raise ClipClientError(f"cannot list {rel!r} in a paths file: its name has a line break; rename it")
+        unlisted[index] = "its name has a line break, which a paths file cannot list; rename it"
     return rel
 
 
 def _digest(paths: list[Path], rels: list[str]) -> str:
-    """Names, sizes and mtimes of a shard's files: a changed or moved file makes its shard be redone."""
+    """Names, sizes and mtimes of a shard's files: a changed or moved file makes its shard be redone.
+    A file that cannot be looked at (vanished, no permission) enters as its name and why."""
     h = hashlib.sha256()
     for path, rel in zip(paths, rels, strict=True):
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as exc:
+            h.update(f"{rel}\0{unreadable(path, exc)}\n".encode())
+            continue
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
@@ -349,7 +401,13 @@ def _entry_problem(raw: Any) -> str | None:
         return f"name {name!r} is not a shard name"
     if "npy_sha256" not in raw and "paths_sha256" not in raw:
         return f"{name} has no output checksums (written by an older clip-triton)"
-    if not _positive_int(raw.get("count")):
+    rejected = raw.get("rejected", [])
+    if not isinstance(rejected, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("reason"), str) for r in rejected
+    ):
+        return f"{name} has a 'rejected' list that is not of {{path, reason}} objects"
+    count = raw.get("count")
+    if not (_positive_int(count) or (count == 0 and not isinstance(count, bool) and rejected)):
         return f"{name} has no positive image count"
     for key in _ENTRY_HASHES:
         if not isinstance(raw.get(key), str) or not _SHA256.fullmatch(raw[key]):
@@ -406,14 +464,23 @@ def _open_index(
             entries.pop(name, None)
             continue
         entries[name] = {k: raw[k] for k in ("name", "count", *_ENTRY_HASHES)} | {"first": raw.get("first")}
+        if raw.get("rejected"):
+            entries[name]["rejected"] = [{"path": r["path"], "reason": r["reason"]} for r in raw["rejected"]]
     # Rebuilt from the fields this version knows: unknown ones are not carried forward.
     return fresh, entries
 
 
 def _write_index(out: Path, index: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    """The index, then DIR/rejected.jsonl as the files its shards leave out (removed when none do)."""
     index["shards"] = [entries[name] for name in sorted(entries, key=_number)]
     with staged_path(out / INDEX_NAME) as tmp:
         tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    write_rejected(out / REJECTED_NAME, _left_out(index["shards"]))
+
+
+def _left_out(shards: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(relative path, reason) of every file the shards' entries list as left out, in their order."""
+    return [(r["path"], r["reason"]) for shard in shards for r in shard.get("rejected", ())]
 
 
 def _remove_files_past(out: Path, count: int) -> None:
