@@ -7,19 +7,23 @@ its python models' dependencies.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import re
 import secrets
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from clip_triton.clients import contract
 from clip_triton.clients.cli_options import option
 from clip_triton.exporter import runtimes
 from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError, Progress, staged_dir
-from clip_triton.exporter.base.manifest import repository_manifest
+from clip_triton.exporter.base.manifest import IMAGE_PLAN, TEXT_PLAN, repository_manifest
 from clip_triton.exporter.base.releases import TritonRelease, repository_release
 from clip_triton.exporter.base.server import MALLOC_ENV, admin_lock_args
 
@@ -110,6 +114,33 @@ class DeployOptions:
     gateway_keys_secret: str | None = option(
         None, help="k8s: Secret whose `keys` entry lists the gateway's bearer keys, one per line (else no auth)."
     )
+    headless_service: bool = option(
+        False,
+        flags=("--headless-service",),
+        help="k8s: also write a headless Service NAME-headless (clusterIP None, same pods): its DNS name lists "
+        "every ready pod, for clients that spread over replicas themselves (docs/deploy.md).",
+    )
+    build_engines: bool = option(
+        False,
+        flags=("--build-engines",),
+        help="k8s: a Job builds the TensorRT plans on a GPU node in nvcr.io/nvidia/tensorrt:<the release>-py3, "
+        "gates them with parity and marks the repository ready; the pods wait for that mark (docs/deploy.md).",
+    )
+    engines_export_subpath: str | None = option(
+        None, help="--build-engines: the export folder (with the FP16 graphs) inside the --pvc volume."
+    )
+    clip_triton_spec: str | None = option(
+        None,
+        help="--build-engines: what the Job pip-installs, e.g. a wheel path inside the volume "
+        "(/work/pvc/wheels/clip_triton-0.1.0-py3-none-any.whl) or clip-triton==0.1.0.",
+    )
+    wheelhouse_subpath: str | None = option(
+        None,
+        help="--build-engines: a folder of wheels inside the --pvc volume; pip installs from it only (offline).",
+    )
+    tensorrt_image: str | None = option(
+        None, help="--build-engines: TensorRT image (default: nvcr.io/nvidia/tensorrt:<the release>-py3)."
+    )
 
 
 @dataclass
@@ -129,6 +160,11 @@ class RepositoryFacts:
     repository_bytes: int
     compute_capability: str | None  # of the GPU that built TensorRT plans (a plan runs only there)
     deps_python: str | None = None  # Python X.Y of the wheels the python models carry (None: none bundled)
+    # What the repository publishes in its ensembles' config parameters (clients check them): role -> sha256.
+    encoder_sha256: dict[str, str] = field(default_factory=dict)
+    # sha256 over every model's config.pbtxt and, for plans, the plans' recorded checksums (_repository_digest).
+    repository_sha256: str = ""
+    record: dict[str, Any] = field(default_factory=dict)  # manifest.json's repository record, as written
 
 
 def _tree_bytes(path: Path) -> int:
@@ -169,7 +205,41 @@ def repository_facts(repo: Path) -> RepositoryFacts:
         repository_bytes=_tree_bytes(repo),
         compute_capability=str(capability) if capability else None,
         deps_python=(record.get("python_deps") or {}).get("python"),
+        encoder_sha256=published_checksums(repo, models),
+        repository_sha256=_repository_digest(repo, models, engines if serves_plans else {}),
+        record=dict(record),
     )
+
+
+_PARAMETER = re.compile(r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}')
+CHECKSUM_PARAMS = {"image": contract.PARAM_IMAGE_ENCODER_SHA256, "text": contract.PARAM_TEXT_ENCODER_SHA256}
+
+
+def published_checksums(repo: Path, models: dict[str, str]) -> dict[str, str]:
+    """tower -> the encoder sha256 the repository publishes in its ensembles' config parameters (what
+    clients compare between replicas, clients/_core.py ModelInfo.key); towers without one are left out."""
+    found: dict[str, str] = {}
+    for role in ("image", "text"):
+        config = repo / models.get(role, "") / "config.pbtxt"
+        if role in models and config.is_file():
+            params = dict(_PARAMETER.findall(config.read_text()))
+            for tower, key in CHECKSUM_PARAMS.items():
+                if re.fullmatch(r"[0-9a-f]{64}", params.get(key, "")):
+                    found.setdefault(tower, params[key])
+    return found
+
+
+def _repository_digest(repo: Path, models: dict[str, str], engines: dict[str, Any]) -> str:
+    """sha256 over each model's config.pbtxt (batching, instances, limits, the published checksums) and, for a
+    plan repository, the plans' checksums recorded by `clip-triton engines`: cheap (no weights are read)."""
+    digest = hashlib.sha256()
+    for role in sorted(models):
+        config = repo / models[role] / "config.pbtxt"
+        if config.is_file():
+            digest.update(f"{models[role]}/config.pbtxt\0".encode() + config.read_bytes() + b"\0")
+    for name, item in sorted((engines.get("files") or {}).items()):
+        digest.update(f"{name}\0{(item or {}).get('sha256', '')}\0".encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- sizing
@@ -280,6 +350,13 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
         key, sep, value = item.partition("=")
         if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value) or len(value) > 63:
             raise ClipTritonError(f"--node-selector {item!r} must be KEY=VALUE with a valid label key and value")
+    _check_engines_options(facts, opts, name)
+    if opts.headless_service:
+        if opts.target != "k8s":
+            raise ClipTritonError("--headless-service is offered for the k8s target (KServe routes through Knative)")
+        if len(headless_name(name)) > 63:
+            raise ClipTritonError(f"--name {name!r} is too long for the headless Service {headless_name(name)!r} "
+                                  "(at most 63 characters)")
     on_gpu = facts.device == "gpu" and not opts.cpu
     if opts.cpu and facts.device == "gpu":
         raise ClipTritonError(
@@ -293,6 +370,51 @@ def check_options(facts: RepositoryFacts, opts: DeployOptions) -> tuple[str, boo
             f"Python {facts.release.python}: write it again without --deps-python (or pass --image for your own)"
         )
     return name, on_gpu
+
+
+def _relative(flag: str, value: str | None) -> None:
+    if value is not None and (not value.strip("/") or value.startswith("/") or ".." in value.split("/")
+                              or not re.fullmatch(r"[A-Za-z0-9._/+=@-]+", value)):
+        raise ClipTritonError(f"{flag} {value!r} must be a relative path inside the volume (letters, digits, ._-/+=@)")
+
+
+def _check_engines_options(facts: RepositoryFacts, opts: DeployOptions, name: str) -> None:
+    engines_flags = {
+        "--engines-export-subpath": opts.engines_export_subpath,
+        "--clip-triton-spec": opts.clip_triton_spec,
+        "--wheelhouse-subpath": opts.wheelhouse_subpath,
+        "--tensorrt-image": opts.tensorrt_image,
+    }
+    if not opts.build_engines:
+        given = [flag for flag, value in engines_flags.items() if value is not None]
+        if given:
+            raise ClipTritonError(f"{', '.join(given)} configure(s) the engine build: pass --build-engines too")
+        return
+    if opts.target != "k8s" or not opts.pvc:
+        raise ClipTritonError("--build-engines needs the k8s target with --pvc: the Job writes the repository "
+                              "into the volume (for one docker host: the build-engines/ scripts, docs/deploy.md)")
+    if opts.cpu or facts.device != "gpu":
+        raise ClipTritonError("--build-engines builds TensorRT plans for GPU pods: pass a GPU repository, not --cpu")
+    if not opts.pvc_subpath:
+        raise ClipTritonError("--build-engines needs --pvc-subpath: the new, versioned folder the Job writes the "
+                              "repository to (never an existing model's)")
+    for flag in ("--engines-export-subpath", "--clip-triton-spec"):
+        if not engines_flags[flag]:
+            raise ClipTritonError(f"--build-engines needs {flag} (docs/deploy.md, \"Engines built where they run\")")
+    _relative("--engines-export-subpath", opts.engines_export_subpath)
+    _relative("--wheelhouse-subpath", opts.wheelhouse_subpath)
+    assert opts.engines_export_subpath is not None
+    export, repo = (p.strip("/") for p in (opts.engines_export_subpath, opts.pvc_subpath))
+    if export == repo or repo.startswith(export + "/") or export.startswith(repo + "/"):
+        raise ClipTritonError("--engines-export-subpath and --pvc-subpath must be separate folders")
+    spec = opts.clip_triton_spec or ""
+    if not re.fullmatch(r"[A-Za-z0-9._/+=@:<>!~,\[\]-]+", spec):
+        raise ClipTritonError(f"--clip-triton-spec {spec!r} must be one pip requirement or wheel path (no spaces)")
+    if "[tensorrt]" in spec.replace(" ", ""):
+        raise ClipTritonError("--clip-triton-spec must not ask for the tensorrt extra: the image's own TensorRT "
+                              "builds the plans (a PyPI wheel matches no container release)")
+    if len(engines_job_name(name, facts)) > 63:
+        raise ClipTritonError(f"--name {name!r} is too long for the engine build Job {engines_job_name(name, facts)!r}")
 
 
 # ----------------------------------------------------------------------------------------- documents
@@ -860,8 +982,382 @@ def deploy_documents(facts: RepositoryFacts, opts: DeployOptions) -> dict[str, l
 def _documents(facts: RepositoryFacts, opts: DeployOptions, name: str, on_gpu: bool) -> dict[str, list[dict]]:
     """The documents for options check_options passed (with the name and on_gpu it returned)."""
     if opts.target == "k8s":
-        return k8s_documents(facts, opts, name, on_gpu)
-    return kserve_documents(facts, opts, name, on_gpu)
+        served = serving_facts(facts, opts)
+        docs = k8s_documents(served, opts, name, on_gpu)
+        _one_model_per_deployment(docs, served, opts, name)
+        if opts.build_engines:
+            _gate_on_engines(docs, served, opts, name)
+        return docs
+    docs = kserve_documents(facts, opts, name, on_gpu)
+    # KServe adds the predictor's annotations to the pods it makes: a new model is a new revision too.
+    docs["20-inferenceservice.yaml"][0]["spec"]["predictor"]["annotations"] = pod_annotations(facts, opts)
+    return docs
+
+
+# ------------------------------------------------------------------ one model per Deployment, headless Service
+
+
+def headless_name(name: str) -> str:
+    return f"{name}-headless"
+
+
+def serving_facts(facts: RepositoryFacts, opts: DeployOptions) -> RepositoryFacts:
+    """The repository the pods serve: with --build-engines, the one the Job writes (tensorrt; its plans' GPU
+    family is the Job's node's, unknown here), else the one given."""
+    if not opts.build_engines:
+        return facts
+    return dataclasses.replace(facts, runtime="tensorrt", compute_capability=None)
+
+
+def pod_annotations(facts: RepositoryFacts, opts: DeployOptions) -> dict[str, str]:
+    """What the pod template carries so that another model (or another repository) rolls the pods: the
+    published encoder checksums, the repository digest and where the repository is read from."""
+    annotations = {f"clip-triton/{tower}-encoder-sha256": sha for tower, sha in sorted(facts.encoder_sha256.items())}
+    annotations["clip-triton/repository-sha256"] = facts.repository_sha256
+    where = opts.storage_uri or f"pvc://{opts.pvc}/{(opts.pvc_subpath or '').strip('/')}"
+    annotations["clip-triton/repository"] = where
+    return annotations
+
+
+def _one_model_per_deployment(docs: dict[str, list[dict]], facts: RepositoryFacts, opts: DeployOptions,
+                              name: str) -> None:
+    """The pod template's checksum annotations, and the headless Service when asked for."""
+    (deployment,) = docs["10-deployment.yaml"]
+    deployment["spec"]["template"]["metadata"]["annotations"].update(pod_annotations(facts, opts))
+    if not opts.headless_service:
+        return
+    (service,) = docs["20-service.yaml"]
+    ports = [p for p in service["spec"]["ports"] if p["name"] != "metrics"]  # metrics: scraped per pod anyway
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(headless_name(name), opts, service["metadata"]["labels"]),
+        "spec": {
+            "clusterIP": "None",  # DNS answers with every ready pod's IP instead of one virtual IP
+            "selector": _selector(name),
+            "publishNotReadyAddresses": False,
+            "ports": ports,
+        },
+    }
+    docs["21-service-headless.yaml"] = [headless]
+
+
+# ------------------------------------------------------------------------ engines built where they run
+
+TENSORRT_IMAGE = "nvcr.io/nvidia/tensorrt"
+ENGINES_MARKER = "clip-triton-ready.sha256"  # sha256sum lines of the gated plans and the configs
+PVC_MOUNT = "/work/pvc"  # the Job's (and the wait initContainer's) mount of the whole volume
+BUILD_MOUNT = "/opt/clip-triton-build"
+BUILD_SCRIPT = "build-engines.sh"
+DOCKER_SCRIPT = "docker-build-engines.sh"
+ENGINES_FOLDER = "build-engines"  # beside the manifests; `kubectl apply -f DIR` does not descend into it
+ENGINES_DEADLINE_S = 4 * 3600  # pip install + two builds + parity; the pods wait this long plus an hour
+PARITY_REPORT = "parity-tensorrt.json"
+
+
+def tensorrt_image(facts: RepositoryFacts, opts: DeployOptions) -> str:
+    """NVIDIA's TensorRT container of the repository's Triton release: the same YY.MM ships the same TensorRT
+    (docs/deploy.md says what is checked; the build script refuses an image whose TensorRT differs)."""
+    return opts.tensorrt_image or f"{TENSORRT_IMAGE}:{facts.release.release}-py3"
+
+
+def engines_job_name(name: str, facts: RepositoryFacts) -> str:
+    """One Job per model: a Job's pod template is immutable, and a new model is a new folder anyway."""
+    sha = facts.encoder_sha256.get("image") or facts.repository_sha256
+    return f"{name}-engines-{sha[:8]}"
+
+
+def engines_commands(facts: RepositoryFacts) -> list[list[str]]:
+    """The clip-triton commands the build runs, in order (tokens with $VAR are expanded by the script): the
+    plans, the tensorrt repository written with the options the given repository was written with, parity."""
+    record = facts.record
+    max_batch = record.get("max_batch_size")
+    batch = ["--max-batch", str(max_batch)] if isinstance(max_batch, int) else []
+    engines = ["clip-triton", "engines", "--export", "$EXPORT_DIR", "--timing-cache", "$EXPORT_DIR/timing.cache",
+               *batch]
+    repository = ["clip-triton", "repository", "--export", "$EXPORT_DIR", "--out", "$REPOSITORY_DIR",
+                  "--runtime", "tensorrt", "--device", "gpu", "--prefix", facts.prefix,
+                  "--triton-release", facts.release.release, "--copy-files", *batch]
+    for key in ("queue_delay_us", "instances", "preprocess_instances", "preprocess_threads"):
+        if isinstance(record.get(key), int):
+            repository += [f"--{key.replace('_', '-')}", str(record[key])]
+    repository.append("--dynamic-batching" if facts.dynamic_batching else "--no-dynamic-batching")
+    for key, value in sorted((record.get("limits") or {}).items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            repository += [f"--{key.replace('_', '-')}", repr(value)]
+    deps = record.get("python_deps")
+    repository += ["--deps-arch", str(deps.get("arch", "x86_64"))] if isinstance(deps, dict) else ["--no-python-deps"]
+    parity = ["clip-triton", "parity", "--export", "$EXPORT_DIR", "--repository", "$REPOSITORY_DIR",
+              "--report", f"$EXPORT_DIR/{PARITY_REPORT}"]
+    return [engines, repository, parity]
+
+
+def _shell(argv: list[str]) -> str:
+    """One command line: $VAR tokens in double quotes (expanded), the rest quoted as literals."""
+    return " ".join(f'"{t}"' if t.startswith("$") and re.fullmatch(r"\$[A-Z_]+[A-Za-z0-9_./-]*", t)
+                    else shlex.quote(t) for t in argv)
+
+
+def build_script(facts: RepositoryFacts) -> str:
+    """The in-container steps (bash), for the Job and for docker-build-engines.sh alike."""
+    engines, repository, parity = engines_commands(facts)
+    image_model, text_model = facts.models["image_encoder"], facts.models["text_encoder"]
+    values = {
+        "@RELEASE@": facts.release.release,
+        "@TENSORRT@": facts.release.tensorrt or "",
+        "@MARKER@": ENGINES_MARKER,
+        "@REPORT@": PARITY_REPORT,
+        "@IMAGE_PLAN@": IMAGE_PLAN,
+        "@TEXT_PLAN@": TEXT_PLAN,
+        "@IMAGE_MODEL@": image_model,
+        "@TEXT_MODEL@": text_model,
+        "@ENGINES@": _shell(engines),
+        "@REPOSITORY@": _shell(repository),
+        "@PARITY@": _shell(parity),
+    }
+    text = _BUILD_SCRIPT
+    for key, value in values.items():
+        text = text.replace(key, value)
+    return text
+
+
+def docker_script(facts: RepositoryFacts, opts: DeployOptions) -> str:
+    """The same build on one GPU host with docker: build-engines.sh in the TensorRT container."""
+    return _DOCKER_SCRIPT.replace("@IMAGE@", tensorrt_image(facts, opts)).replace("@RELEASE@", facts.release.release)
+
+
+def _build_config_name(name: str) -> str:
+    return f"{name}-build-engines"
+
+
+def _gate_on_engines(docs: dict[str, list[dict]], facts: RepositoryFacts, opts: DeployOptions, name: str) -> None:
+    """The Job that builds and gates the plans, and the Deployment's initContainer that waits for its mark."""
+    assert opts.pvc and opts.pvc_subpath and opts.engines_export_subpath and opts.clip_triton_spec
+    (deployment,) = docs["10-deployment.yaml"]
+    pod = deployment["spec"]["template"]["spec"]
+    labels = dict(deployment["metadata"]["labels"], **{"app.kubernetes.io/component": "engine-build"})
+    repository = f"{PVC_MOUNT}/{opts.pvc_subpath.strip('/')}"
+    env = [
+        {"name": "EXPORT_DIR", "value": f"{PVC_MOUNT}/{opts.engines_export_subpath.strip('/')}"},
+        {"name": "REPOSITORY_DIR", "value": repository},
+        {"name": "CLIP_TRITON_SPEC", "value": opts.clip_triton_spec},
+        {"name": "HOME", "value": "/tmp/clip-triton-home"},
+        # The PyTorch reference's weights (a --pretrained tag): cached on the volume, so a second run and an
+        # offline cluster (pre-filled cache) need no download.
+        {"name": "HF_HOME", "value": f"{PVC_MOUNT}/.cache/huggingface"},
+    ]
+    if opts.wheelhouse_subpath:  # pip's own variables: install from the volume's wheels only
+        env += [{"name": "PIP_NO_INDEX", "value": "1"},
+                {"name": "PIP_FIND_LINKS", "value": f"{PVC_MOUNT}/{opts.wheelhouse_subpath.strip('/')}"},
+                {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    gib = facts.encoder_bytes / GIB
+    memory = f"{math.ceil(16 + 4 * gib)}Gi"  # torch reference + ONNX parse + builder, per tower in turn
+    amounts = {"cpu": opts.cpus or "4", "memory": memory, "nvidia.com/gpu": "1"}
+    job_pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
+        "containers": [
+            {
+                "name": "build-engines",
+                "image": tensorrt_image(facts, opts),
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["bash", f"{BUILD_MOUNT}/{BUILD_SCRIPT}"],
+                "env": env,
+                "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+                "securityContext": _container_security(),
+                "volumeMounts": [
+                    {"name": "volume", "mountPath": PVC_MOUNT},
+                    {"name": "script", "mountPath": BUILD_MOUNT, "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "volume", "persistentVolumeClaim": {"claimName": opts.pvc}},
+            {"name": "script", "configMap": {"name": _build_config_name(name), "defaultMode": 0o555}},
+            # pip's install of clip-triton and torch lands under $HOME in /tmp: several GiB.
+            {"name": "tmp", "emptyDir": {"sizeLimit": "30Gi"}},
+            _shm_volume(opts),
+        ],
+    }
+    if opts.service_account:
+        job_pod["serviceAccountName"] = opts.service_account
+    # The serving pods' placement: the same nodeSelector and tolerations, so the plans are built on the GPU
+    # family the pods get (pass --node-selector with a GPU product label where the cluster mixes families).
+    job_pod.update(_placement(facts, opts, True))
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(engines_job_name(name, facts), opts, labels,
+                          annotations={"clip-triton/tensorrt-image": tensorrt_image(facts, opts),
+                                       **pod_annotations(facts, opts)}),
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": ENGINES_DEADLINE_S,
+            "ttlSecondsAfterFinished": 7 * 24 * 3600,  # kept a week for its logs
+            "template": {"metadata": {"labels": labels}, "spec": job_pod},
+        },
+    }
+    script = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(_build_config_name(name), opts, labels),
+        "data": {BUILD_SCRIPT: build_script(facts)},
+    }
+    docs["08-build-engines.yaml"] = [script, job]
+    # The gate: no Triton container starts before the Job's mark is there and matches the files. The volume's
+    # root is mounted here (not the subPath, which the kubelet would create empty if the Job has not yet).
+    relative = opts.pvc_subpath.strip("/")
+    wait = (
+        f'marker={PVC_MOUNT}/{relative}/{ENGINES_MARKER}; deadline=$((SECONDS + {ENGINES_DEADLINE_S + 3600}))\n'
+        'until [ -f "$marker" ]; do\n'
+        '  if [ "$SECONDS" -ge "$deadline" ]; then\n'
+        f'    echo "no ready mark at $marker: the Job {engines_job_name(name, facts)} did not pass (kubectl logs job/'
+        f'{engines_job_name(name, facts)})" >&2; exit 1\n'
+        '  fi\n'
+        f'  echo "waiting for Job {engines_job_name(name, facts)} to build and gate the plans ($marker)"; sleep 15\n'
+        'done\n'
+        f'cd {PVC_MOUNT}/{relative} && sha256sum --check --strict --quiet {ENGINES_MARKER} || '
+        '{ echo "the repository differs from what the Job gated: it was changed in place" >&2; exit 1; }\n'
+    )
+    triton = pod["containers"][0]
+    pod["initContainers"] = [
+        {
+            "name": "wait-for-engines",
+            "image": triton["image"],  # already pulled for Triton; has bash and sha256sum
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["bash", "-c", wait],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}},
+            "securityContext": _container_security(),
+            "volumeMounts": [{"name": "engines-volume", "mountPath": PVC_MOUNT, "readOnly": True}],
+        }
+    ]
+    claim = {"claimName": opts.pvc, "readOnly": True}
+    pod["volumes"].append({"name": "engines-volume", "persistentVolumeClaim": claim})
+    deployment["metadata"]["annotations"]["clip-triton/engines-job"] = engines_job_name(name, facts)
+
+
+_BUILD_SCRIPT = r"""#!/usr/bin/env bash
+# Written by `clip-triton deploy --build-engines` (clip-triton's docs/deploy.md, "Engines built where they run").
+# Runs INSIDE nvcr.io/nvidia/tensorrt:@RELEASE@-py3, on a GPU of the family that will serve the plans; the
+# Kubernetes Job (08-build-engines.yaml) and docker-build-engines.sh both run it. Steps: install clip-triton
+# beside the image's own TensorRT, build the plans, write the tensorrt repository for Triton @RELEASE@, gate
+# it with parity against PyTorch, and only then write the ready mark that the serving pods wait for.
+# Environment: EXPORT_DIR (the export, FP16 graphs made), REPOSITORY_DIR (a new, versioned folder),
+# CLIP_TRITON_SPEC (pip requirement or wheel path); PIP_NO_INDEX / PIP_FIND_LINKS for an offline wheelhouse.
+set -euo pipefail
+
+: "${EXPORT_DIR:?set EXPORT_DIR: the export folder holding the FP16 graphs}"
+: "${REPOSITORY_DIR:?set REPOSITORY_DIR: the new, versioned repository folder to write}"
+: "${CLIP_TRITON_SPEC:?set CLIP_TRITON_SPEC: a pip requirement or wheel path for clip-triton}"
+TRITON_RELEASE="@RELEASE@"
+# What tritonserver:@RELEASE@-py3 ships, per clip-triton's release table ("": unconfirmed).
+EXPECTED_TENSORRT="@TENSORRT@"
+MARKER="@MARKER@"
+REPORT="$EXPORT_DIR/@REPORT@"
+PLANS=("@IMAGE_MODEL@/1/model.plan" "@TEXT_MODEL@/1/model.plan")
+
+say() { echo "build-engines: $*" >&2; }
+fail() { say "error: $*"; exit 1; }
+
+if [ -f "$REPOSITORY_DIR/$MARKER" ]; then
+  if (cd "$REPOSITORY_DIR" && sha256sum --check --strict --quiet "$MARKER"); then
+    say "$REPOSITORY_DIR is already built and gated; nothing to do (a new model goes to a new folder)"
+    exit 0
+  fi
+  fail "$REPOSITORY_DIR has a ready mark that its files no longer match (changed in place?); write to a new folder"
+fi
+
+trt_version() { python3 -c 'import tensorrt; print(tensorrt.__version__)'; }
+image_trt="$(trt_version)" ||
+  fail "no tensorrt Python module here: run this in nvcr.io/nvidia/tensorrt:${TRITON_RELEASE}-py3"
+if [ -z "$EXPECTED_TENSORRT" ]; then
+  say "TensorRT $image_trt; which TensorRT tritonserver:${TRITON_RELEASE}-py3 ships is unconfirmed"
+elif [ "$image_trt" != "$EXPECTED_TENSORRT" ]; then
+  fail "this image ships TensorRT $image_trt, tritonserver:${TRITON_RELEASE}-py3 ships $EXPECTED_TENSORRT:" \
+    "its plans would not load there"
+else
+  say "TensorRT $image_trt, as tritonserver:${TRITON_RELEASE}-py3 ships"
+fi
+
+# pip installs into $HOME/.local; the image's TensorRT must stay the one that builds the plans.
+export HOME=/tmp/clip-triton-home PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export PATH="$HOME/.local/bin:$PATH"
+mkdir -p "$HOME"
+say "installing $CLIP_TRITON_SPEC${PIP_FIND_LINKS:+ from $PIP_FIND_LINKS}"
+python3 -m pip install --user "$CLIP_TRITON_SPEC"
+[ "$(trt_version)" = "$image_trt" ] ||
+  fail "installing $CLIP_TRITON_SPEC replaced the image's TensorRT $image_trt (drop the tensorrt extra)"
+
+@ENGINES@
+
+force=()
+if [ -e "$REPOSITORY_DIR" ]; then
+  say "replacing $REPOSITORY_DIR: an earlier attempt that was never marked ready"
+  force=(--force)
+fi
+@REPOSITORY@ ${force[@]+"${force[@]}"}
+
+@PARITY@
+python3 - "$REPORT" <<'PY'
+import json
+import sys
+
+result = json.load(open(sys.argv[1]))
+status = {stage["stage"]: stage["status"] for stage in result["stages"]}
+if not result.get("passed") or status.get("tensorrt") != "pass":
+    sys.exit(f"build-engines: error: parity did not pass the TensorRT stage: {status}")
+PY
+
+# The repository serves exactly the plans parity judged.
+cmp "$EXPORT_DIR/@IMAGE_PLAN@" "$REPOSITORY_DIR/${PLANS[0]}" || fail "the repository's image plan is not the gated one"
+cmp "$EXPORT_DIR/@TEXT_PLAN@" "$REPOSITORY_DIR/${PLANS[1]}" || fail "the repository's text plan is not the gated one"
+(cd "$REPOSITORY_DIR" && sha256sum "${PLANS[@]}" ./*/config.pbtxt > "$MARKER.tmp" && mv "$MARKER.tmp" "$MARKER")
+say "ready: $REPOSITORY_DIR (TensorRT $image_trt, Triton $TRITON_RELEASE, parity report $REPORT)"
+"""
+
+_DOCKER_SCRIPT = r"""#!/usr/bin/env bash
+# Written by `clip-triton deploy --build-engines`: the engine build on one GPU host with docker, in
+# @IMAGE@ (Triton @RELEASE@'s TensorRT), running build-engines.sh beside this file.
+# Usage: docker-build-engines.sh EXPORT_DIR REPOSITORY_DIR CLIP_TRITON_SPEC [WHEELHOUSE_DIR]
+#   EXPORT_DIR        the export with the FP16 graphs (clip-triton export + fp16); plans are written into it
+#   REPOSITORY_DIR    a new, versioned folder for the tensorrt repository (its parent must exist)
+#   CLIP_TRITON_SPEC  a wheel file on this host, or a pip requirement (clip-triton==0.1.0)
+#   WHEELHOUSE_DIR    optional: install from these wheels only (no index; offline hosts)
+# TENSORRT_IMAGE overrides the image (a mirror of the same tag).
+set -euo pipefail
+
+if [ "$#" -lt 3 ] || [ "$#" -gt 4 ]; then
+  sed -n '2,9p' "$0" >&2
+  exit 2
+fi
+image="${TENSORRT_IMAGE:-@IMAGE@}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export_dir="$(cd "$1" && pwd)"
+out_parent="$(cd "$(dirname "$2")" && pwd)"
+out_name="$(basename "$2")"
+spec="$3"
+args=(
+  --rm --gpus all --shm-size 2g --user "$(id -u):$(id -g)"
+  -v "$export_dir:/work/export" -v "$out_parent:/work/out" -v "$here/build-engines.sh:/work/build-engines.sh:ro"
+  -e EXPORT_DIR=/work/export -e "REPOSITORY_DIR=/work/out/$out_name"
+)
+if [ -f "$spec" ]; then  # a wheel on this host: mounted, and installed by its path in the container
+  spec_dir="$(cd "$(dirname "$spec")" && pwd)"
+  args+=(-v "$spec_dir:/work/spec:ro")
+  spec="/work/spec/$(basename "$spec")"
+fi
+args+=(-e "CLIP_TRITON_SPEC=$spec")
+if [ "$#" -eq 4 ]; then
+  args+=(-v "$(cd "$4" && pwd):/work/wheels:ro" -e PIP_NO_INDEX=1 -e PIP_FIND_LINKS=/work/wheels -e HF_HUB_OFFLINE=1)
+fi
+if [ -n "${HF_HOME:-}" ]; then  # the PyTorch reference's weights, from this host's Hugging Face cache
+  args+=(-v "$HF_HOME:/work/hf-home" -e HF_HOME=/work/hf-home)
+fi
+exec docker run "${args[@]}" "$image" bash /work/build-engines.sh
+"""
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -910,7 +1406,32 @@ def _readme(facts: RepositoryFacts, opts: DeployOptions, files: list[str], on_gp
             f"Service: POST /v1/embeddings, /v1/classify, GET /v1/models; {auth}. It reaches Triton over the "
             "pod's loopback. See clip-triton's docs/gateway.md.",
         ]
+    if opts.headless_service:
+        lines += [
+            "",
+            f"Headless Service `{headless_name(name_of(facts, opts))}`: its DNS name answers with every ready pod's "
+            "IP. clip-triton's client spreads over the endpoints listed in `--url`, one gRPC connection each, so "
+            "resolve the name and list them: `--url \"$(getent ahosts "
+            f"{headless_name(name_of(facts, opts))} | awk '{{print $1\":{GRPC_PORT}\"}}' | sort -u | paste -sd, -)\"` "
+            "(the list is fixed when the client starts; see clip-triton's docs/deploy.md).",
+        ]
+    if opts.build_engines:
+        job = engines_job_name(name_of(facts, opts), facts)
+        lines += [
+            "",
+            f"Engines: Job `{job}` (08-build-engines.yaml) builds the TensorRT plans in "
+            f"`{tensorrt_image(facts, opts)}` on a GPU node, writes the tensorrt repository to "
+            f"`{opts.pvc_subpath}` in PersistentVolumeClaim `{opts.pvc}`, runs parity against PyTorch and only then "
+            f"writes `{ENGINES_MARKER}` there; each pod's initContainer `wait-for-engines` waits for that mark and "
+            f"checks the files against it. Follow it with `kubectl logs -f job/{job}`. Without a cluster: "
+            f"`{ENGINES_FOLDER}/{DOCKER_SCRIPT} EXPORT_DIR REPOSITORY_DIR CLIP_TRITON_SPEC [WHEELHOUSE_DIR]` runs the "
+            "same build with docker on one GPU host. Not run where this was generated (no GPU, cluster or docker).",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def name_of(facts: RepositoryFacts, opts: DeployOptions) -> str:
+    return check_options(facts, opts)[0]
 
 
 def missing_credentials(opts: DeployOptions) -> str | None:
@@ -937,7 +1458,16 @@ def write_deploy(
     files = sorted(docs)
     if opts.target == "k8s" and "40-horizontalpodautoscaler.yaml" in docs:
         files.append("prometheus-adapter/values.yaml")
+    scripts = {}
+    if opts.build_engines:
+        scripts = {BUILD_SCRIPT: build_script(facts), DOCKER_SCRIPT: docker_script(facts, opts)}
+    files += [f"{ENGINES_FOLDER}/{script}" for script in scripts]
     with staged_dir(out, force=force) as tmp:
+        if scripts:  # its own folder too; the same build-engines.sh as the Job's ConfigMap
+            (tmp / ENGINES_FOLDER).mkdir()
+            for script, text in scripts.items():
+                (tmp / ENGINES_FOLDER / script).write_text(text)
+                (tmp / ENGINES_FOLDER / script).chmod(0o755)
         for filename, documents in docs.items():
             (tmp / filename).write_text(_dump(documents))
         if "prometheus-adapter/values.yaml" in files:
