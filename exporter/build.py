@@ -27,7 +27,14 @@ from clip_triton.exporter.base.common import (
     os_error_message,
     staged_file,
 )
-from clip_triton.exporter.base.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
+from clip_triton.exporter.base.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    load_manifest,
+    repository_manifest,
+    sha256_file,
+    verify_files,
+)
 from clip_triton.exporter.parity.metrics import cosine_rows
 from clip_triton.exporter.parity.report import FAIL, PASS, SKIP, format_table
 from clip_triton.exporter.parity.run import TRITON_STAGES, ParityOptions, check_parity_options, run_parity
@@ -512,7 +519,8 @@ def run_demo(
     else:
         progress.info(f"reusing the build in {out} (pass --rebuild to build again)")
     manifest = load_manifest(out / "export")
-    section = manifest.repository or {}
+    served = repository_manifest(out / "repository")  # the repository's own record (the export keeps none)
+    section = (served.repository if served is not None else None) or {}
     models = TritonModels.from_section(section)
     sample = shapes.sample(SHAPES_SPLIT, DEMO_IMAGE_INDEX)
     image_path = out / f"shapes-{SHAPES_SPLIT}-{DEMO_IMAGE_INDEX:04d}.png"

@@ -215,12 +215,19 @@ def deploy(
 def parity(
     export: Annotated[Path, typer.Option("--export", help="Export folder (manifest.json and graphs).")],
     repository: Annotated[
-        Path | None, typer.Option(help="Model repository: a local tritonserver is started for it.")
+        Path | None,
+        typer.Option(help="Model repository: a local tritonserver is started for it (with --url: the one served)."),
     ] = None,
-    url: Annotated[str | None, typer.Option(help="A running Triton's gRPC HOST:PORT serving this export.")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="A running Triton's gRPC HOST:PORT serving this export (replicas: a,b).")
+    ] = None,
     *,
     checks: ParityOptions,
-    report: Annotated[Path | None, typer.Option(help="JSON report (default: EXPORT/parity.json).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for parity.json and parity.md (default: EXPORT-parity, beside the export)."),
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="JSON report (default: OUT/parity.json).")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Markdown report (default: beside the JSON).")] = None,
     ort_providers: Annotated[
         str,
@@ -240,6 +247,7 @@ def parity(
         repository=repository,
         url=url,
         **checks.parity_kwargs(),
+        out=out,
         report=report,
         markdown=markdown,
         providers=parse_providers(ort_providers),

@@ -11,6 +11,7 @@ import pytest
 
 from clip_triton.exporter.base.common import ClipTritonError, ParityError, Progress
 from clip_triton.exporter.base.manifest import load_manifest
+from clip_triton.exporter.parity import identity
 from clip_triton.exporter.parity.report import PASS, SKIP, format_markdown, format_table, zero_shot_agreement
 from clip_triton.exporter.parity.run import check_triton_preprocessing, compare_runner, run_parity
 from clip_triton.exporter.parity.samples import (
@@ -25,8 +26,9 @@ from clip_triton.exporter.parity.samples import (
 )
 from clip_triton.exporter.runtimes import TowerBatch
 from clip_triton.exporter.runtimes.triton import triton_runner
-from helpers import linked_copy, run_cli
+from helpers import linked_copy, run_cli, scratch_dir
 
+SHAPES = "ShapesCLIP-RN-T"
 CORRUPT_WEIGHT = "model.visual.transformer.resblocks.0.attn.out_proj.weight"
 
 
@@ -148,8 +150,8 @@ def test_clean_export_passes_and_reports(vitb32_export: Path, tmp_path: Path) ->
     assert on_disk["passed"] and on_disk["samples"]["images"][0].startswith("builtin-00")
     markdown = (tmp_path / "r" / "parity.md").read_text()
     assert "| onnx-fp32 | image | PASS |" in markdown
-    recorded = load_manifest(export).parity
-    assert recorded["passed"] and recorded["stages"]["onnx-fp32"]["image_min_cosine"] >= 0.99999
+    assert on_disk["tested"]["export"] == str(export.resolve()) and on_disk["tested"]["urls"] == []
+    assert load_manifest(export).parity is None  # the report is beside the export, not in its manifest
     assert "onnx-fp32  image  PASS" in format_table(result)
 
 
@@ -163,16 +165,19 @@ def test_scaled_weight_matrix_fails_naming_stage_and_tower(vitb32_export: Path, 
     assert error.startswith("error: parity failed: onnx-fp32 image tower: min cosine")
     assert "text tower" not in error and "Traceback" not in proc.stderr
     assert "onnx-fp32  image  FAIL" in proc.stdout  # the table is printed before the exit
-    report = json.loads((export / "parity.json").read_text())
+    assert not (export / "parity.json").exists()  # the default folder is beside the export: EXPORT-parity
+    report = json.loads((tmp_path / "export-parity" / "parity.json").read_text())
     fp32 = stage(report, "onnx-fp32")
     assert fp32["towers"]["image"]["status"] == "fail" and fp32["towers"]["text"]["status"] == "pass"
     assert 0.99 < fp32["towers"]["image"]["min_cosine"] < 0.99999
-    assert load_manifest(export).parity["passed"] is False
+    assert (tmp_path / "export-parity" / "parity.md").is_file()
 
 
 def test_bad_arguments_are_one_line_errors(vitb32_export: Path, tmp_path: Path) -> None:
-    with pytest.raises(ClipTritonError, match="either --repository"):
-        run_parity(vitb32_export, repository=tmp_path, url="127.0.0.1:1")
+    with pytest.raises(ClipTritonError, match="inside the export folder: parity writes its reports beside"):
+        run_parity(vitb32_export, report=vitb32_export / "parity.json")
+    with pytest.raises(ClipTritonError, match="--markdown .* inside the export folder"):
+        run_parity(vitb32_export, out=tmp_path, markdown=vitb32_export / "sub" / "parity.md")
     with pytest.raises(ClipTritonError, match="min-cosine-fp16 must be in"):
         run_parity(vitb32_export, min_cosine_fp16=1.5)
     with pytest.raises(ClipTritonError, match="has no manifest.json"):
@@ -242,7 +247,7 @@ def test_live_triton_passes_then_catches_a_wrong_normalisation(vitb32_export: Pa
         with pytest.raises(ParityError, match="triton-preprocess image: pixels differ") as info:
             run_parity(export, url=server.grpc_url, samples=6)
     assert "triton image tower" in str(info.value)
-    report = json.loads((export / "parity.json").read_text())
+    report = json.loads((tmp_path / "export-parity" / "parity.json").read_text())
     assert stage(report, "triton-preprocess")["max_abs_diff"] > 1e-3
     assert stage(report, "triton-tokenize")["status"] == PASS  # only the image side drifted
 
@@ -294,3 +299,101 @@ def test_stage_gate_checks_every_tower_then_names_each_failure() -> None:
         gate_towers(lambda t: {"min_cosine": 0.0 if t == "image" else float("nan")}, threshold=0.9, **gate)
     records = gate_towers(check, threshold=0.4, order=("text", "image"), **gate)
     assert list(records) == ["image", "text"] and records["text"]["extra"] == "text"  # the manifest's order
+
+
+# ------------------------------------------------------------------ what parity tests: identity and reports
+
+
+def _served(where: str, image: str | None, text: str | None, **kw: object) -> identity.Served:
+    checksums = {t: v for t, v in (("image", image), ("text", text)) if v}
+    return identity.Served(where=where, model_name="M", checksums=checksums, **kw)  # type: ignore[arg-type]
+
+
+def test_identity_verdicts_cover_fp16_unknown_and_mixed_replicas(vitb32_export: Path) -> None:
+    """One export, one pair of checksums (its FP32 graphs'): whatever a repository serves of it matches; no
+    published checksums is unknown (carry on); any server or replica with others is a different model."""
+    manifest = load_manifest(vitb32_export)
+    want = identity.expected_checksums(manifest)
+    assert set(want) == {"image", "text"} and all(len(v) == 64 for v in want.values())
+    same = _served("server a:1", want["image"], want["text"])
+    assert identity.judge(same, want).status == identity.MATCH
+    assert identity.judge(_served("server b:1", None, None), want).status == identity.UNKNOWN
+    assert identity.judge(_served("server c:1", None, None, error="refused"), want).status == identity.UNREACHABLE
+    identity.check(manifest, [same, _served("server b:1", None, None)])  # unknown: no error
+    other = _served("server d:1", want["image"], "f" * 64)  # one tower differs: another model
+    with pytest.raises(identity.DifferentModelError) as info:
+        identity.check(manifest, [same, other])
+    line = str(info.value)
+    assert line.startswith("different model: the server d:1 serves M (image encoder sha256 ")
+    assert "text encoder sha256 ffffffffffff" in line and "mixed replicas: server a:1 serve" in line
+    assert "\n" not in line and "cosine" not in line
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory):
+    """Two tiny models (ShapesCLIP-RN-T, random weights, seeds 0 and 1). B has its FP16 graphs, an FP16
+    python-runtime repository and a live embedded server for it. Yields (A, B, B's manifest bytes before
+    `repository` ran, repo B, server B)."""
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.sources.open_clip import load_model
+    from clip_triton.exporter.stages.export import export_model
+    from clip_triton.exporter.stages.fp16 import make_fp16
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
+
+    with scratch_dir(tmp_path_factory, "two_models") as base:
+        export_model(load_model(SHAPES, random_weights=True, seed=0), base / "a")
+        export_model(load_model(SHAPES, random_weights=True, seed=1), base / "b")
+        make_fp16(base / "b")
+        before = (base / "b" / "manifest.json").read_bytes()
+        repo = write_repository(base / "b", base / "repo-b", RepositoryOptions(runtime="python", precision="fp16"))
+        with TritonServer(repo, log_path=base / "tritonserver.log") as server:
+            yield base / "a", base / "b", before, repo, server
+
+
+@pytest.mark.server
+def test_parity_against_another_model_says_different_model(two_models, tmp_path: Path) -> None:
+    """Export A against B's server (or B's repository folder): one line naming both models' checksums, exit 2,
+    before any comparison (no report, no drift figures)."""
+    export_a, export_b, _, repo_b, server = two_models
+    proc = run_cli("parity", "--export", str(export_a), "--url", server.grpc_url, "--samples", "2",
+                   "--out", str(tmp_path / "out"), "--quiet", timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    a_image = identity.expected_checksums(load_manifest(export_a))["image"]
+    b_image = identity.expected_checksums(load_manifest(export_b))["image"]
+    assert error.startswith(f"error: different model: the server {server.grpc_url} serves ShapesCLIP-RN-T "
+                            f"(image encoder sha256 {b_image[:12]}")
+    assert f"not this export's ShapesCLIP-RN-T (image encoder sha256 {a_image[:12]}" in error
+    assert error.endswith("nothing was compared") and "cosine" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(identity.DifferentModelError, match=f"the repository {repo_b} serves ShapesCLIP-RN-T"):
+        run_parity(export_a, repository=repo_b, samples=2, out=tmp_path / "out")
+
+
+@pytest.mark.server
+def test_report_names_what_it_tested_and_the_export_stays_untouched(two_models, tmp_path: Path) -> None:
+    """B against its own FP16 repository, served: the same model (the repository publishes the FP32 graphs'
+    checksums whatever it serves), judged at the FP16 threshold. The reports name the URL, the repository,
+    the export and the weights; `repository` and `parity` leave the export's manifest byte-identical."""
+    _, export_b, before, repo_b, server = two_models
+    files = sorted(p.name for p in export_b.iterdir())
+    result = run_parity(export_b, repository=repo_b, url=server.grpc_url, samples=2, out=tmp_path / "out")
+    assert result["passed"], result["failures"]
+    assert stage(result, "triton")["threshold"] == 0.999  # the repository's record: python, fp16
+    tested = result["tested"]
+    assert tested["export"] == str(export_b.resolve()) and tested["repository"] == str(repo_b.resolve())
+    assert tested["urls"] == [server.grpc_url]
+    assert tested["weights"] == {"model": SHAPES, "random_weights": True, "seed": 1}
+    assert [s["status"] for s in tested["served"]] == ["match", "match"]
+    assert tested["served"][1]["url"] == server.grpc_url and tested["served"][1]["model_name"] == SHAPES
+    markdown = (tmp_path / "out" / "parity.md").read_text()
+    assert json.loads((tmp_path / "out" / "parity.json").read_text())["tested"] == tested
+    for text in (f"- export: `{export_b.resolve()}`", f"- repository: `{repo_b.resolve()}`",
+                 f"- server: `{server.grpc_url}`", f"- weights: `{SHAPES}`, RANDOM weights (seed 1)",
+                 f"- server {server.grpc_url} ({SHAPES}): serves this export (encoder checksums match)"):
+        assert text in markdown, text
+    # The default report folder is beside the export; nothing was added to it or changed in it.
+    run_parity(export_b, samples=2)
+    assert (export_b.parent / "b-parity" / "parity.json").is_file()
+    assert (export_b / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in export_b.iterdir()) == files

@@ -222,8 +222,9 @@ def test_repository_layout_and_configs_parse_back(python_repo: Path, vitb32_expo
     readme = (python_repo / "README.md").read_text()
     assert "ViT-B-32" in readme and "INT32" in readme and "docker run" in readme and "clip-triton serve" in readme
     assert load_manifest(python_repo).repository["runtime"] == "python"
-    recorded = load_manifest(vitb32_export).repository
+    recorded = load_manifest(python_repo).repository
     assert recorded["path"] == str(python_repo.resolve()) and recorded["prefix"] == "clip"
+    assert load_manifest(vitb32_export).repository is None  # the export is left as it was
 
 
 def test_onnxruntime_configs(vitb32_export: Path, tmp_path: Path) -> None:
@@ -275,6 +276,41 @@ def test_tensorrt_needs_plans_and_caps_max_batch(vitb32_export: Path, tmp_path: 
     assert "tritonserver:24.10-py3" in (repo / "README.md").read_text()
     with pytest.raises(ClipTritonError, match="exceeds the engines' profile max batch 32"):
         write_repository(fake, tmp_path / "trt2", RepositoryOptions(max_batch=64))
+
+
+def test_readme_and_record_name_the_release_its_driver_and_the_docker_command(
+    python_repo: Path, vitb32_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27: the release comes from the driver rule (default R570: 25.03) and is recorded with its driver
+    floor; `docker run --gpus all` only for GPU instances; /dev/shm as deploy's manifests size it."""
+    from clip_triton.exporter.base.common import Progress
+    from clip_triton.exporter.stages.deploy import DeployOptions
+
+    assert DeployOptions().shm_size == "2Gi"  # the README's --shm-size=2g below
+    record = load_manifest(python_repo).repository
+    assert record["triton_release"] == "25.03" and record["triton_image"] == "nvcr.io/nvidia/tritonserver:25.03-py3"
+    assert record["triton_min_driver"] == 570 and record["triton_cuda"] == "12.8.1.012"
+    assert "default --min-driver" in record["triton_release_reason"]
+    cpu = (python_repo / "README.md").read_text()  # python runtime: CPU instances
+    assert "docker run --rm --shm-size=2g " in cpu and "--gpus" not in cpu and "--shm-size=1g" not in cpu
+    assert "tritonserver:25.03-py3" in cpu and "no GPU or driver needed" in cpu
+    # A GPU repository for nodes on R580: the newest release with a known floor at most R580, printed once.
+    opts = RepositoryOptions(runtime="onnxruntime", min_driver="580.65.06", python_deps=False)
+    repo = write_repository(vitb32_export, tmp_path / "gpu", opts, progress=Progress("repository", quiet=False))
+    err = capsys.readouterr().err
+    assert "Triton 25.10 (nvcr.io/nvidia/tritonserver:25.10-py3; the newest release for driver R580" in err
+    assert "NVIDIA driver R580 or newer (CUDA 13.0.2.006)" in err
+    gpu = (repo / "README.md").read_text()
+    assert "docker run --gpus all --rm --shm-size=2g " in gpu and "tritonserver:25.10-py3" in gpu
+    assert "The GPU nodes need NVIDIA driver R580 or newer" in gpu and "forward-compatibility" in gpu
+    assert load_manifest(repo).repository["triton_min_driver"] == 580
+    # --quiet silences the line; an explicit release that needs a newer driver than --min-driver is refused.
+    write_repository(vitb32_export, tmp_path / "q", RepositoryOptions(runtime="python", python_deps=False))
+    assert "Triton 25.03" not in capsys.readouterr().err
+    with pytest.raises(ClipTritonError, match=r"--triton-release 25\.08 needs NVIDIA driver R580"):
+        write_repository(vitb32_export, tmp_path / "x", RepositoryOptions(triton_release="25.08", min_driver="570",
+                                                                          runtime="python", python_deps=False))
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_options_leave_nothing(vitb32_export: Path, tmp_path: Path) -> None:

@@ -184,6 +184,49 @@ class Manifest:
         return path
 
 
+def weights_record(m: Manifest) -> dict[str, Any]:
+    """Which weights a manifest's model carries, as data (for reports): the model name and exactly one of
+    its pretrained tag (with the shipped weights' sha256 for builtin), checkpoint (path + sha256) or
+    random seed; a custom architecture's config is flagged."""
+    record: dict[str, Any] = {"model": m.model_name}
+    if m.pretrained:
+        record["pretrained"] = m.pretrained
+        if m.builtin_sha256:
+            record["builtin_sha256"] = m.builtin_sha256
+    elif m.checkpoint:
+        record["checkpoint"] = {"path": m.checkpoint.get("path"), "sha256": m.checkpoint.get("sha256")}
+    else:
+        record["random_weights"] = True
+        record["seed"] = m.seed
+    if m.model_config is not None:
+        record["model_config"] = True
+    return record
+
+
+def describe_weights(m: Manifest, full: bool = False) -> str:
+    """The weights in words (Markdown): `pretrained tag `T``, `checkpoint sha256 `…``, or RANDOM weights with
+    their seed. `full`: the model name first, and the checkpoint's path and whole checksums (a report
+    naming what it tested); otherwise checksums are shortened (a README line)."""
+    def sha(value: Any) -> str:
+        text = str(value or "?")
+        return text if full else f"{text[:16]}…"
+
+    if m.pretrained:
+        words = f"pretrained tag `{m.pretrained}`"
+        if full and m.builtin_sha256:
+            words += f" (weights sha256 `{sha(m.builtin_sha256)}`)"
+    elif m.checkpoint:
+        words = f"checkpoint sha256 `{sha(m.checkpoint.get('sha256'))}`"
+        if full:
+            words = f"checkpoint `{m.checkpoint.get('path')}` (sha256 `{sha(m.checkpoint.get('sha256'))}`)"
+    else:
+        words = f"RANDOM weights (seed {m.seed}): embeddings are meaningless"
+    if not full:
+        return words
+    custom = " (custom architecture config)" if m.model_config is not None else ""
+    return f"`{m.model_name}`{custom}, {words}"
+
+
 def _fields_of(cls: Any, data: Any, where: str) -> dict[str, Any]:
     """`data` as keyword arguments of dataclass `cls`: an object with no unknown and no missing keys."""
     if not isinstance(data, dict):

@@ -399,8 +399,38 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
     return "\n".join([_accuracy_title(result), *_aligned([ACCURACY_HEADER, *rows])]) if rows else ""
 
 
+def tested_lines(result: dict[str, Any]) -> list[str]:
+    """What the run tested, one item a line (Markdown): the export, its weights, the repository folder, the
+    server URL(s) and what each said it serves. Empty for a report written before it was recorded."""
+    tested = result.get("tested")
+    if not tested:
+        return []
+    lines = [f"- export: `{tested['export']}`", f"- weights: {tested['weights_text']}"]
+    sha = tested.get("encoder_sha256") or {}
+    if sha:
+        lines.append("- encoder sha256 (FP32 graphs): " + ", ".join(f"{t} `{v}`" for t, v in sha.items()))
+    if tested.get("repository"):
+        lines.append(f"- repository: `{tested['repository']}`")
+    if tested.get("urls"):
+        lines.append("- server: " + ", ".join(f"`{url}`" for url in tested["urls"]))
+    if not tested.get("repository") and not tested.get("urls"):
+        lines.append("- server: none (no --repository or --url)")
+    for served in tested.get("served", []):
+        status = served.get("status")
+        what = {
+            "match": "serves this export (encoder checksums match)",
+            "unknown": "publishes no encoder checksums: which model it serves is unknown",
+            "unreachable": f"did not answer ({served.get('error', '')}): which model it serves is unknown",
+        }.get(status, f"checksums {status}")
+        name = f" ({served['model_name']})" if served.get("model_name") else ""
+        lines.append(f"- {served['where']}{name}: {what}")
+    return lines
+
+
 def format_table(result: dict[str, Any]) -> str:
-    lines = _aligned([HEADER, *_rows(result)])
+    tested = [line.removeprefix("- ").replace("`", "") for line in tested_lines(result)]
+    lines = ([f"tested: {tested[0]}", *[f"        {line}" for line in tested[1:]], ""] if tested else [])
+    lines += _aligned([HEADER, *_rows(result)])
     accuracy = format_accuracy_table(result)
     if accuracy:
         lines += ["", accuracy]
@@ -417,6 +447,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Parity report: {result['model']}",
         "",
+        *([*tested_lines(result), ""] if result.get("tested") else []),
         f"Parity {verdict} ({result['created']}, {result['seconds']} s). Every stage is compared with the "
         f"PyTorch FP32 reference on {n_img} images, {n_cap} captions and {result['samples']['prompts']} "
         f"zero-shot prompts. Thresholds: min cosine {result['thresholds']['fp32']} (fp32), "
@@ -450,35 +481,3 @@ def write_reports(result: dict[str, Any], report: Path, markdown: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with staged_file(dest) as tmp:
             tmp.write_text(text, encoding="utf-8")
-
-
-def summary(result: dict[str, Any], report: Path | None = None) -> dict[str, Any]:
-    """The compact record kept in manifest.parity."""
-    stages = {}
-    for stage in result["stages"]:
-        entry: dict[str, Any] = {"status": stage["status"]}
-        if "towers" in stage:
-            entry["threshold"] = stage["threshold"]
-            for tower, fig in stage["towers"].items():
-                entry[f"{tower}_min_cosine"] = fig["min_cosine"]
-            entry["zero_shot"] = stage.get("zero_shot")
-        if "accuracy" in stage:
-            entry["accuracy"] = {
-                row["set"]: {k: row[k] for k in ("top1", "reference_top1", "agreement", "recall") if k in row}
-                for row in stage["accuracy"]
-            }
-        if "max_abs_diff" in stage:
-            entry["max_abs_diff"] = stage["max_abs_diff"]
-        if "reason" in stage:
-            entry["reason"] = stage["reason"]
-        stages[stage["stage"]] = entry
-    return {
-        "passed": result["passed"],
-        "created": result["created"],
-        "thresholds": result["thresholds"],
-        "samples": {"images": len(result["samples"]["images"]), "captions": len(result["samples"]["captions"])},
-        **({"labelled": {k: result["labelled"][k] for k in ("name", "source", "pytorch")}}
-           if result.get("labelled") else {}),
-        "stages": stages,
-        "report": str(report) if report is not None else None,
-    }

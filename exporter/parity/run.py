@@ -9,7 +9,7 @@ results against the thresholds and writes the reports (docs/design.md, "Parity")
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ from clip_triton.exporter.base.common import (
     check_writable_parent,
 )
 from clip_triton.exporter.base.export_inputs import load_export
-from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, load_manifest
+from clip_triton.exporter.base.manifest import (
+    ARTIFACTS,
+    MANIFEST_NAME,
+    TOWERS,
+    Manifest,
+    describe_weights,
+    weights_record,
+)
+from clip_triton.exporter.parity import identity
 from clip_triton.exporter.parity import labelled as labelled_sets
 from clip_triton.exporter.parity.report import (
     ERROR,
@@ -44,12 +52,17 @@ from clip_triton.exporter.parity.report import (
     judge_embeddings,
     judge_ids,
     judge_pixels,
-    summary,
     write_reports,
 )
 from clip_triton.exporter.parity.samples import SampleSet, build_samples
 from clip_triton.exporter.runtimes.torch import TorchRunner
-from clip_triton.exporter.runtimes.triton import TritonPixelsRunner, TritonRunner, triton_runner, triton_runners
+from clip_triton.exporter.runtimes.triton import (
+    TritonModels,
+    TritonPixelsRunner,
+    TritonRunner,
+    triton_runner,
+    triton_runners,
+)
 
 DEFAULT_SAMPLES = 16
 MAX_SAMPLES = 10_000  # built-in samples of one run (each is rendered, preprocessed and embedded per stage)
@@ -176,7 +189,9 @@ def _preprocessing_checks(runner: TritonRunner, samples: SampleSet, progress: Pr
 
 
 def repository_section(manifest: Manifest, repository: Path | None) -> dict[str, Any] | None:
-    """The repository record: the served repository's own manifest first, else the export's."""
+    """The served repository's record: its own manifest's; without a repository folder (--url alone), the
+    record an older clip-triton left in the export's manifest, if any (runtime, precision and prefix then
+    unknown: the triton stages are judged at the FP32 threshold, with the default prefix)."""
     if repository is not None:
         from clip_triton.exporter.base.manifest import repository_manifest
 
@@ -187,6 +202,32 @@ def repository_section(manifest: Manifest, repository: Path | None) -> dict[str,
         if own is not None and own.repository:
             return own.repository
     return manifest.repository
+
+
+def default_out(export_dir: Path) -> Path:
+    """Where `parity` writes its reports by default: a folder beside the export (`<export>-parity`), never
+    inside it; the export is another stage's artifact and stays byte-identical."""
+    export_dir = Path(export_dir).resolve()
+    return export_dir.with_name(f"{export_dir.name}-parity")
+
+
+def report_paths(export_dir: Path, out: Path | None, report: Path | None, markdown: Path | None) -> tuple[Path, Path]:
+    """(JSON, Markdown) report paths: --report/--markdown as given, else OUT/parity.json and OUT/parity.md
+    (OUT: --out, else `default_out`). Neither may lie inside the export folder."""
+    folder = Path(out) if out is not None else default_out(export_dir)
+    json_path = Path(report) if report is not None else folder / "parity.json"
+    md_path = Path(markdown) if markdown is not None else (
+        json_path.with_suffix(".md") if report is not None else folder / "parity.md")
+    inside = Path(export_dir).resolve()
+    for flag, dest in (("--report", json_path), ("--markdown", md_path)):
+        resolved = dest.resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise ClipTritonError(
+                f"{flag} {dest} is inside the export folder: parity writes its reports beside the export, "
+                "never into it (give --out DIR or another path)"
+            )
+        check_writable_parent(dest)
+    return json_path, md_path
 
 
 def check_parity_options(
@@ -229,32 +270,47 @@ def run_parity(
     labelled_samples: int = labelled_sets.DEFAULT_SHAPES_IMAGES,
     min_agreement_fp32: float = MIN_AGREEMENT_FP32,
     min_agreement_fp16: float = MIN_AGREEMENT_FP16,
+    out: Path | None = None,
     report: Path | None = None,
     markdown: Path | None = None,
     providers: list[str] | None = None,
     progress: Progress | None = None,
     echo: Any = None,
 ) -> dict[str, Any]:
-    """Compare every available stage with the PyTorch reference; write the reports and the
-    manifest's `parity` section; raise ParityError naming each failing stage and tower.
+    """Compare every available stage with the PyTorch reference; write the reports (beside the export,
+    never into it: `report_paths`); raise ParityError naming each failing stage and tower, and
+    identity.DifferentModelError, before any comparison, when the server or repository serves another model.
 
-    `providers`: ONNX Runtime execution providers to check (None: CPU plus every GPU provider
-    that can run here)."""
+    `repository` alone: a local tritonserver is started for it. `url` alone: a running server (several,
+    comma-separated: replicas, each checked). Both: the server at `url` serves `repository` (its record
+    gives runtime, precision and prefix; no local server). `providers`: ONNX Runtime execution providers
+    to check (None: CPU plus every GPU provider that can run here)."""
     progress = progress or Progress("parity", quiet=True)
     export_dir = Path(export_dir)
-    if repository is not None and url is not None:
-        raise ClipTritonError("give either --repository REPO (a local server is started) or --url, not both")
     check_parity_options(
         samples, min_cosine_fp32, min_cosine_fp16, labelled_set=labelled_set, labelled_samples=labelled_samples,
         min_agreement_fp32=min_agreement_fp32, min_agreement_fp16=min_agreement_fp16,
     )
     if repository is not None and not Path(repository).is_dir():
         raise ClipTritonError(f"--repository {repository} is not a folder")
+    urls = _parse_urls(url)
     manifest = load_export(export_dir, list(ARTIFACTS))  # every graph that exists is compared
-    report = Path(report) if report is not None else export_dir / "parity.json"
-    markdown = Path(markdown) if markdown is not None else report.with_suffix(".md")
-    for dest in (report, markdown):
-        check_writable_parent(dest)
+    report, markdown = report_paths(export_dir, out, report, markdown)
+    section = repository_section(manifest, repository)
+    if urls and repository is None and section is None:
+        progress.warn(
+            "the served repository's runtime and precision are unknown (--url without --repository REPO): "
+            "the triton stages are judged at the FP32 threshold"
+        )
+    # Which model is served, before anything is computed: another model is one line, not drift.
+    expected = identity.expected_checksums(manifest)
+    served: list[identity.Served] = []
+    if repository is not None:
+        served.append(identity.from_repository(Path(repository)))
+    prefix = TritonModels.from_section(section).prefix
+    served += [identity.from_server(u, prefix) for u in urls]
+    _check_identity(manifest, expected, served, progress)
+
     thresholds = {"fp32": float(min_cosine_fp32), "fp16": float(min_cosine_fp16)}
     chosen = labelled_sets.resolve(labelled_set, manifest.pretrained)
     labelled = None
@@ -264,8 +320,8 @@ def run_parity(
             labelled = labelled_sets.load(chosen, labelled_samples)
     started = time.perf_counter()
 
-    section = repository_section(manifest, repository)
-    ctx = runtimes.RunContext(export_dir, manifest, providers=providers, url=url, section=section)
+    # The live server's stages are run below, not planned by the registry (one set per replica).
+    ctx = runtimes.RunContext(export_dir, manifest, providers=providers, url=None, section=section)
     planned = plan_runners(ctx)
     from clip_triton.exporter.sources import load_reference
 
@@ -292,17 +348,17 @@ def run_parity(
 
     release_model(loaded)
 
-    stages: list[StageResult] = []
-    checked = False
-    for item in planned:  # the live server's runners (--url) are planned last; its checks go before them
-        if isinstance(item, TritonRunner) and url is not None and not checked:
-            stages.extend(_triton_checks(url, section, sample_set, progress, ids_real))
-            checked = True
-        stages.append(_compare(item, ref, sample_set, thresholds, progress, ids_real))
-    if url is None and repository is None:
+    stages: list[StageResult] = [_compare(item, ref, sample_set, thresholds, progress, ids_real) for item in planned]
+    if not urls and repository is None:
         stages.append(StageResult("triton", SKIP, reason="no --repository or --url given"))
-    elif repository is not None:
-        stages.extend(_local_triton(Path(repository), section, ref, sample_set, thresholds, progress, ids_real))
+    elif urls:
+        for u in urls:
+            tag = u if len(urls) > 1 else None
+            stages.extend(_served_stages(u, section, ref, sample_set, thresholds, progress, ids_real, tag))
+    else:
+        assert repository is not None
+        stages.extend(_local_triton(
+            Path(repository), manifest, expected, served, section, ref, sample_set, thresholds, progress, ids_real))
 
     failures = [line for stage in stages for line in stage.failure_lines()]
     result = {
@@ -312,6 +368,7 @@ def run_parity(
         "model": manifest.model_name,
         "pretrained": manifest.pretrained,
         "random_weights": manifest.random_weights,
+        "tested": _tested_record(export_dir, manifest, repository, urls, expected, served),
         "thresholds": {**thresholds, "pixels_max_abs_diff": PIXEL_TOLERANCE},
         "samples": {
             "images": sample_set.image_names,
@@ -325,12 +382,62 @@ def run_parity(
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_reports(result, report, markdown)
-    _record_in_manifest(export_dir, result, report)
     if echo is not None:
         echo(format_table(result))
     if failures:
         raise ParityError("parity failed: " + "; ".join(failures) + f" (report: {report})")
     return result
+
+
+def _parse_urls(url: str | None) -> list[str]:
+    """--url as a list of endpoints (the clients' syntax: comma-separated replicas); a bad one is one line."""
+    if url is None:
+        return []
+    from clip_triton.clients._core import parse_urls
+    from clip_triton.clients.errors import ClipClientError
+
+    try:
+        return list(parse_urls(url))
+    except ClipClientError as exc:
+        raise ClipTritonError(f"--url: {exc}") from None
+
+
+def _check_identity(
+    manifest: Manifest, expected: dict[str, str], served: list[identity.Served], progress: Progress
+) -> None:
+    """Stop on another model (identity.check); warn once per server/repository whose model is unknown."""
+    if not served:
+        return
+    identity.check(manifest, served)
+    if not expected:
+        progress.warn(f"the export's {MANIFEST_NAME} records no encoder checksums: which model is served is unknown")
+        return
+    for item in served:
+        if item.status == identity.MATCH:
+            progress.info(f"the {item.where} serves this export (encoder checksums match)")
+        else:
+            progress.warn(identity.unknown_line(item))
+
+
+def _tested_record(
+    export_dir: Path,
+    manifest: Manifest,
+    repository: Path | None,
+    urls: list[str],
+    expected: dict[str, str],
+    served: list[identity.Served],
+) -> dict[str, Any]:
+    """What this run tested: the export, its weights, the repository folder and the server URL(s), and
+    what each server/repository said it serves."""
+    return {
+        "export": str(Path(export_dir).resolve()),
+        "weights": weights_record(manifest),
+        "weights_text": describe_weights(manifest, full=True),
+        "encoder_sha256": expected,
+        "repository": str(Path(repository).resolve()) if repository is not None else None,
+        "urls": urls,
+        "served": [item.to_dict() for item in served],
+    }
 
 
 def _labelled_record(
@@ -361,8 +468,43 @@ def _triton_checks(
     return checks
 
 
+def _served_stages(
+    url: str,
+    section: dict[str, Any] | None,
+    ref: dict[str, np.ndarray],
+    samples: SampleSet,
+    thresholds: dict[str, float],
+    progress: Progress,
+    ids_real: bool,
+    tag: str | None = None,
+) -> list[StageResult]:
+    """Every Triton stage against the server at `url`: the equality checks, then both entry points.
+    `tag` (one of several replicas): appended to each stage name as `@HOST:PORT`."""
+    results = _triton_checks(url, section, samples, progress, ids_real)
+    if tag is not None:
+        for check in results:
+            _tag_stage(check, tag)
+    for item in triton_runners(url, section):
+        if isinstance(item, runtimes.Skipped) and tag is not None:
+            item = replace(item, name=f"{item.name}@{tag}")
+        elif tag is not None:
+            item.name = f"{item.name}@{tag}"  # before it runs: its failure lines carry the name
+        results.append(_compare(item, ref, samples, thresholds, progress, ids_real))
+    return results
+
+
+def _tag_stage(result: StageResult, tag: str) -> None:
+    old = result.stage
+    result.stage = f"{old}@{tag}"
+    if result.failures is not None:
+        result.failures = [result.stage + line[len(old):] if line.startswith(old) else line for line in result.failures]
+
+
 def _local_triton(
     repository: Path,
+    manifest: Manifest,
+    expected: dict[str, str],
+    served: list[identity.Served],
     section: dict[str, Any] | None,
     ref: dict[str, np.ndarray],
     samples: SampleSet,
@@ -370,9 +512,10 @@ def _local_triton(
     progress: Progress,
     ids_real: bool,
 ) -> list[StageResult]:
-    """Start the embedded tritonserver for `repository`, run the Triton checks, stop it."""
-    served = runtimes.find((section or {}).get("runtime"))
-    why = served.serving.embedded_reason if served is not None and served.serving is not None else None
+    """Start the embedded tritonserver for `repository`, check which model it serves (its configs may say
+    otherwise than its manifest), run the Triton stages, stop it."""
+    served_runtime = runtimes.find((section or {}).get("runtime"))
+    why = served_runtime.serving.embedded_reason if served_runtime is not None and served_runtime.serving else None
     if why is not None:
         return [StageResult(name, SKIP, reason=why) for name in TRITON_STAGES]
     from clip_triton.exporter.base.server import TritonServer
@@ -387,15 +530,13 @@ def _local_triton(
         return [StageResult("triton", ERROR, reason=reason)]
     try:
         url = server.grpc_url
-        checks = _triton_checks(url, section, samples, progress, ids_real)
-        return checks + [_compare(item, ref, samples, thresholds, progress, ids_real)
-                         for item in triton_runners(url, section)]
+        live = identity.from_server(url, TritonModels.from_section(section).prefix)
+        live.where = f"local tritonserver for repository {repository}"
+        served.append(live)
+        identity.check(manifest, [live])
+        if live.status != identity.MATCH and expected:
+            progress.warn(identity.unknown_line(live))
+        return _served_stages(url, section, ref, samples, thresholds, progress, ids_real)
     finally:
         with progress.step("stopping tritonserver"):
             server.stop()
-
-
-def _record_in_manifest(export_dir: Path, result: dict[str, Any], report: Path) -> None:
-    manifest = load_manifest(export_dir)  # re-read: another stage may have added its section meanwhile
-    manifest.parity = summary(result, report)
-    manifest.save(export_dir)

@@ -632,9 +632,7 @@ def write_repository(
         manifest.save(tmp)
         shutil.copy2(REPOSITORY_SOURCES / "health_probe.py", tmp / "health_probe.py")
         (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out, release, target))
-    # Record in the export's manifest only once the repository is in place.
-    exported = load_manifest(export_dir)
-    exported.repository = record
-    exported.save(export_dir)
+    # The record lives in the repository's own manifest.json: the export (another stage's artifact) is
+    # left byte-identical (docs/parity.md, "What parity tests").
     progress.info(f"repository {out}: {', '.join(sorted(names.values()))}")
     return out
