@@ -7,6 +7,7 @@ when every stage passed, with the failing stage named otherwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -35,6 +36,7 @@ from clip_triton.exporter.base.manifest import (
     sha256_file,
     verify_files,
 )
+from clip_triton.exporter.base.releases import check_release_options
 from clip_triton.exporter.parity.metrics import cosine_rows
 from clip_triton.exporter.parity.report import FAIL, PASS, SKIP, format_table
 from clip_triton.exporter.parity.run import TRITON_STAGES, ParityOptions, check_parity_options, run_parity
@@ -93,19 +95,26 @@ class ExportOptions:
 
 
 @dataclass(kw_only=True)
-class BuildOptions(ParityOptions, ExportOptions):
-    """The `build` command's options: the export options, the parity options, then build's own."""
+class BuildOptions(ParityOptions, ExportOptions, RepositoryOptions):
+    """The `build` command's options: the repository options, the export options, the parity options, then
+    build's own. Two repository options are export's or build's here: --max-batch is the export's (the
+    repository takes the manifest's, capped by the engines) and --runtime may be auto."""
 
     out: Path = option(help="Output folder: export/, repository/, parity.json, parity.md.")
     runtime: str = option(
         AUTO, help=f"auto (tensorrt if engines were built, else python) or {', '.join(runtimes.serving_names())}."
     )
-    precision: str = same_option(RepositoryOptions, "precision")
+    max_batch: int = same_option(ExportOptions, "max_batch")
     skip_engines: bool = option(False, flags=("--skip-engines",), help="Do not try to build TensorRT engines.")
     require_engines: bool = option(
         False, flags=("--require-engines",), help="Fail (exit 3) when engines cannot be built here."
     )
     force: bool = option(False, flags=("--force",), help="Replace an existing output folder.")
+
+    def repository_options(self, runtime: str) -> RepositoryOptions:
+        """The repository stage's options: this build's values of them, for `runtime` (auto resolved)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RepositoryOptions)}
+        return RepositoryOptions(**{**values, "runtime": runtime, "max_batch": None})
 
 
 def run_export(
@@ -157,6 +166,7 @@ def _check_build_options(opts: BuildOptions) -> None:
         raise ClipTritonError("--skip-engines and --require-engines contradict each other")
     if opts.skip_engines and _needs_engines(opts.runtime):
         raise ClipTritonError(f"--runtime {opts.runtime} needs engines: drop --skip-engines")
+    check_release_options(opts.triton_release, opts.min_driver)  # the engines' TensorRT: at the repository stage
     # Every stage's numbers, before the first stage's work (each stage checks its own again).
     from clip_triton.exporter.sources.open_clip import MAX_SEED, read_model_config
     from clip_triton.exporter.stages.export import check_export_options
@@ -344,7 +354,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     timed(
         "repository",
         lambda: write_repository(
-            export_dir, repo_dir, RepositoryOptions(runtime=runtime, precision=opts.precision),
+            export_dir, repo_dir, opts.repository_options(runtime),
             force=True, progress=Progress("repository", quiet),
         ),
     )

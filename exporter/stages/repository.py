@@ -33,9 +33,10 @@ from clip_triton.exporter.base.export_inputs import check_export, read_graph
 from clip_triton.exporter.base.manifest import TOWERS, Manifest, load_manifest
 from clip_triton.exporter.base.pixels import save_normalize_graph
 from clip_triton.exporter.base.releases import (
+    DEFAULT_MIN_DRIVER,
     TritonRelease,
+    choose_release,
     engines_tensorrt,
-    target_release,
 )
 from clip_triton.exporter.base.server import MALLOC_ENV, admin_lock_args
 
@@ -56,6 +57,8 @@ DEFAULT_MAX_REQUEST_SECONDS = 10.0  # both python models' per-request time budge
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEPS_LOADER = "bundled_deps.py"  # beside each python model.py: puts its deps/ on sys.path
 REQUEST_BUDGET = "request_budget.py"  # beside the preprocess and tokenize model.py: max_request_seconds
+# /dev/shm of the README's `docker run`: the same as deploy's --shm-size default, 2Gi (tests/test_repository.py).
+DOCKER_SHM_SIZE = "2g"
 
 
 def _pb() -> Any:
@@ -110,10 +113,18 @@ class RepositoryOptions:
         flags=("--copy-files",),
         help="Copy encoder files (default: hard-link them when on one filesystem).",
     )
-    # The NVIDIA container it is written for (exporter/base/releases.py): default, the one shipping the
-    # engines' TensorRT, else the newest known. Decides the Python of the bundled wheels (docs/deploy.md).
+    # The NVIDIA container it is written for (exporter/base/releases.py, docs/releases.md): default, the one
+    # shipping the engines' TensorRT, else the newest one whose driver floor is at most --min-driver.
+    # Decides the Python of the bundled wheels (docs/deploy.md).
     triton_release: str | None = option(
-        None, help="NVIDIA Triton container YY.MM it is for (default: the engines' TensorRT, else the newest)."
+        None,
+        help="NVIDIA Triton container YY.MM it is for (default: the engines' TensorRT, else the newest for "
+        "--min-driver).",
+    )
+    min_driver: str | None = option(
+        None,
+        help=f"NVIDIA driver branch the serving nodes have, e.g. 535, 570, 580 (default: {DEFAULT_MIN_DRIVER}): "
+        "picks the newest Triton release that runs on it (docs/releases.md).",
     )
     # Bundle the python models' wheels (Pillow, tokenizers, ...) inside the repository, pinned, for the
     # target release's Python, so a stock container serves it with nothing installed at start.
@@ -379,6 +390,7 @@ def _readme(
     dest: Path,
     row: TritonRelease,
     target: python_deps.Target | None,
+    reason: str = "",
 ) -> str:
     names = contract.model_names(opts.prefix)
     h, w = manifest.preprocess.size
@@ -405,11 +417,23 @@ def _readme(
                 parity_lines.append(f"- {section}, {tower}: min cosine {rec['min_cosine']:.7f}")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(manifest.versions.items()))
     shipped = f"tritonserver {row.triton}, TensorRT {row.tensorrt or 'not confirmed'}, Python {row.python}"
-    release_note = f"Written for `{row.image}` ({shipped})" + (
+    release_note = f"Written for `{row.image}` ({shipped}; chosen: {reason})" + (
         f": it ships the TensorRT that built the engines ({trt}); another release will not deserialize the plans."
         if trt
-        else "; another release works if its Python matches the bundled wheels (rewrite with --triton-release)."
+        else "; another release works if its Python matches the bundled wheels (rewrite with --triton-release, "
+        "or --min-driver for the newest your nodes' driver runs)."
     )
+    on_gpu = device == "gpu"
+    # Only a repository with GPU instances needs the GPU, and with it the driver floor (docs/releases.md).
+    if on_gpu:
+        host = (
+            f"On a GPU host, NVIDIA's Triton container. The GPU nodes need {row.driver_note}; "
+            "data-center GPUs on an older LTS branch can run it with NVIDIA's CUDA forward-compatibility package."
+        )
+        gpus = "--gpus all "
+    else:
+        host = "On any host, NVIDIA's Triton container: the models run on CPU instances, no GPU or driver needed."
+        gpus = ""
     image, pixels, text = contract.IMAGE_TENSOR, contract.PIXELS_TENSOR, contract.TEXT_TENSOR
     out = contract.EMBEDDING_TENSOR
     emb = f"`{out.name}` {out.datatype} [{manifest.embed_dim}], L2-normalised"
@@ -486,9 +510,9 @@ onnxruntime runtime on CPU):
 
     clip-triton serve --repository {dest}
 
-On a GPU host, NVIDIA's Triton container. {release_note}
+{host} {release_note}
 
-    docker run --gpus all --rm --shm-size=1g -p 8001:8001 -p 8002:8002 {malloc_env} \\
+    docker run {gpus}--rm --shm-size={DOCKER_SHM_SIZE} -p 8001:8001 -p 8002:8002 {malloc_env} \\
       --health-cmd "python3 /models/health_probe.py" --health-interval 10s \\
       -v "$PWD/{dest.name}":/models:ro {row.image} \\
       {start}
@@ -563,11 +587,13 @@ def write_repository(
     if export_dir.resolve() == out.resolve() or export_dir.resolve() in out.resolve().parents:
         raise ClipTritonError("--out must not be the export folder or inside it")
     files = _encoder_files(export_dir, manifest, opts)
-    release = target_release(manifest, opts.triton_release)
+    release, reason = choose_release(manifest, opts.triton_release, opts.min_driver)
     target = python_deps.Target.for_release(release, opts.deps_python, opts.deps_arch) if opts.python_deps else None
     max_batch = _max_batch(manifest, opts)
     configs = build_configs(manifest, opts, max_batch, device)
     names = contract.model_names(opts.prefix)
+    needs = release.driver_note if device == "gpu" else "CPU instances, no GPU driver needed"
+    progress.info(f"Triton {release.release} ({release.image}; {reason}): {needs}")
     with staged_dir(out, force=force) as tmp:
         with progress.step(f"writing {len(configs)} models ({opts.runtime}, {opts.precision}) to {out}"):
             for role, config in configs.items():
@@ -617,6 +643,10 @@ def write_repository(
             "models": names,
             "triton_release": release.release,
             "triton_image": release.image,
+            # Why that release, and the driver its GPU nodes need (docs/releases.md; None: not confirmed).
+            "triton_release_reason": reason,
+            "triton_cuda": release.cuda,
+            "triton_min_driver": release.driver,
             # Per python model, the wheels it carries (None: --no-python-deps; docs/deploy.md).
             "python_deps": bundled,
             # The public API: what a client sends to each ensemble (docs/serving.md).
@@ -631,7 +661,7 @@ def write_repository(
         manifest.repository = record
         manifest.save(tmp)
         shutil.copy2(REPOSITORY_SOURCES / "health_probe.py", tmp / "health_probe.py")
-        (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out, release, target))
+        (tmp / "README.md").write_text(_readme(manifest, opts, max_batch, device, out, release, target, reason))
     # The record lives in the repository's own manifest.json: the export (another stage's artifact) is
     # left byte-identical (docs/parity.md, "What parity tests").
     progress.info(f"repository {out}: {', '.join(sorted(names.values()))}")
