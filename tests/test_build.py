@@ -44,6 +44,44 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--triton-release", "99.99"], "error: unknown Triton release '99.99'; known: 24.08, "),
+        (["--min-driver", "535"], "error: no Triton release in exporter/base/releases.py is known to run on NVIDIA "
+                                  "driver R535"),
+        (["--triton-release", "25.08", "--min-driver", "570"],
+         "error: --triton-release 25.08 needs NVIDIA driver R580"),
+    ],
+)
+def test_bad_release_or_driver_is_one_line_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("build", "--model", "ViT-B-32", "--random-weights", "--out", str(out), *args, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_build_passes_repository_options_and_records_the_release(tmp_path: Path, monkeypatch) -> None:
+    """`build --triton-release X` (and every other repository option) reaches the repository stage: X is what
+    the repository records and its README names. Parity is stubbed: the end-to-end test runs it."""
+    from clip_triton.exporter import build
+
+    monkeypatch.setattr(build, "run_parity", lambda *a, **k: {"passed": True})
+    out = tmp_path / "b"
+    opts = BuildOptions(model="ShapesCLIP-RN-T", pretrained="builtin", out=out, runtime="python", skip_engines=True,
+                        triton_release="24.10", python_deps=False, prefix="shp", max_chars=77)
+    build.run_build(opts, quiet=True)
+    repo = out / "repository"
+    record = json.loads((repo / "manifest.json").read_text())["repository"]
+    assert record["triton_release"] == "24.10" and record["triton_release_reason"] == "--triton-release"
+    assert record["triton_min_driver"] == 560 and record["prefix"] == "shp" and record["limits"]["max_chars"] == 77
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver:24.10-py3" in readme and "--gpus" not in readme  # python runtime: CPU instances
+    assert json.loads((out / "build.json").read_text())["stages"]["repository"]["status"] == "pass"
+
+
 @pytest.mark.skipif(_has_engines(), reason="TensorRT and a GPU are present: engines can be built here")
 def test_require_engines_without_tensorrt_exits_3_at_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
