@@ -17,6 +17,10 @@ and crops in the image's own mode and converts to RGB only afterwards.
 then convert(mode)                                   -> `crop`: uint8 [H, W, 3], the pixels entry point's input
 then float32 / 255 -> (x - mean) / std, CHW          -> `normalize` (the pixels path runs the same
                                                         arithmetic as an ONNX step on the server)
+
+convention "transformers" mirrors Hugging Face image processors' PIL backend instead (CLIPImageProcessorPil,
+SiglipImageProcessorPil): convert to RGB first (transparency composited over white), resize (shortest
+edge or squash, the same PIL call), centre crop with floored offsets (torchvision rounds them).
 """
 
 from __future__ import annotations
@@ -590,6 +594,23 @@ def _pad(img: Image.Image, ltrb: list[int], fill: int) -> Image.Image:
     return ImageOps.expand(img, border=tuple(ltrb), fill=value)
 
 
+def _rgb_over_white(img: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: an image with transparency is composited over white, others converted."""
+    if img.mode == "RGB":
+        return img
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _center_crop_floor(img: Image.Image, size_hw: list[int]) -> Image.Image:
+    """transformers' center_crop for an image at least the crop's size: offsets floored, not rounded."""
+    crop_h, crop_w = int(size_hw[0]), int(size_hw[1])
+    top, left = (img.height - crop_h) // 2, (img.width - crop_w) // 2
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
 def _center_crop_or_pad(img: Image.Image, size_hw: list[int], fill: int) -> Image.Image:
     """torchvision CenterCrop (fill 0) and open_clip's center_crop_or_pad (fill_color) on PIL."""
     crop_h, crop_w = int(size_hw[0]), int(size_hw[1])
@@ -622,9 +643,15 @@ class Preprocessor:
         resize_mode: str = "shortest",
         fill_color: int = 0,
         mode: str = "RGB",
+        convention: str = "open_clip",
     ) -> None:
         if resize_mode not in ("shortest", "longest", "squash"):
             raise ValueError(f"unknown resize_mode {resize_mode!r}")
+        if convention not in ("open_clip", "transformers"):
+            raise ValueError(f"unknown convention {convention!r}")
+        square = size[0] == size[1]
+        if convention == "transformers" and (resize_mode == "longest" or (resize_mode == "shortest" and not square)):
+            raise ValueError("convention 'transformers' takes resize_mode squash, or shortest with a square size")
         if interpolation not in RESAMPLE:
             raise ValueError(f"unknown interpolation {interpolation!r}")
         self.size = [int(s) for s in size]
@@ -632,12 +659,13 @@ class Preprocessor:
         self.resize_mode = resize_mode
         self.fill_color = int(fill_color)
         self.mode = mode
+        self.convention = convention
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     @classmethod
     def from_config(cls, cfg: dict) -> Preprocessor:
-        keys = ("size", "mean", "std", "interpolation", "resize_mode", "fill_color", "mode")
+        keys = ("size", "mean", "std", "interpolation", "resize_mode", "fill_color", "mode", "convention")
         return cls(**{k: cfg[k] for k in keys if k in cfg})
 
     def resize_size(self, height: int, width: int) -> list[int]:
@@ -652,6 +680,9 @@ class Preprocessor:
 
     def geometry(self, img: Image.Image) -> Image.Image:
         target = self.resize_size(img.height, img.width)
+        if self.convention == "transformers":
+            resized = _resize(_rgb_over_white(img), target, self.resample)
+            return resized if self.resize_mode == "squash" else _center_crop_floor(resized, self.size)
         if self.resize_mode == "longest":
             return _center_crop_or_pad(_resize(img, target, self.resample), self.size, self.fill_color)
         if self.resize_mode == "squash":

@@ -145,7 +145,7 @@ def test_unreachable_hub_is_detected_once(monkeypatch: pytest.MonkeyPatch) -> No
     from huggingface_hub import constants
 
     from clip_triton.exporter.base.common import Progress
-    from clip_triton.exporter.sources import open_clip as loading
+    from clip_triton.exporter.sources import base as loading
 
     monkeypatch.setattr(loading, "_HUB_STATE", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -29,7 +29,7 @@ class FileTokenizer:
         self.cfg = cfg
         try:
             self._impl = tokenizer_module().HfFileTokenizer(
-                str(self.path), cfg.context_length, cfg.clean, cfg.strip_sep_token, cfg.pad_id
+                str(self.path), cfg.context_length, cfg.clean, cfg.strip_sep_token, cfg.pad_id, cfg.padding_side
             )
         except ImportError as exc:
             raise ClipTritonError(f"reading {self.path} needs the `tokenizers` package ({exc})") from None

@@ -365,7 +365,7 @@ def reference_pixels(transform: Any, images: list[Any]) -> np.ndarray:
     rows = []
     for sample in images:
         with Image.open(io.BytesIO(sample.data)) as image:
-            rows.append(transform(image).numpy())
+            rows.append(np.asarray(transform(image)))  # a torch tensor (open_clip) or an array
     return np.stack(rows).astype(np.float32)
 
 
@@ -393,7 +393,8 @@ def build_samples(
     if labelled is not None:
         images = images + labelled.images
         texts = texts + labelled.texts()
-    pixels = reference_pixels(reference_transform(manifest), images)
+    transform = getattr(loaded, "image_reference", None) or reference_transform(manifest)
+    pixels = reference_pixels(transform, images)
     tokenizer = loaded.tokenizer
     if tokenizer is not None:
         ids = np.asarray(tokenizer(texts)).astype(manifest.text.input.dtype)

@@ -12,7 +12,10 @@ from typing import Any
 
 from clip_triton.exporter.base.common import Progress
 from clip_triton.exporter.base.manifest import Manifest
-from clip_triton.exporter.sources import open_clip  # noqa: F401 - registers it
+from clip_triton.exporter.sources import (
+    hf_transformers,  # noqa: F401 - registers it
+    open_clip,  # noqa: F401 - registers it
+)
 from clip_triton.exporter.sources.base import LoadedModel, ModelSource, get, register, registered, release_model
 
 

@@ -9,6 +9,7 @@ docs/runtimes.md ("How to add a model source").
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ class LoadedModel:
     source: str = "open_clip"  # the registered ModelSource that built it (recorded in the manifest)
     model_config: dict[str, Any] | None = None  # a custom architecture's config (Manifest.model_config)
     builtin_sha256: str | None = None  # the shipped weights' sha256 (pretrained "builtin")
+    # PIL image -> FP32 [3, H, W] by the checkpoint's own image processor (parity's reference pixels);
+    # None: open_clip's transform built from `preprocess` (exporter/parity/samples.py).
+    image_reference: Any | None = None
 
     @property
     def random_weights(self) -> bool:
@@ -89,3 +93,49 @@ def release_model(loaded: LoadedModel) -> None:
     opened afterwards must not stack on the model's FP32 weights."""
     loaded.model = None
     release_memory()
+
+
+# ---------------------------------------------------------------- the model hub (every source that downloads)
+
+_HUB_STATE: dict[str, str | None] = {}
+
+
+def hub_offline_reason(progress: Progress | None = None, timeout: float = 3.0) -> str | None:
+    """Why the model hub cannot be used (None when it can), decided once per process.
+
+    Honours HF_HUB_OFFLINE; otherwise one TCP connect to the hub's endpoint. When it fails, the hub
+    libraries are switched to offline mode (cache only) so nothing spends ~45 s per stage retrying,
+    and the reason is said in one line.
+    """
+    if "reason" in _HUB_STATE:
+        return _HUB_STATE["reason"]
+    reason: str | None = None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        import socket
+        from urllib.parse import urlparse
+
+        try:
+            from huggingface_hub import constants as hub_constants
+
+            endpoint = urlparse(hub_constants.ENDPOINT)
+            host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except ImportError:
+            reason = None  # no hub library: nothing will try to reach it
+        except OSError as exc:
+            reason = f"the model hub is unreachable ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                from huggingface_hub import constants as hub_constants
+
+                hub_constants.HF_HUB_OFFLINE = True  # read at import: set the live value too
+            except ImportError:
+                pass
+            if progress is not None:
+                progress.warn(f"{reason}: working offline (hub files only from the local cache)")
+    _HUB_STATE["reason"] = reason
+    return reason

@@ -15,7 +15,6 @@ import difflib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -33,7 +32,7 @@ from clip_triton.exporter.base.manifest import (
     TokenizerConfig,
     sha256_file,
 )
-from clip_triton.exporter.sources.base import LoadedModel, ModelSource, register
+from clip_triton.exporter.sources.base import LoadedModel, ModelSource, hub_offline_reason, register
 
 DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
@@ -361,50 +360,6 @@ def _preprocess_config(model: Any, overrides: dict[str, Any]) -> PreprocessConfi
         resize_mode=str(cfg.get("resize_mode", "shortest")),
         fill_color=int(cfg.get("fill_color", 0)),
     )
-
-
-_HUB_STATE: dict[str, str | None] = {}
-
-
-def hub_offline_reason(progress: Progress | None = None, timeout: float = 3.0) -> str | None:
-    """Why the model hub cannot be used (None when it can), decided once per process.
-
-    Honours HF_HUB_OFFLINE; otherwise one TCP connect to the hub's endpoint. When it fails, the hub
-    libraries are switched to offline mode (cache only) so nothing spends ~45 s per stage retrying,
-    and the reason is said in one line.
-    """
-    if "reason" in _HUB_STATE:
-        return _HUB_STATE["reason"]
-    reason: str | None = None
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        reason = "HF_HUB_OFFLINE is set"
-    else:
-        import socket
-        from urllib.parse import urlparse
-
-        try:
-            from huggingface_hub import constants as hub_constants
-
-            endpoint = urlparse(hub_constants.ENDPOINT)
-            host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
-        except ImportError:
-            reason = None  # no hub library: nothing will try to reach it
-        except OSError as exc:
-            reason = f"the model hub is unreachable ({type(exc).__name__}: {exc})"
-        if reason is not None:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            try:
-                from huggingface_hub import constants as hub_constants
-
-                hub_constants.HF_HUB_OFFLINE = True  # read at import: set the live value too
-            except ImportError:
-                pass
-            if progress is not None:
-                progress.warn(f"{reason}: working offline (hub files only from the local cache)")
-    _HUB_STATE["reason"] = reason
-    return reason
 
 
 def _tokenizer(

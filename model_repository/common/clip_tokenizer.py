@@ -7,7 +7,9 @@ Hugging Face file path also needs the `tokenizers` package (not `transformers`).
 - `ClipBpeTokenizer`: open_clip's `SimpleTokenizer` (OpenAI CLIP BPE, bpe_simple_vocab_16e6.txt.gz
   beside this file): [SOT] + BPE + [EOT], truncated to the context length with EOT kept last.
 - `HfFileTokenizer`: open_clip's `HFTokenizer.__call__` over a tokenizer.json: clean fn,
-  truncation + padding to the context length, optional removal of the SEP token.
+  truncation + padding to the context length, optional removal of the SEP token. Also serves
+  Hugging Face Transformers checkpoints' own tokenizers (clean "none": the file's normalizer does it
+  all; "siglip": SiglipTokenizer's canonicalize_text; padding on the tokenizer's side).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import heapq
 import html
 import json
 import os
+import re as std_re
 import string
 from collections import OrderedDict
 from functools import lru_cache
@@ -60,7 +63,16 @@ def canonicalize_text(text: str) -> str:
     return " ".join(text.split()).strip()
 
 
+def siglip_canonicalize(text: str) -> str:
+    """transformers' SiglipTokenizer.canonicalize_text (lower case, no punctuation, whitespace runs
+    to one space; stdlib `re`, as transformers uses), without open_clip's ftfy/html clean."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return std_re.sub(r"\s+", " ", text).strip()
+
+
 CLEAN_FNS = {
+    "none": lambda x: x,  # a Transformers tokenizer.json normalises inside the file
+    "siglip": siglip_canonicalize,
     "lower": lambda x: whitespace_clean(basic_clean(x)).lower(),
     "whitespace": lambda x: whitespace_clean(basic_clean(x)),
     "canonicalize": lambda x: canonicalize_text(basic_clean(x)),
@@ -223,8 +235,12 @@ class HfFileTokenizer:
         clean: str = "whitespace",
         strip_sep_token: bool = False,
         pad_id: int = 0,
+        padding_side: str = "right",
     ) -> None:
         from tokenizers import Tokenizer
+
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
 
         self.path = str(path)
         with open(path, encoding="utf-8") as handle:
@@ -238,7 +254,9 @@ class HfFileTokenizer:
         self.pad_token = padding.get("pad_token") or self.tokenizer.id_to_token(self.pad_id) or "[PAD]"
         self.sep_id = _special_id(self.tokenizer, ("[SEP]", "</s>", "<sep>"))
         self.tokenizer.enable_truncation(max_length=self.context_length)
-        self.tokenizer.enable_padding(length=self.context_length, pad_id=self.pad_id, pad_token=self.pad_token)
+        self.tokenizer.enable_padding(
+            length=self.context_length, pad_id=self.pad_id, pad_token=self.pad_token, direction=padding_side
+        )
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> np.ndarray:
         if isinstance(texts, str):
@@ -262,6 +280,7 @@ def make_tokenizer(
     strip_sep_token: bool = False,
     pad_id: int = 0,
     bpe_path: str = DEFAULT_BPE,
+    padding_side: str = "right",
 ):
     """The tokenizer a manifest's `tokenizer` section describes (kind "clip" or "hf")."""
     if kind == "clip":
@@ -269,5 +288,5 @@ def make_tokenizer(
     if kind == "hf":
         if not hf_file:
             raise ValueError("an 'hf' tokenizer needs its tokenizer.json file")
-        return HfFileTokenizer(hf_file, context_length, clean, strip_sep_token, pad_id)
+        return HfFileTokenizer(hf_file, context_length, clean, strip_sep_token, pad_id, padding_side)
     raise ValueError(f"tokenizer kind {kind!r} cannot be served (only 'clip' and 'hf')")

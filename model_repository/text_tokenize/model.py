@@ -56,6 +56,7 @@ class TritonPythonModel:
             bool(cfg.get("strip_sep_token", False)),
             int(cfg.get("pad_id", 0)),
             bpe_path=os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz"),
+            padding_side=cfg.get("padding_side", "right"),
         )
         self.input_name = config["input"][0]["name"]
         self.output_name = _param(config, "output_name", config["output"][0]["name"])
