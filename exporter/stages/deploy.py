@@ -1382,7 +1382,8 @@ def _readme(facts: RepositoryFacts, opts: DeployOptions, files: list[str], on_gp
         "",
         f"Written by `clip-triton deploy` for the {facts.runtime} repository at {facts.path}, "
         f"Triton release {facts.release.release} (`{opts.image or facts.release.image}`), "
-        f"{'GPU' if on_gpu else 'CPU'} pods. The repository is read from {where}: copy it there first.",
+        f"{'GPU pods (nodes with ' + facts.release.driver_note + ')' if on_gpu else 'CPU pods'}. "
+        f"The repository is read from {where}: copy it there first.",
         "",
         "```",
         "kubectl apply -f ." if not opts.namespace else f"kubectl apply -n {opts.namespace} -f .",
