@@ -54,7 +54,15 @@ AUTO = "auto"  # tensorrt when engines were built, else python (runtimes.AUTO_WI
 class ExportOptions:
     """The model and how to export it: options of `export` and of `build` (clients/cli_options.py)."""
 
-    model: str = option(help="open_clip architecture name, e.g. ViT-B-32 (or the --model-config one's name).")
+    model: str | None = option(
+        None, help="open_clip architecture name, e.g. ViT-B-32 (or the --model-config one's name)."
+    )
+    hf_model: str | None = option(
+        None,
+        help="A Hugging Face Transformers CLIPModel/SiglipModel checkpoint instead of --model: a save_pretrained "
+        "folder (offline) or a hub id (org/name[@revision], the Hugging Face cache). Its own weights, image "
+        "processor and tokenizer are used.",
+    )
     model_config: Path | None = option(
         None,
         help="An open_clip model-config JSON (a custom architecture); --model names it, whatever the file's "
@@ -79,6 +87,27 @@ class ExportOptions:
     tokenizer_file: Path | None = option(
         None, help="A Hugging Face tokenizer.json for models whose tokenizer is on the hub."
     )
+
+    def check_source(self) -> None:
+        """Exactly one model source: --model (open_clip, with its weight options) or --hf-model alone."""
+        if self.hf_model is None:
+            if not self.model:
+                raise ClipTritonError("give --model NAME (an open_clip architecture) or --hf-model PATH_OR_REPO_ID")
+            return
+        given = [
+            flag for flag, value in (
+                ("--model", self.model), ("--model-config", self.model_config), ("--pretrained", self.pretrained),
+                ("--checkpoint", self.checkpoint), ("--random-weights", self.random_weights or None),
+                ("--preprocess-from", self.preprocess_from), ("--image-mean", self.image_mean),
+                ("--image-std", self.image_std), ("--image-interpolation", self.image_interpolation),
+                ("--image-resize-mode", self.image_resize_mode), ("--tokenizer-file", self.tokenizer_file),
+            ) if value is not None
+        ]
+        if given:
+            raise ClipTritonError(
+                f"--hf-model takes the architecture, weights, preprocessing and tokenizer from the checkpoint: "
+                f"drop {', '.join(given)}"
+            )
 
     def preprocess_overlay(self) -> dict[str, Any]:
         """open_clip PreprocessCfg overrides: a tag's config (--preprocess-from), then the --image-* options."""
@@ -127,22 +156,29 @@ def run_export(
 
     progress = progress or Progress("export", quiet=True)
     out = Path(out)
+    opts.check_source()
     check_export_options(opts.opset, opts.max_batch, opts.exporter)
-    preprocess = opts.preprocess_overlay()
+    preprocess = opts.preprocess_overlay() if opts.hf_model is None else {}
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ClipTritonError(f"{out} already exists; pass --force to replace it")
-    with progress.step(f"loading {opts.model}"):
-        loaded = load_model(
-            opts.model,
-            pretrained=opts.pretrained,
-            checkpoint=opts.checkpoint,
-            random_weights=opts.random_weights,
-            seed=opts.seed,
-            preprocess=preprocess,
-            tokenizer_file=opts.tokenizer_file,
-            model_config=opts.model_config,
-            progress=progress,
-        )
+    if opts.hf_model is not None:
+        from clip_triton.exporter.sources import hf_transformers
+
+        with progress.step(f"loading {opts.hf_model}"):
+            loaded = hf_transformers.load_model(opts.hf_model, progress)
+    else:
+        with progress.step(f"loading {opts.model}"):
+            loaded = load_model(
+                opts.model or "",  # check_source: set when --hf-model is not
+                pretrained=opts.pretrained,
+                checkpoint=opts.checkpoint,
+                random_weights=opts.random_weights,
+                seed=opts.seed,
+                preprocess=preprocess,
+                tokenizer_file=opts.tokenizer_file,
+                model_config=opts.model_config,
+                progress=progress,
+            )
     # release_model: one tower's weights alive at a time (docs/engines.md, "Memory").
     return export_model(
         loaded, out, opset=opts.opset, max_batch=opts.max_batch, exporter=opts.exporter, force=force,
@@ -171,11 +207,13 @@ def _check_build_options(opts: BuildOptions) -> None:
     from clip_triton.exporter.sources.open_clip import MAX_SEED, read_model_config
     from clip_triton.exporter.stages.export import check_export_options
 
+    opts.check_source()
     check_number("--seed", opts.seed, 0, MAX_SEED)
     if opts.model_config is not None:
         read_model_config(opts.model_config)  # before build.json: a bad file leaves no output folder
     check_export_options(opts.opset, opts.max_batch, opts.exporter)
-    opts.preprocess_overlay()  # --preprocess-from and --image-* (no download)
+    if opts.hf_model is None:
+        opts.preprocess_overlay()  # --preprocess-from and --image-* (no download)
     check_parity_options(
         opts.samples, opts.min_cosine_fp32, opts.min_cosine_fp16, labelled_set=opts.labelled_set,
         labelled_samples=opts.labelled_samples, min_agreement_fp32=opts.min_agreement_fp32,
@@ -210,6 +248,12 @@ def _is_build_folder(out: Path) -> bool:
 
 def _same_model(manifest: Any, opts: BuildOptions) -> str | None:
     """Why an existing export is not this build's model (None when it is)."""
+    if opts.hf_model is not None:
+        from clip_triton.exporter.sources import hf_transformers
+
+        return hf_transformers.same_checkpoint(manifest, opts.hf_model)
+    if manifest.source != "open_clip":
+        return f"it was exported from a {manifest.source} checkpoint"
     wanted = {
         "model": opts.model,
         "pretrained": opts.pretrained,
@@ -288,7 +332,7 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
     _check_build_options(opts)
     out = Path(opts.out)
     export_dir, repo_dir = out / "export", out / "repository"
-    record: dict[str, Any] = {"model": opts.model, "stages": {}, "out": str(out.resolve())}
+    record: dict[str, Any] = {"model": opts.model or opts.hf_model, "stages": {}, "out": str(out.resolve())}
     build = Progress("build", quiet)
     total = time.perf_counter()
     reuse: set[str] = set()

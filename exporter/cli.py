@@ -53,7 +53,7 @@ def export(
     manifest = run_export(opts, out, force=force, progress=Progress("export", quiet))
     parity = manifest.export_parity
     typer.echo(
-        f"exported {opts.model} to {out}: image min cosine {parity['image']['min_cosine']:.7f}, "
+        f"exported {manifest.model_name} to {out}: image min cosine {parity['image']['min_cosine']:.7f}, "
         f"text min cosine {parity['text']['min_cosine']:.7f}"
     )
 

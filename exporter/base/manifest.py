@@ -20,6 +20,10 @@ SCHEMA_VERSION = 1
 SCHEMA_VERSIONS = (1,)  # the manifest layouts this version reads (check_manifest)
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+# Whose image conventions the served preprocessing follows (clients/clip_preprocess.py): open_clip's
+# (resize and crop in the image's mode, then RGB; centre crop offsets rounded) or Transformers' image
+# processors (RGB first, transparency over white; centre crop offsets floored).
+CONVENTIONS = ("open_clip", "transformers")
 # What each tower's graph takes and gives (docs/engines.md, "Token ids": int32, not int64).
 TOWER_INPUT_DTYPES = {"image": "float32", "text": "int32"}
 EMBEDDING_DTYPE = "float32"
@@ -56,6 +60,7 @@ class PreprocessConfig:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     fill_color: int = 0
+    convention: str = "open_clip"  # or "transformers" (CONVENTIONS)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class TokenizerConfig:
     pad_id: int = 0
     sot_id: int | None = None
     eot_id: int | None = None
+    padding_side: str = "right"  # "left" for tokenizers that pad before the text (some Transformers ones)
 
 
 @dataclass
@@ -309,6 +315,7 @@ def check_manifest(m: Manifest) -> None:
         ("mode", pre.mode, ("RGB",)),
         ("interpolation", pre.interpolation, INTERPOLATIONS),
         ("resize_mode", pre.resize_mode, RESIZE_MODES),
+        ("convention", pre.convention, CONVENTIONS),
     ):
         if value not in allowed:
             raise ValueError(f"preprocess.{key} must be one of {', '.join(allowed)}, got {json.dumps(value)}")
@@ -326,6 +333,8 @@ def check_manifest(m: Manifest) -> None:
     _text("tokenizer.clean", tok.clean)
     if not isinstance(tok.strip_sep_token, bool):
         raise ValueError("tokenizer.strip_sep_token must be true or false")
+    if tok.padding_side not in ("right", "left"):
+        raise ValueError(f"tokenizer.padding_side must be right or left, got {json.dumps(tok.padding_side)}")
     inputs = {"image": [-1, 3, *pre.size], "text": [-1, tok.context_length]}
     for tower in TOWERS:
         spec = m.tower(tower)
