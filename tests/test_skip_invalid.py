@@ -300,6 +300,12 @@ def test_embed_valid_isolates_the_bad_items_and_never_skips_transport_failures(
     assert rejected[1][1] == "file not found"
     np.testing.assert_allclose(vectors, want, atol=1e-5)
     assert seen == sorted(seen) and seen[-1] == len(items)
+    # --preprocess client: the same files are refused here, by the server's own checks, before sending.
+    with ClipClient(url, batch_size=8, preprocess="client") as client:
+        pixels, kept, rejected = embed_valid(client, items)
+    assert kept == [0, 2, 4, 6] and [i for i, _ in rejected] == [1, 3, 5]
+    assert "rejected by" not in rejected[0][1] and "rejected by" not in rejected[2][1], rejected
+    np.testing.assert_allclose(pixels, want, atol=1e-3)
 
     # A server that is not there is no file's fault: the run fails, nothing is listed.
     dead = f"127.0.0.1:{free_port()}"
