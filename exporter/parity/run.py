@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clip_triton.clients import contract
 from clip_triton.clients.cli_options import option
 from clip_triton.exporter import runtimes
 from clip_triton.exporter.base.common import (
@@ -302,6 +303,7 @@ def run_parity(
             "the served repository's runtime and precision are unknown (--url without --repository REPO): "
             "the triton stages are judged at the FP32 threshold"
         )
+        section = _served_models(urls[0])
     # Which model is served, before anything is computed: another model is one line, not drift.
     expected = identity.expected_checksums(manifest)
     served: list[identity.Served] = []
@@ -400,6 +402,23 @@ def _parse_urls(url: str | None) -> list[str]:
         return list(parse_urls(url))
     except ClipClientError as exc:
         raise ClipTritonError(f"--url: {exc}") from None
+
+
+def _served_models(url: str) -> dict[str, Any] | None:
+    """A record for a server whose repository is not at hand: the default prefix's models it has ready (so
+    an entry point it lacks is skipped, one it has is checked); runtime and precision stay unknown."""
+    import tritonclient.grpc as grpcclient
+
+    names = contract.model_names(contract.DEFAULT_PREFIX)
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            ready = {role: name for role, name in names.items() if client.is_model_ready(name)}
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - unreachable: the stages report it
+        return None
+    return {"prefix": contract.DEFAULT_PREFIX, "models": ready} if ready else None
 
 
 def _check_identity(
