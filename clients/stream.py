@@ -171,6 +171,7 @@ def embed_folder(
         rels = [_relative(folder, p, unlisted if skip_invalid else None, i) for i, p in enumerate(paths)]
         digest = _digest(paths, rels)
         previous = entries.get(name)
+        intact = False  # its files check out: they stay listed until the new ones replace them
         if previous is not None and previous["digest"] == digest:
             gone = {r["path"] for r in previous.get("rejected", ())}
             problem = _shard_problem(out, previous, [r for r in rels if r not in gone], info.dim)
@@ -182,13 +183,18 @@ def embed_folder(
             if problem is not None:
                 damaged[name] = problem
                 note(f"{name}: damaged ({problem}), embedding again")
-            # else a strict run over files an earlier run left out: embedded again, so it fails on them
+            # else a strict run over files an earlier run left out: embedded again, so it fails on them,
+            # leaving the shard (a complete one, of the skipping run) listed
+            intact = problem is None
+        if previous is not None and not intact:  # out of the index first: its files are stale
+            del entries[name]
+            _write_index(out, index, entries)
         within = None if progress is None else _offset(progress, done, total, reused)
         if skip_invalid:
             vectors, kept, rejected = _embed_skipping(client, paths, unlisted, within)
         else:
             vectors, kept, rejected = client.embed_images(paths, progress=within), list(range(len(paths))), []
-        if previous is not None:  # its files are about to change: out of the index first
+        if name in entries:  # its files are about to change: out of the index first
             del entries[name]
             _write_index(out, index, entries)
         kept_rels = [rels[i] for i in kept]
