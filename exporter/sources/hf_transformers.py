@@ -287,7 +287,7 @@ def _model(folder: Path, config: Any, progress: Progress) -> Any:
     try:
         model, info = transformers.AutoModel.from_pretrained(
             str(folder), local_files_only=True, dtype=torch.float32, attn_implementation="eager",
-            output_loading_info=True,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are reported below, by name
         )
     except Exception as exc:  # noqa: BLE001 - corrupt weights, shape mismatches, missing files
         raise ClipTritonError(f"{folder}: transformers cannot load it ({_first_line(exc)})") from None
