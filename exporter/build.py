@@ -120,7 +120,7 @@ class ExportOptions:
             return overrides
         if self.model_config is not None:
             raise ClipTritonError("--preprocess-from needs an architecture with pretrained tags, not --model-config")
-        return {**tag_preprocess(self.model, self.preprocess_from), **overrides}
+        return {**tag_preprocess(self.model or "", self.preprocess_from), **overrides}
 
 
 @dataclass(kw_only=True)
@@ -275,7 +275,7 @@ def _same_model(manifest: Any, opts: BuildOptions) -> str | None:
     config = read_model_config(opts.model_config) if opts.model_config is not None else None
     if config != manifest.model_config:
         return "it was exported from another --model-config"
-    if opts.pretrained == BUILTIN_WEIGHTS and manifest.builtin_sha256 != sha256_file(builtin_weights(opts.model)):
+    if opts.pretrained == BUILTIN_WEIGHTS and manifest.builtin_sha256 != sha256_file(builtin_weights(opts.model or "")):
         return "the builtin weights changed since"
     diff = [f"{k} {found[k]!r} (this build: {wanted[k]!r})" for k in wanted if wanted[k] != found[k]]
     return f"it holds {', '.join(diff)}" if diff else None

@@ -504,10 +504,11 @@ def _served_stages(
         for check in results:
             _tag_stage(check, tag)
     for item in triton_runners(url, section):
-        if isinstance(item, runtimes.Skipped) and tag is not None:
-            item = replace(item, name=f"{item.name}@{tag}")
-        elif tag is not None:
-            item.name = f"{item.name}@{tag}"  # before it runs: its failure lines carry the name
+        if tag is not None:
+            if isinstance(item, runtimes.Skipped):
+                item = replace(item, name=f"{item.name}@{tag}")
+            else:
+                item.name = f"{item.name}@{tag}"  # before it runs: its failure lines carry the name
         results.append(_compare(item, ref, samples, thresholds, progress, ids_real))
     return results
 

@@ -117,7 +117,9 @@ def preprocess_config(processor: Any, image_size: int) -> PreprocessConfig:
     """A Transformers image processor as our PreprocessConfig, or a one-line error naming the setting the
     served pipeline does not reproduce."""
     kind = type(processor).__name__
-    get = lambda key, default=None: getattr(processor, key, default)  # noqa: E731
+    def get(key: str, default: Any = None) -> Any:
+        return getattr(processor, key, default)
+
     if get("do_pad") or not get("do_resize", True):
         raise ClipTritonError(f"{kind}: only resizing processors are served (do_resize true, do_pad false)")
     if not get("do_convert_rgb", True):
