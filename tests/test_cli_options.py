@@ -26,10 +26,10 @@ COMMANDS: dict[str, tuple[type, set[str]]] = {
     "deploy": (DeployOptions, {"repository", "out", "force", "quiet"}),
     "build": (BuildOptions, {"quiet"}),
     "export": (ExportOptions, {"out", "force", "quiet"}),
-    "parity": (ParityOptions, {"export", "repository", "url", "report", "markdown", "ort_providers", "quiet"}),
-    "embed": (Connection, {"images", "text", "out", "shard_size", "json_out", "quiet"}),
+    "parity": (ParityOptions, {"export", "repository", "url", "out", "report", "markdown", "ort_providers", "quiet"}),
+    "embed": (Connection, {"images", "text", "out", "shard_size", "json_out", "skip_invalid", "quiet"}),
     "classify": (Connection, {"images", "labels", "top", "template", "json_out", "quiet"}),
-    "search": (Connection, {"images", "query", "top", "no_cache", "json_out", "quiet"}),
+    "search": (Connection, {"images", "query", "top", "no_cache", "json_out", "skip_invalid", "quiet"}),
 }
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_every_field_is_an_option_and_every_option_a_field(command: str) -> None
         param = params[name]
         assert param.help == field.metadata["help"], name
         default = None if field.default is dataclasses.MISSING else field.default
-        assert param.default == default and param.required == (name in ("model", "out")), name
+        assert param.default == default and param.required == (name == "out"), name  # --model: check_source
 
 
 def test_build_shares_the_export_parity_and_repository_declarations() -> None:
