@@ -87,6 +87,10 @@ PARAM_LOGIT_SCALE = "logit_scale"
 PARAM_LOGIT_BIAS = "logit_bias"  # only when the model has one (SigLIP)
 PARAM_IMAGE_ENCODER_SHA256 = "image_encoder_sha256"
 PARAM_TEXT_ENCODER_SHA256 = "text_encoder_sha256"
+# How the encoders are served (the repository's --runtime and --precision): parity --url alone judges
+# the live stages at the right tolerance without the repository folder.
+PARAM_RUNTIME = "runtime"
+PARAM_PRECISION = "precision"
 # The preprocess model and the pixels ensemble: open_clip's transform as JSON (the manifest's section).
 PARAM_PREPROCESS = "preprocess"
 # The python steps (preprocess, tokenize).

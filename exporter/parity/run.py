@@ -299,11 +299,12 @@ def run_parity(
     report, markdown = report_paths(export_dir, out, report, markdown)
     section = repository_section(manifest, repository)
     if urls and repository is None and section is None:
-        progress.warn(
-            "the served repository's runtime and precision are unknown (--url without --repository REPO): "
-            "the triton stages are judged at the FP32 threshold"
-        )
         section = _served_models(urls[0])
+        if not (section or {}).get("precision"):
+            progress.warn(
+                "the served repository's runtime and precision are unknown (the server does not publish them; "
+                "pass --repository REPO): the triton stages are judged at the FP32 threshold"
+            )
     # Which model is served, before anything is computed: another model is one line, not drift.
     expected = identity.expected_checksums(manifest)
     served: list[identity.Served] = []
@@ -406,7 +407,8 @@ def _parse_urls(url: str | None) -> list[str]:
 
 def _served_models(url: str) -> dict[str, Any] | None:
     """A record for a server whose repository is not at hand: the default prefix's models it has ready (so
-    an entry point it lacks is skipped, one it has is checked); runtime and precision stay unknown."""
+    an entry point it lacks is skipped, one it has is checked), and the runtime and precision its image
+    ensemble publishes (older repositories publish none: then they stay unknown)."""
     import tritonclient.grpc as grpcclient
 
     names = contract.model_names(contract.DEFAULT_PREFIX)
@@ -414,11 +416,19 @@ def _served_models(url: str) -> dict[str, Any] | None:
         client = grpcclient.InferenceServerClient(url)
         try:
             ready = {role: name for role, name in names.items() if client.is_model_ready(name)}
+            params: dict[str, str] = {}
+            if "image" in ready:
+                config = client.get_model_config(ready["image"]).config
+                params = {key: value.string_value for key, value in config.parameters.items()}
         finally:
             client.close()
     except Exception:  # noqa: BLE001 - unreachable: the stages report it
         return None
-    return {"prefix": contract.DEFAULT_PREFIX, "models": ready} if ready else None
+    if not ready:
+        return None
+    served = {key: params[p] for key, p in (("runtime", contract.PARAM_RUNTIME),
+                                            ("precision", contract.PARAM_PRECISION)) if params.get(p)}
+    return {"prefix": contract.DEFAULT_PREFIX, "models": ready, **served}
 
 
 def _check_identity(

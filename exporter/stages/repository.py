@@ -351,7 +351,9 @@ def build_configs(manifest: Manifest, opts: RepositoryOptions, max_batch: int, d
         step2.output_map[spec_out.name] = embedding.name
         # What clients need for zero-shot scores, readable from the server alone (no manifest); the
         # pixels entry point adds the transform and limits a client must apply to crop as the server would.
-        _set_params(ens, {**_model_parameters(manifest), **(preprocess_params if role == "image_pixels" else {})})
+        served = {contract.PARAM_RUNTIME: opts.runtime, contract.PARAM_PRECISION: opts.precision}
+        pixels = preprocess_params if role == "image_pixels" else {}
+        _set_params(ens, {**_model_parameters(manifest), **served, **pixels})
         configs[role] = ens
     return configs
 
