@@ -392,6 +392,9 @@ def test_report_names_what_it_tested_and_the_export_stays_untouched(two_models, 
                  f"- server: `{server.grpc_url}`", f"- weights: `{SHAPES}`, RANDOM weights (seed 1)",
                  f"- server {server.grpc_url} ({SHAPES}): serves this export (encoder checksums match)"):
         assert text in markdown, text
+    # --url alone: the server publishes its runtime and precision, so the live stages keep the FP16 class.
+    alone = run_parity(export_b, url=server.grpc_url, samples=2, out=tmp_path / "alone")
+    assert alone["passed"] and stage(alone, "triton")["threshold"] == 0.999
     # The default report folder is beside the export; nothing was added to it or changed in it.
     run_parity(export_b, samples=2)
     assert (export_b.parent / "b-parity" / "parity.json").is_file()
