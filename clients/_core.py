@@ -308,14 +308,15 @@ def tokenizer_info(metadata: Any, config: Any, version: str) -> tuple[TowerInfo,
 
 def token_count_parser(pad_id: int) -> Callable[[np.ndarray | None, TowerInfo, int], np.ndarray]:
     """A `parse` for _embed over the tokenize model: ids [N, L] -> tokens per text [N, 1] (float32), counted
-    up to the last non-pad id (special tokens included; a truncated text counts L)."""
+    from the first to the last non-pad id, so padding on either side is left out (special tokens included;
+    a truncated text counts L)."""
 
     def parse(raw: np.ndarray | None, tower: TowerInfo, count: int) -> np.ndarray:
         if raw is None:
             raise ServerResponseError(f"model {tower.model} returned no {tower.output_name!r} output")
         ids = np.asarray(raw).reshape(count, -1)
         used = ids != pad_id
-        length = ids.shape[1] - np.argmax(used[:, ::-1], axis=1)
+        length = ids.shape[1] - np.argmax(used[:, ::-1], axis=1) - np.argmax(used, axis=1)
         return np.where(used.any(axis=1), length, 0).astype(np.float32).reshape(count, 1)
 
     return parse
