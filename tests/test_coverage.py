@@ -139,3 +139,28 @@ def test_large_families_export(name: str, tmp_path: Path) -> None:
     _, manifest = _export(name, tmp_path / "export")
     for tower in ("image", "text"):
         assert manifest.export_parity[tower]["min_cosine"] >= MIN_COSINE
+
+
+def test_transformers_rows_are_known_shapes_and_the_readme_shows_the_json() -> None:
+    """Cheap (no export): each `hf:` entry names a benchmarks/hf_checkpoints.py shape with a tokenizer note, and
+    the README's table and COVERAGE.md are what coverage.json renders to (rows, the peak memory column)."""
+    import json
+
+    from benchmarks import coverage
+    from benchmarks.hf_checkpoints import SHAPES
+
+    hf = [e for e in coverage.MODELS if e.hf_shape]
+    assert {e.hf_shape for e in hf} == {s for s in SHAPES if not s.endswith("-tiny")}
+    for entry in hf:
+        assert entry.name == f"hf:{entry.hf_shape}" and "tokenizer:" in coverage.entry_notes(entry)
+        assert "random weights" in coverage.entry_notes(entry)
+    data = json.loads((coverage.HERE / "coverage.json").read_text())
+    rendered = coverage.render_markdown(data)
+    assert (coverage.HERE / "COVERAGE.md").read_text() == rendered
+    readme = coverage.README.read_text()
+    block = readme[readme.index(coverage.README_BEGIN) + len(coverage.README_BEGIN) : readme.index(coverage.README_END)]
+    assert block.strip().splitlines() == [line for line in rendered.splitlines() if line.startswith("|")]
+    for name, row in data["models"].items():
+        if row.get("source") == "transformers" and row.get("status") == "ok":
+            assert row["peak_memory"]["export"]["peak_gib"] > 0, name
+            assert "peak memory GiB" in rendered
