@@ -20,7 +20,7 @@ from helpers import linked_copy
 def test_registry_entries_and_lookups() -> None:
     names = [r.name for r in runtimes.registered()]
     assert {"pytorch", "onnxruntime", "tensorrt", "python", "triton"} <= set(names)
-    assert set(runtimes.serving_names()) == {"onnxruntime", "tensorrt", "python"}
+    assert set(runtimes.serving_names()) == {"onnxruntime", "openvino", "tensorrt", "python"}
     with pytest.raises(ClipTritonError, match="--runtime must be one of"):
         runtimes.serving("tflite")
     with pytest.raises(ClipTritonError, match="unknown runtime"):

@@ -9,7 +9,9 @@ unique shared-memory prefix, free ports, and a readiness wait on HTTP /v2/health
 The server has only the python backend. A python-based backend `backends/onnxruntime/model.py`
 (ONNX Runtime on CPU, the same source as the `python` runtime's encoder) is installed too, so an
 `onnxruntime` repository written for NVIDIA's container loads unchanged; its KIND_GPU instance
-groups are overridden to KIND_CPU at load (explicit model control, load with a config).
+groups are overridden to KIND_CPU at load (explicit model control, load with a config). Likewise
+`backends/openvino/model.py` (OpenVINO's Python API, model_repository/openvino_encoder) serves an `openvino`
+repository unchanged.
 """
 
 from __future__ import annotations
@@ -137,8 +139,11 @@ def prepare_server_dir(root: Path | None = None) -> Path:
         tag = md.version("nvidia-pytriton")
     except Exception:  # noqa: BLE001
         tag = "unknown"
-    digest = hashlib.sha256(_BACKEND_WRAPPER.encode())
-    for path in backend_files.values():
+    # backends/openvino: the `openvino` runtime's stand-in (model_repository/openvino_encoder, on onnx_encoder).
+    openvino_files = {**backend_files, "openvino_encoder.py": REPOSITORY_SOURCES / "openvino_encoder" / "model.py"}
+    openvino_wrapper = _BACKEND_WRAPPER.replace("onnx_encoder", "openvino_encoder").replace("onnxruntime", "OpenVINO")
+    digest = hashlib.sha256(_BACKEND_WRAPPER.encode() + openvino_wrapper.encode())
+    for path in openvino_files.values():
         digest.update(path.read_bytes() if path.is_file() else b"")
     runner_tag = digest.hexdigest()[:12]  # a changed runner source gets a fresh copy
     root = Path(root) if root is not None else cache_root()
@@ -151,11 +156,15 @@ def prepare_server_dir(root: Path | None = None) -> Path:
         work = tmp / "tritonserver"
         shutil.copytree(src, work, ignore=shutil.ignore_patterns("python_backend_stubs"), symlinks=True)
         shutil.copy2(stub, work / "backends" / "python" / "triton_python_backend_stub")
-        backend = work / "backends" / "onnxruntime"
-        backend.mkdir(parents=True, exist_ok=True)
-        for name, path in backend_files.items():
-            shutil.copy2(path, backend / name)
-        (backend / "model.py").write_text(_BACKEND_WRAPPER)
+        for backend_name, files, wrapper in (
+            ("onnxruntime", backend_files, _BACKEND_WRAPPER),
+            ("openvino", openvino_files, openvino_wrapper),
+        ):
+            backend = work / "backends" / backend_name
+            backend.mkdir(parents=True, exist_ok=True)
+            for name, path in files.items():
+                shutil.copy2(path, backend / name)
+            (backend / "model.py").write_text(wrapper)
         (work / "caches").mkdir(exist_ok=True)
         try:
             work.rename(dest)

@@ -5,7 +5,7 @@ users type (`serving(name)` for `--runtime`); none compares runtime names by han
 How to add one: docs/runtimes.md.
 """
 
-from clip_triton.exporter.runtimes import onnxruntime, python, tensorrt, torch, triton  # noqa: F401 - registers them
+from clip_triton.exporter.runtimes import onnxruntime, openvino, python, tensorrt, torch, triton  # noqa: F401 - registers them
 from clip_triton.exporter.runtimes.base import (
     BATCH,
     TOLERANCES,
