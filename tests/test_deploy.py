@@ -700,6 +700,13 @@ def test_build_commands_parse_against_the_cli(repos: dict[str, Path], built: Pat
                 assert ctx.params
     repository = group.commands["repository"].make_context("repository", [_expand(t, values)
                                                                           for t in commands[1][2:]]).params
+    # The gate's parity run is accepted by parity itself: its reports lie outside the export folder.
+    from clip_triton.exporter.parity.run import report_paths
+
+    parity = group.commands["parity"].make_context("parity", [_expand(t, values) for t in commands[2][2:]]).params
+    paths = report_paths(Path(values["EXPORT_DIR"]), parity.get("out"), parity.get("report"), parity.get("markdown"))
+    assert all(Path(values["EXPORT_DIR"]) not in p.parents for p in paths)
+    assert 'REPORT="$EXPORT_DIR-parity/parity-tensorrt.json"' in script  # what the gate reads back
     record = facts.record
     assert repository["runtime"] == "tensorrt" and repository["prefix"] == facts.prefix
     assert repository["triton_release"] == facts.release.release

@@ -34,9 +34,11 @@ from clip_triton.exporter.runtimes.base import (
 if TYPE_CHECKING:
     import tensorrt as trt
 
+# Plans load only in a Triton whose TensorRT built them: build them in the TensorRT container of the target
+# release, not with the PyPI wheel (docs/releases.md; `deploy --build-engines` scripts it).
 CONTAINER_HINT = (
-    "run inside NVIDIA's TensorRT/Triton container (nvcr.io/nvidia/tritonserver:<YY.MM>-py3) "
-    "or `pip install 'clip-triton[tensorrt]'` on a GPU host"
+    "build the plans on the serving GPU inside nvcr.io/nvidia/tensorrt:<YY.MM>-py3 of the target Triton "
+    "release (`clip-triton deploy --build-engines` writes the Job and a docker script; docs/releases.md)"
 )
 
 

@@ -1052,7 +1052,8 @@ BUILD_SCRIPT = "build-engines.sh"
 DOCKER_SCRIPT = "docker-build-engines.sh"
 ENGINES_FOLDER = "build-engines"  # beside the manifests; `kubectl apply -f DIR` does not descend into it
 ENGINES_DEADLINE_S = 4 * 3600  # pip install + two builds + parity; the pods wait this long plus an hour
-PARITY_REPORT = "parity-tensorrt.json"
+# Beside the export, as parity's own default folder (EXPORT-parity/): parity never writes into the export.
+PARITY_REPORT = "$EXPORT_DIR-parity/parity-tensorrt.json"
 
 
 def tensorrt_image(facts: RepositoryFacts, opts: DeployOptions) -> str:
@@ -1088,7 +1089,7 @@ def engines_commands(facts: RepositoryFacts) -> list[list[str]]:
     deps = record.get("python_deps")
     repository += ["--deps-arch", str(deps.get("arch", "x86_64"))] if isinstance(deps, dict) else ["--no-python-deps"]
     parity = ["clip-triton", "parity", "--export", "$EXPORT_DIR", "--repository", "$REPOSITORY_DIR",
-              "--report", f"$EXPORT_DIR/{PARITY_REPORT}"]
+              "--report", PARITY_REPORT]
     return [engines, repository, parity]
 
 
@@ -1256,7 +1257,7 @@ TRITON_RELEASE="@RELEASE@"
 # What tritonserver:@RELEASE@-py3 ships, per clip-triton's release table ("": unconfirmed).
 EXPECTED_TENSORRT="@TENSORRT@"
 MARKER="@MARKER@"
-REPORT="$EXPORT_DIR/@REPORT@"
+REPORT="@REPORT@"
 PLANS=("@IMAGE_MODEL@/1/model.plan" "@TEXT_MODEL@/1/model.plan")
 
 say() { echo "build-engines: $*" >&2; }
