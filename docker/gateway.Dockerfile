@@ -11,11 +11,8 @@ COPY clip_triton ./clip_triton
 COPY clients ./clients
 COPY exporter ./exporter
 COPY model_repository ./model_repository
-# --no-deps: the package's own dependencies are the exporter's (torch, open_clip, onnx); the gateway needs
-# only the client's and its extra's, listed here (pyproject.toml's `gateway` extra).
-RUN pip install --no-deps . \
- && pip install "numpy>=1.24,<2" "pillow>=10" "tritonclient[grpc]>=2.51" "typer>=0.12" \
-        "starlette>=0.40" "uvicorn>=0.30" "prometheus-client>=0.20" \
+# The package without extras is the client; the toolchain (torch, open_clip, onnx) is the `export` extra.
+RUN pip install ".[gateway]" \
  && python -c "import sys; sys.modules['torch'] = None; import clip_triton.clients.gateway.app" \
  && clip-triton-gateway --help > /dev/null \
  && rm -rf /src

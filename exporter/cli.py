@@ -287,6 +287,13 @@ def main() -> None:
     except (ClipTritonError, ClipClientError) as exc:  # the client library has its own error base
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # the client-only install (no `export` extra) runs a toolchain command
+        root = (exc.name or "").split(".")[0]
+        extra = {"transformers": "hf", "sentencepiece": "hf", "openvino": "openvino", "starlette": "gateway",
+                 "uvicorn": "gateway", "prometheus_client": "gateway"}.get(root, "export")
+        print(f"error: this command needs the `{extra}` extra (no module {root!r} here): "
+              f"pip install 'clip-triton[{extra}]'", file=sys.stderr)
+        sys.exit(2)
     except OSError as exc:  # a full disk, a vanished folder: the stages clean up their staged output
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -400,6 +400,8 @@ def test_kserve_manifests_validate(repos: dict[str, Path], tmp_path: Path, devic
                  "--clip-triton-spec", "x"], "relative path"),
         ("gpu", ["--pvc", "m", "--pvc-subpath", "r", "--build-engines", "--engines-export-subpath", "e",
                  "--clip-triton-spec", "clip-triton[tensorrt]"], "tensorrt extra"),
+        ("gpu", ["--build-engines", "--pvc", "m", "--pvc-subpath", "clip/v1", "--engines-export-subpath", "exports/x",
+                 "--clip-triton-spec", "clip-triton==0.1.0"], "must ask for the export extra"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -571,7 +573,7 @@ def test_headless_service(repos: dict[str, Path]) -> None:
 
 BUILD_ARGS = ["--pvc", "models", "--pvc-subpath", "clip/vitb32-trt-1", "--build-engines",
               "--engines-export-subpath", "exports/vitb32", "--clip-triton-spec",
-              "/work/pvc/wheels/clip_triton-0.1.0-py3-none-any.whl", "--wheelhouse-subpath", "wheels",
+              "/work/pvc/wheels/clip_triton-0.1.0-py3-none-any.whl[export]", "--wheelhouse-subpath", "wheels",
               "--node-selector", "nvidia.com/gpu.product=NVIDIA-L4"]
 
 

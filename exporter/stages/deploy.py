@@ -410,9 +410,13 @@ def _check_engines_options(facts: RepositoryFacts, opts: DeployOptions, name: st
     spec = opts.clip_triton_spec or ""
     if not re.fullmatch(r"[A-Za-z0-9._/+=@:<>!~,\[\]-]+", spec):
         raise ClipTritonError(f"--clip-triton-spec {spec!r} must be one pip requirement or wheel path (no spaces)")
-    if "[tensorrt]" in spec.replace(" ", ""):
+    extras = {e.strip() for group in re.findall(r"\[([^\]]*)\]", spec) for e in group.split(",")}
+    if "tensorrt" in extras:
         raise ClipTritonError("--clip-triton-spec must not ask for the tensorrt extra: the image's own TensorRT "
                               "builds the plans (a PyPI wheel matches no container release)")
+    if not extras & {"export", "hf"}:
+        raise ClipTritonError(f"--clip-triton-spec {spec!r} must ask for the export extra (the Job runs the toolchain; "
+                              "the package alone is the client): e.g. clip_triton-0.1.0-py3-none-any.whl[export]")
     if len(engines_job_name(name, facts)) > 63:
         raise ClipTritonError(f"--name {name!r} is too long for the engine build Job {engines_job_name(name, facts)!r}")
 
