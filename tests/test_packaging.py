@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from helpers import linked_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +56,27 @@ def test_wheel_ships_the_python_backend_sources(vitb32_export: Path, tmp_path: P
     for model in ("clip_image_preprocess", "clip_text_tokenize", "clip_image_encoder"):
         assert (tmp_path / "repo" / model / "1" / "model.py").is_file()
     assert (tmp_path / "repo" / "clip_text_tokenize" / "1" / "bpe_simple_vocab_16e6.txt.gz").is_file()
+
+
+@pytest.mark.slow
+def test_the_package_alone_is_the_client_without_torch(tmp_path: Path) -> None:
+    """`pip install clip-triton` (no extra) in a fresh venv: the client and its CLI, no torch, open_clip or
+    numpy pin; a toolchain command says which extra it needs, in one line."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], capture_output=True, text=True,
+                         timeout=900)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    python, cli = str(venv / "bin" / "python"), str(venv / "bin" / "clip-triton")
+    probe = ("import importlib.util as u, clip_triton; "
+             "print([m for m in ('torch', 'open_clip', 'onnx') if u.find_spec(m)])")
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
+    assert subprocess.run([python, "-c", "from clip_triton import ClipClient, AsyncClipClient"], timeout=120,
+                          cwd=tmp_path).returncode == 0
+    assert subprocess.run([cli, "embed", "--help"], capture_output=True, timeout=120).returncode == 0
+    export = subprocess.run([cli, "export", "--model", "ViT-B-32", "--random-weights", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=120)
+    assert export.returncode == 2 and "Traceback" not in export.stderr
+    assert export.stderr.strip() == ("error: this command needs the `export` extra (no module 'onnx' here): "
+                                     "pip install 'clip-triton[export]'"), export.stderr
