@@ -180,6 +180,7 @@ def render(results: dict[str, Any]) -> str:
         f"- date: {results['date']}; wall time {results['seconds']:.0f} s; machine: {results['machine_line']}",
         f"- load average at start {results['load_start']}, at end {results['load_end']} (the machine is shared: "
         "absolute times are noisy, ratios are measured in this one run)",
+        *([f"- **note**: {results['note']}"] if results.get("note") else []),
         f"- versions: {results['versions_line']}",
         f"- encoder cells: warm-up 1-2 calls, then timed calls for {results['settings']['cell_budget_s']} s "
         f"(at least {results['settings']['min_iters']}, 1 when one call outlasts the budget); cells estimated over "
@@ -216,10 +217,11 @@ def render(results: dict[str, Any]) -> str:
                                  f"skipped: {cell['skipped']} |")
                     continue
                 ratio = cell.get("speedup_vs_torch")
+                cos = cell.get("min_cosine_vs_torch")
                 lines.append(
                     f"| {entry['label']} | `{name}` | {cls} | {batch} | {cell['median_ms']:.1f} | "
                     f"{cell['throughput']:.1f} | {f'{ratio:.2f}x' if ratio else '-'} | "
-                    f"{cell.get('min_cosine_vs_torch', float('nan')):.6f} | "
+                    f"{'-' if cos is None else f'{cos:.6f}'} | "
                     f"{'-' if agree is None else f'{agree:.1%}'} | {gate} |"
                 )
                 if name != "pytorch" and ratio and int(batch) >= 8 and gate == "pass":
@@ -291,6 +293,8 @@ def goals(results: dict[str, Any]) -> list[str]:
                            f"({new:.1f} vs {base:.1f} infer/s, {new / base:.2f}x)")
     else:
         out.append("- served throughput: not measured in this run")
+    if results.get("note"):
+        out.append("- caveat (see the note above): these lines compare cells measured under changing contention")
     return out
 
 
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--no-served", action="store_true", help="skip the served section")
+    parser.add_argument("--note", default="", help="a line for PRECISION.md, e.g. 'machine shared with other jobs'")
     args = parser.parse_args(argv)
     progress = Progress("precision")
     s = settings(args.batches, args.threads)
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_utc(),
         "command": "python -m benchmarks.precision " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "versions": versions(), "settings": s.to_dict(), "load_start": load_start,
+        "note": args.note,
     }
     try:
         results["encoders"], export_dir = encoders(work, s, progress)
