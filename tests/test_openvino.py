@@ -35,9 +35,19 @@ def shapes_export(tmp_path_factory: pytest.TempPathFactory):
         yield out
 
 
-def _offered(export: Path) -> dict[str, runtimes.Runner | runtimes.Skipped]:
-    ctx = runtimes.RunContext(export, load_manifest(export))
+def _offered(export: Path, served_by: str = "openvino") -> dict[str, runtimes.Runner | runtimes.Skipped]:
+    ctx = runtimes.RunContext(export, load_manifest(export), section={"runtime": served_by})
     return {item.name: item for item in runtimes.get("openvino").runners(ctx)}
+
+
+def test_parity_runs_openvino_only_where_it_serves(shapes_export: Path) -> None:
+    """Another served runtime (or none): every openvino runner is a skip saying why; the benchmark runs them."""
+    others = _offered(shapes_export, served_by="python")
+    assert all(isinstance(v, runtimes.Skipped) and "not the served runtime" in v.reason for v in others.values()) \
+        or all(isinstance(v, runtimes.Skipped) for v in others.values())  # openvino missing: that reason
+    bench = runtimes.RunContext(shapes_export, load_manifest(shapes_export), purpose="bench")
+    assert any(not isinstance(v, runtimes.Skipped) for v in runtimes.get("openvino").runners(bench)) \
+        or openvino.openvino_missing() is not None
 
 
 def test_registered_with_its_serving_spec() -> None:
