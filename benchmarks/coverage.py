@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from clip_triton.exporter.base.common import staged_file
@@ -229,7 +230,6 @@ def run_hf(
     """A Transformers checkpoint at `entry.hf_shape`: built offline with random weights, then exported (and
     converted to FP16) by the CLI, each in its own process, with each stage's peak memory. Never raises."""
     from benchmarks.memory import run_stage
-    from clip_triton.exporter.base.manifest import load_manifest
 
     row: dict[str, Any] = {"family": entry.family, "slow": entry.slow, "test_tier": entry.test_tier,
                            "notes": entry_notes(entry), "source": "transformers"}
@@ -275,22 +275,26 @@ def run_hf(
     for stage in memory.values():  # the temp folders' names mean nothing later
         if isinstance(stage, dict):
             stage["command"] = stage["command"].replace(str(folder), "FOLDER").replace(str(out), "EXPORT")
-    manifest = load_manifest(out)
-    row["status"] = "ok"
-    if fp16:
-        row["fp16"] = _fp16_from_manifest(manifest.fp16, memory["fp16"])
-    row["exporter"] = manifest.exporter
-    row["versions"] = hf_versions()
-    row.update(_towers_from_manifest(manifest))
-    row["manifest"] = {
-        "embed_dim": manifest.embed_dim,
-        "image_size": manifest.image_size,
-        "context_length": manifest.tokenizer.context_length,
-        "tokenizer_kind": manifest.tokenizer.kind,
-        "vocab_size": manifest.tokenizer.vocab_size,
-        "resize_mode": manifest.preprocess.resize_mode,
-        "onnx_bytes": sum(rec["bytes"] for rec in manifest.files.values()),
-    }
+    # The manifest as JSON, not as a Manifest: only the fields read here, whatever sections later stages add.
+    try:
+        manifest = SimpleNamespace(**json.loads((out / "manifest.json").read_text()))
+        row["status"] = "ok"
+        if fp16:
+            row["fp16"] = _fp16_from_manifest(manifest.fp16, memory["fp16"])
+        row["exporter"] = manifest.exporter
+        row["versions"] = hf_versions()
+        row.update(_towers_from_manifest(manifest))
+        row["manifest"] = {
+            "embed_dim": manifest.embed_dim,
+            "image_size": manifest.image_size,
+            "context_length": manifest.tokenizer["context_length"],
+            "tokenizer_kind": manifest.tokenizer["kind"],
+            "vocab_size": manifest.tokenizer["vocab_size"],
+            "resize_mode": manifest.preprocess["resize_mode"],
+            "onnx_bytes": sum(rec["bytes"] for rec in manifest.files.values()),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        row.update(status="fail", error=f"reading {out / 'manifest.json'}: {type(exc).__name__}: {exc}"[:500])
     return row
 
 
