@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import queue
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +42,15 @@ def _bytes_input(name: str, items: list[bytes]):
 def _reference(export_dir: Path):
     """The PyTorch model and open_clip's own preprocess/tokenizer for the manifest."""
     import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
 
+    from clip_triton.exporter.parity.samples import reference_transform
     from clip_triton.exporter.runtimes.torch import torch_embed
     from clip_triton.exporter.sources import load_reference, tower_modules
 
     manifest = load_manifest(export_dir)
     loaded = load_reference(manifest)
     modules = tower_modules(loaded)
-    cfg = asdict(manifest.preprocess)
-    cfg["size"] = tuple(cfg["size"])
-    preprocess = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    preprocess = reference_transform(manifest)  # open_clip's eval transform from the manifest's config
     tokenizer = open_clip.get_tokenizer(manifest.model_name)
 
     def embed_images(items: list[bytes]) -> np.ndarray:
