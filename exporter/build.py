@@ -1,6 +1,7 @@
 """`clip-triton build` and `clip-triton demo`: every stage in order, called directly.
 
-The CI entry point: export -> fp16 -> engines (when possible) -> repository -> parity; exit code 0 only
+The CI entry point: export -> fp16 -> (quantize, for --precision int8) -> engines (when possible) -> repository
+-> parity; exit code 0 only
 when every stage passed, with the failing stage named otherwise.
 """
 
@@ -196,8 +197,8 @@ def _check_build_options(opts: BuildOptions) -> None:
     if opts.runtime != AUTO and opts.runtime not in runtimes.serving_names():
         choices = ", ".join((AUTO, *runtimes.serving_names()))
         raise ClipTritonError(f"--runtime must be one of {choices}, got {opts.runtime!r}")
-    if opts.precision not in ("fp32", "fp16"):
-        raise ClipTritonError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
+    if opts.precision not in ("fp32", "fp16", "int8"):
+        raise ClipTritonError(f"--precision must be fp32, fp16 or int8, got {opts.precision!r}")
     if opts.skip_engines and opts.require_engines:
         raise ClipTritonError("--skip-engines and --require-engines contradict each other")
     if opts.skip_engines and _needs_engines(opts.runtime):
@@ -217,8 +218,13 @@ def _check_build_options(opts: BuildOptions) -> None:
     check_parity_options(
         opts.samples, opts.min_cosine_fp32, opts.min_cosine_fp16, labelled_set=opts.labelled_set,
         labelled_samples=opts.labelled_samples, min_agreement_fp32=opts.min_agreement_fp32,
-        min_agreement_fp16=opts.min_agreement_fp16,
+        min_agreement_fp16=opts.min_agreement_fp16, min_cosine_int8=opts.min_cosine_int8,
+        min_agreement_int8=opts.min_agreement_int8,
     )
+    if opts.precision == "int8":
+        from clip_triton.exporter.stages.quantize import check_options
+
+        check_options(_quantize_options(opts))  # NNCF present, thresholds in range: before the slow stages
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ClipTritonError(f"--out {out} is a file, not a folder")
@@ -316,7 +322,27 @@ def resumable_stages(out: Path, opts: BuildOptions) -> tuple[set[str], list[str]
         notes.append("the FP16 graphs are complete (checksums verified): reusing them")
     else:
         notes.append(f"fp16: {problem}: redoing it")
+    if opts.precision == "int8":
+        int8_files = (manifest.int8 or {}).get("files") or {}
+        problem = verify_files(export_dir, int8_files) if manifest.int8 else "not run"
+        if problem is None:
+            reuse.add("quantize")
+            notes.append("the INT8 graphs are complete (checksums verified): reusing them")
+        else:
+            notes.append(f"quantize: {problem}: redoing it")
     return reuse, notes
+
+
+def _quantize_options(opts: BuildOptions) -> Any:
+    """The quantize stage's options from a build's: its parity data (--images/--texts: calibration and the
+    top-1 caption check), labelled set and INT8 thresholds."""
+    from clip_triton.exporter.stages.quantize import QuantizeOptions
+
+    return QuantizeOptions(
+        calibration_images=opts.images, calibration_texts=opts.texts, labelled_set=opts.labelled_set,
+        labelled_samples=opts.labelled_samples, min_cosine=opts.min_cosine_int8,
+        min_agreement=opts.min_agreement_int8,
+    )
 
 
 def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict[str, Any]:
@@ -365,7 +391,11 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
             build.info("engines skipped (--skip-engines)")
             return False
         try:
-            build_engines(export_dir, progress=Progress("engines", quiet))
+            build_engines(
+                export_dir, progress=Progress("engines", quiet),
+                precision="int8" if opts.precision == "int8" else "fp16",
+                min_cosine=opts.min_cosine_int8 if opts.precision == "int8" else opts.min_cosine_fp16,
+            )
         except MissingDependencyError as exc:
             if opts.require_engines or _needs_engines(opts.runtime):
                 raise
@@ -389,6 +419,14 @@ def run_build(opts: BuildOptions, quiet: bool = False, echo: Any = None) -> dict
         reused("fp16")
     else:
         timed("fp16", lambda: make_fp16(export_dir, progress=Progress("fp16", quiet)))
+    if opts.precision == "int8":
+        from clip_triton.exporter.stages.quantize import make_int8
+
+        if "quantize" in reuse:
+            reused("quantize")
+        else:
+            timed("quantize", lambda: make_int8(
+                export_dir, _quantize_options(opts), progress=Progress("quantize", quiet)))
     built_engines = timed("engines", engines)
     if opts.runtime == AUTO:
         runtime = runtimes.AUTO_WITH_ENGINES if built_engines else runtimes.AUTO_WITHOUT_ENGINES

@@ -116,6 +116,9 @@ def engines(
     workspace_gib: Annotated[float | None, typer.Option(help="Builder workspace limit in GiB.")] = None,
     builder_level: Annotated[int, typer.Option(help="Builder optimisation level 0-5.")] = 3,
     min_cosine: Annotated[float, typer.Option(help="Fail below this min cosine vs PyTorch FP32.")] = 0.999,
+    precision: Annotated[
+        str, typer.Option(help="fp16 (the FP16 graphs) or int8 (the quantize stage's Q/DQ graphs; docs/int8.md).")
+    ] = "fp16",
     quiet: Quiet = False,
 ) -> None:
     """Build image/text_encoder.plan with TensorRT (on the GPU that will serve them) and check parity."""
@@ -132,12 +135,60 @@ def engines(
         builder_level=builder_level,
         min_cosine=min_cosine,
         progress=progress,
+        precision=precision,
     )
     section = manifest.engines or {}
     typer.echo(
         f"built TensorRT {section.get('tensorrt')} engines in {export} for {section.get('gpu')}: "
         f"image min cosine {section['image']['min_cosine']:.7f}, "
         f"text min cosine {section['text']['min_cosine']:.7f}"
+    )
+
+
+@app.command()
+def quantize(
+    export: Annotated[Path, typer.Option("--export", help="Folder written by `clip-triton export`.")],
+    calibration_images: Annotated[
+        Path | None, typer.Option(help="A folder of your own images: calibration, and the top-1 caption check.")
+    ] = None,
+    calibration_texts: Annotated[
+        Path | None, typer.Option(help="A UTF-8 file of your own captions, one per line (calibration, check).")
+    ] = None,
+    labelled_set: Annotated[
+        str,
+        typer.Option(help="Agreement gate's labelled set: auto (shapes for the builtin trained model), shapes, "
+                     "none, a folder of class folders or a captions file (as `parity`)."),
+    ] = "auto",
+    labelled_samples: Annotated[int, typer.Option(help="Held-out shapes images of --labelled-set shapes.")] = 120,
+    min_cosine: Annotated[float, typer.Option(help="Fail below this min cosine vs PyTorch FP32.")] = 0.98,
+    min_agreement: Annotated[
+        float, typer.Option(help="Fail below this top-1 agreement with PyTorch on the labelled set / your data.")
+    ] = 0.95,
+    quantizer: Annotated[str, typer.Option(help="nncf (default) or onnxruntime (docs/int8.md).")] = "nncf",
+    keep_fp32: Annotated[
+        str | None, typer.Option(help="Extra ONNX op types to leave unquantized, comma-separated (e.g. Gemm).")
+    ] = None,
+    no_default_policy: Annotated[
+        bool,
+        typer.Option("--no-default-policy", help="Drop the default keep-in-FP32 policy (only --keep-fp32 ops)."),
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write image/text_encoder.int8.onnx (Q/DQ, per-channel INT8 weights, calibrated) after the gate."""
+    from clip_triton.exporter.stages.fp16 import parse_op_list
+    from clip_triton.exporter.stages.quantize import Int8Policy, QuantizeOptions, make_int8
+
+    extra = parse_op_list(keep_fp32)
+    opts = QuantizeOptions(
+        calibration_images=calibration_images, calibration_texts=calibration_texts, labelled_set=labelled_set,
+        labelled_samples=labelled_samples, min_cosine=min_cosine, min_agreement=min_agreement, quantizer=quantizer,
+        policy=Int8Policy.none(extra) if no_default_policy else Int8Policy.default(extra),
+    )
+    manifest = make_int8(export, opts, progress=Progress("quantize", quiet))
+    section = manifest.int8 or {}
+    typer.echo(
+        f"wrote INT8 graphs to {export}: image min cosine {section['image']['min_cosine']:.6f}, "
+        f"text min cosine {section['text']['min_cosine']:.6f}"
     )
 
 

@@ -34,7 +34,11 @@ IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
 IMAGE_FP16_ONNX = "image_encoder.fp16.onnx"
 TEXT_FP16_ONNX = "text_encoder.fp16.onnx"
+IMAGE_INT8_ONNX = "image_encoder.int8.onnx"
+TEXT_INT8_ONNX = "text_encoder.int8.onnx"
 IMAGE_PLAN = "image_encoder.plan"
+IMAGE_INT8_PLAN = "image_encoder.int8.plan"
+TEXT_INT8_PLAN = "text_encoder.int8.plan"
 TEXT_PLAN = "text_encoder.plan"
 
 TOWERS = ("image", "text")
@@ -44,9 +48,17 @@ TOWERS = ("image", "text")
 ARTIFACTS: dict[tuple[str, str], dict[str, str]] = {
     ("onnx", "fp32"): {"image": IMAGE_ONNX, "text": TEXT_ONNX},  # export
     ("onnx", "fp16"): {"image": IMAGE_FP16_ONNX, "text": TEXT_FP16_ONNX},  # fp16
+    ("onnx", "int8"): {"image": IMAGE_INT8_ONNX, "text": TEXT_INT8_ONNX},  # quantize (Q/DQ, docs/int8.md)
     ("plan", "fp16"): {"image": IMAGE_PLAN, "text": TEXT_PLAN},  # engines (precision set by the FP16 graph)
+    ("plan", "int8"): {"image": IMAGE_INT8_PLAN, "text": TEXT_INT8_PLAN},  # engines --precision int8 (Q/DQ graph)
 }
-STAGE_OF_ARTIFACT = {("onnx", "fp32"): "export", ("onnx", "fp16"): "fp16", ("plan", "fp16"): "engines"}
+STAGE_OF_ARTIFACT = {
+    ("onnx", "fp32"): "export",
+    ("onnx", "fp16"): "fp16",
+    ("onnx", "int8"): "quantize",
+    ("plan", "fp16"): "engines",
+    ("plan", "int8"): "engines",
+}
 
 
 @dataclass
@@ -121,6 +133,7 @@ class Manifest:
     export_parity: dict[str, Any] = field(default_factory=dict)
     fp16: dict[str, Any] | None = None
     engines: dict[str, Any] | None = None
+    int8: dict[str, Any] | None = None  # the quantize stage's record (docs/int8.md); optional since it came later
     repository: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
     # A custom architecture's open_clip model config (--model-config), so later stages rebuild it without
@@ -143,6 +156,8 @@ class Manifest:
         names = dict(ARTIFACTS[key])
         if key == ("onnx", "fp32"):
             return {tower: self.tower(tower).file for tower in TOWERS}
+        if key == ("onnx", "int8") or key == ("plan", "int8"):
+            return names  # written by one version only: the table's names
         section = self.fp16 if fmt == "onnx" else self.engines
         if isinstance(section, dict):  # written by an older version: names may live per tower
             for tower in TOWERS:
@@ -349,7 +364,7 @@ def check_manifest(m: Manifest) -> None:
     for key in ("versions", "files", "export_parity"):
         if not isinstance(getattr(m, key), dict):
             raise ValueError(f"{key} must be an object")
-    for key in ("fp16", "engines", "repository", "parity"):
+    for key in ("fp16", "engines", "int8", "repository", "parity"):
         if getattr(m, key) is not None and not isinstance(getattr(m, key), dict):
             raise ValueError(f"{key} must be an object or null")
     profile = (m.engines or {}).get("profile")

@@ -35,8 +35,11 @@ MIN_COSINE_FP16 = 0.999
 # (and TensorRT) move cosines by ~1e-3, enough to flip a close call now and then (two in 100).
 MIN_AGREEMENT_FP32 = 0.99
 MIN_AGREEMENT_FP16 = 0.98
+# INT8 (Q/DQ graphs, docs/int8.md): cosines move by ~1e-3..1e-2, and a close call flips more often.
+MIN_COSINE_INT8 = 0.98
+MIN_AGREEMENT_INT8 = 0.95
 RECALL_KS = (1, 5)
-DEFAULT_AGREEMENT = {"fp32": MIN_AGREEMENT_FP32, "fp16": MIN_AGREEMENT_FP16}
+DEFAULT_AGREEMENT = {"fp32": MIN_AGREEMENT_FP32, "fp16": MIN_AGREEMENT_FP16, "int8": MIN_AGREEMENT_INT8}
 PIXEL_TOLERANCE = 1e-6
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
 
@@ -451,7 +454,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"Parity {verdict} ({result['created']}, {result['seconds']} s). Every stage is compared with the "
         f"PyTorch FP32 reference on {n_img} images, {n_cap} captions and {result['samples']['prompts']} "
         f"zero-shot prompts. Thresholds: min cosine {result['thresholds']['fp32']} (fp32), "
-        f"{result['thresholds']['fp16']} (fp16); server pixels max abs diff < "
+        f"{result['thresholds']['fp16']} (fp16)"
+        + (f", {result['thresholds']['int8']} (int8)" if "int8" in result["thresholds"] else "")
+        + "; server pixels max abs diff < "
         f"{result['thresholds']['pixels_max_abs_diff']:g}; token ids equal.",
         "",
         "Zero-shot columns: share of images whose top-1 caption / label is the one PyTorch picks "

@@ -42,8 +42,10 @@ from clip_triton.exporter.parity.report import (
     ERROR,
     MIN_AGREEMENT_FP16,
     MIN_AGREEMENT_FP32,
+    MIN_AGREEMENT_INT8,
     MIN_COSINE_FP16,
     MIN_COSINE_FP32,
+    MIN_COSINE_INT8,
     PIXEL_TOLERANCE,
     SKIP,
     EmbeddingRun,
@@ -93,6 +95,10 @@ class ParityOptions:
     )
     min_agreement_fp16: float = option(
         MIN_AGREEMENT_FP16, help="Min top-1 agreement with PyTorch for FP16 and TensorRT stages (0: off)."
+    )
+    min_cosine_int8: float = option(MIN_COSINE_INT8, help="Min cosine vs PyTorch for INT8 (Q/DQ) stages.")
+    min_agreement_int8: float = option(
+        MIN_AGREEMENT_INT8, help="Min top-1 agreement with PyTorch for INT8 stages (0: off)."
     )
 
     def parity_kwargs(self) -> dict[str, Any]:
@@ -240,6 +246,8 @@ def check_parity_options(
     labelled_samples: int = labelled_sets.DEFAULT_SHAPES_IMAGES,
     min_agreement_fp32: float = MIN_AGREEMENT_FP32,
     min_agreement_fp16: float = MIN_AGREEMENT_FP16,
+    min_cosine_int8: float = MIN_COSINE_INT8,
+    min_agreement_int8: float = MIN_AGREEMENT_INT8,
 ) -> None:
     """The options of a parity run (`parity`, and `build` before any work): one line each, exit 2."""
     check_number("--samples", samples, 0, MAX_SAMPLES)
@@ -248,6 +256,8 @@ def check_parity_options(
     check_number("--labelled-samples", labelled_samples, 1, labelled_sets.MAX_LABELLED_IMAGES)
     check_number("--min-agreement-fp32", min_agreement_fp32, 0, 1)
     check_number("--min-agreement-fp16", min_agreement_fp16, 0, 1)
+    check_min_cosine("--min-cosine-int8", min_cosine_int8)
+    check_number("--min-agreement-int8", min_agreement_int8, 0, 1)
     labelled_sets.check_choice(labelled_set)
 
 
@@ -271,6 +281,8 @@ def run_parity(
     labelled_samples: int = labelled_sets.DEFAULT_SHAPES_IMAGES,
     min_agreement_fp32: float = MIN_AGREEMENT_FP32,
     min_agreement_fp16: float = MIN_AGREEMENT_FP16,
+    min_cosine_int8: float = MIN_COSINE_INT8,
+    min_agreement_int8: float = MIN_AGREEMENT_INT8,
     out: Path | None = None,
     report: Path | None = None,
     markdown: Path | None = None,
@@ -291,6 +303,7 @@ def run_parity(
     check_parity_options(
         samples, min_cosine_fp32, min_cosine_fp16, labelled_set=labelled_set, labelled_samples=labelled_samples,
         min_agreement_fp32=min_agreement_fp32, min_agreement_fp16=min_agreement_fp16,
+        min_cosine_int8=min_cosine_int8, min_agreement_int8=min_agreement_int8,
     )
     if repository is not None and not Path(repository).is_dir():
         raise ClipTritonError(f"--repository {repository} is not a folder")
@@ -314,11 +327,14 @@ def run_parity(
     served += [identity.from_server(u, prefix) for u in urls]
     _check_identity(manifest, expected, served, progress)
 
-    thresholds = {"fp32": float(min_cosine_fp32), "fp16": float(min_cosine_fp16)}
+    thresholds = {"fp32": float(min_cosine_fp32), "fp16": float(min_cosine_fp16), "int8": float(min_cosine_int8)}
     chosen = labelled_sets.resolve(labelled_set, manifest.pretrained)
     labelled = None
     if chosen is not None:
-        thresholds.update(agreement_fp32=float(min_agreement_fp32), agreement_fp16=float(min_agreement_fp16))
+        thresholds.update(
+            agreement_fp32=float(min_agreement_fp32), agreement_fp16=float(min_agreement_fp16),
+            agreement_int8=float(min_agreement_int8),
+        )
         with progress.step(f"labelled set: {chosen}"):
             labelled = labelled_sets.load(chosen, labelled_samples)
     started = time.perf_counter()

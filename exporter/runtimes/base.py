@@ -23,7 +23,7 @@ from clip_triton.exporter.base.common import ClipTritonError
 from clip_triton.exporter.base.manifest import STAGE_OF_ARTIFACT, Manifest
 
 BATCH = 16  # rows per call into a runner: bounds memory, exercises batching
-TOLERANCES = ("fp32", "fp16")  # threshold classes: a runner is judged by one of them
+TOLERANCES = ("fp32", "fp16", "int8")  # threshold classes: a runner is judged by one of them
 
 
 @dataclass

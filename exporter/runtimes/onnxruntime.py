@@ -147,7 +147,9 @@ class OrtRunner(Runner):
         self.files = files
         self.provider = provider
         self.threads = threads
-        self.optimize = precision == "fp32"
+        # FP16 graphs run with the optimiser off (docs/engines.md); INT8 Q/DQ graphs need it on: it fuses
+        # DequantizeLinear -> MatMul/Conv -> QuantizeLinear into integer kernels (docs/int8.md).
+        self.optimize = precision != "fp16"
         # The CPU runner keeps the names reports have always used (onnx-fp32, onnx-fp16).
         self.name = f"onnx-{precision}" + ("" if provider == "cpu" else f"-{provider}")
         where = {"cpu": "CPU", "cuda": "CUDA EP", "tensorrt": "TensorRT EP"}[provider]
@@ -201,17 +203,20 @@ class OnnxRuntime(Runtime):
     def runners(self, ctx: RunContext) -> list[Runner | Skipped]:
         providers = ctx.providers if ctx.providers is not None else default_providers()
         out: list[Runner | Skipped] = []
-        for precision in ("fp32", "fp16"):
+        for precision in ("fp32", "fp16", "int8"):
             files = artifact_paths(ctx, "onnx", precision)
             for provider in providers:
                 runner = OrtRunner(precision, files, provider, ctx.threads, one_tower_at_a_time=ctx.purpose == "parity")
                 missing = [p.name for p in files.values() if not p.is_file()]
                 why = provider_missing(provider)
                 if missing:
-                    hint = "re-run `clip-triton export`" if precision == "fp32" else "run `clip-triton fp16`"
+                    hint = {"fp32": "re-run `clip-triton export`", "fp16": "run `clip-triton fp16`",
+                            "int8": "run `clip-triton quantize`"}[precision]
                     if precision == "fp32":
                         raise ClipTritonError(f"{ctx.export_dir} lacks {', '.join(missing)}; {hint}")
-                    out.append(Skipped(runner.name, f"no FP16 graphs ({hint})", runner.label))
+                    if precision == "int8" and provider != "cpu":
+                        continue  # INT8 graphs: checked on CPU; on a GPU they are TensorRT's (docs/int8.md)
+                    out.append(Skipped(runner.name, f"no {precision.upper()} graphs ({hint})", runner.label))
                 elif why is not None:
                     out.append(Skipped(runner.name, why, runner.label))
                 else:

@@ -22,7 +22,7 @@ class PythonServing(Serving):
 
     def configure(self, config: Any, precision: str) -> None:
         config.backend = "python"
-        # FP16 graphs run with ONNX Runtime's optimiser off (docs/engines.md).
+        # FP16 graphs run with ONNX Runtime's optimiser off (docs/engines.md); INT8 Q/DQ graphs need it on.
         config.parameters[PARAM_OPTIMIZE].string_value = "false" if precision == "fp16" else "true"
 
 

@@ -150,8 +150,12 @@ class TensorRTRunner(Runner):
     label = "TensorRT FP16 (GPU)"
     precision = "fp16"
 
-    def __init__(self, files: dict[str, Path]) -> None:
+    def __init__(self, files: dict[str, Path], precision: str = "fp16") -> None:
         self.files = files
+        if precision != "fp16":  # INT8 plans from the Q/DQ graphs: their own stage name and tolerance
+            self.precision = precision
+            self.name = f"tensorrt-{precision}"
+            self.label = f"TensorRT {precision.upper()} (GPU)"
         self.engines: dict[str, EngineRunner] = {}
 
     def describe(self) -> str:
@@ -184,7 +188,11 @@ class TensorRTServing(Serving):
     fmt = "plan"
     model_file = "model.plan"
     devices = ("gpu",)
-    fixed_precision = "fp16"  # the FP16 graph decided it; --precision does not apply
+    # The graph decided the precision: FP16 plans from the FP16 graphs, INT8 plans from the Q/DQ graphs
+    # (`engines --precision int8`, explicit quantization; docs/int8.md). fp32 serves the FP16 plans, as before.
+
+    def artifact(self, precision: str) -> tuple[str, str]:
+        return self.fmt, "int8" if precision == "int8" else "fp16"
     embedded_reason = (
         "the embedded tritonserver cannot load TensorRT plans; serve this repository with NVIDIA's "
         "Triton container on the GPU and pass --url HOST:PORT"
@@ -209,6 +217,9 @@ class TensorRTServing(Serving):
         return min(wanted, limit)
 
     def missing_hint(self, precision: str) -> str:
+        if precision == "int8":
+            return ("run `clip-triton quantize`, then `clip-triton engines --precision int8` on the target GPU "
+                    "(TensorRT builds the Q/DQ graph), or pick another --runtime")
         return "run `clip-triton engines` on the target GPU first, or pick another --runtime"
 
 
@@ -226,12 +237,19 @@ class TensorRTRuntime(Runtime):
 
     def runners(self, ctx: RunContext) -> list[Runner | Skipped]:
         files = artifact_paths(ctx, "plan", "fp16")
-        if not all(p.is_file() for p in files.values()):
-            return [Skipped(TensorRTRunner.name, "no engines (run `clip-triton engines`)", TensorRTRunner.label)]
+        out: list[Runner | Skipped] = []
         why = self.available()
-        if why is not None:
-            return [Skipped(TensorRTRunner.name, why, TensorRTRunner.label)]
-        return [TensorRTRunner(files)]
+        if not all(p.is_file() for p in files.values()):
+            out.append(Skipped(TensorRTRunner.name, "no engines (run `clip-triton engines`)", TensorRTRunner.label))
+        elif why is not None:
+            out.append(Skipped(TensorRTRunner.name, why, TensorRTRunner.label))
+        else:
+            out.append(TensorRTRunner(files))
+        int8 = artifact_paths(ctx, "plan", "int8")
+        if all(p.is_file() for p in int8.values()):  # only listed where INT8 plans were built
+            runner = TensorRTRunner(int8, "int8")
+            out.append(runner if why is None else Skipped(runner.name, why, runner.label))
+        return out
 
 
 RUNTIME = register(TensorRTRuntime())

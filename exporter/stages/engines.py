@@ -180,8 +180,12 @@ def build_engines(
     builder_level: int = 3,
     min_cosine: float = ENGINE_MIN_COSINE,
     progress: Progress | None = None,
+    precision: str = "fp16",
 ) -> Manifest:
-    """Build both plans into `export_dir`, check them against PyTorch FP32, record them in the manifest."""
+    """Build both plans into `export_dir`, check them against PyTorch FP32, record them in the manifest.
+
+    `precision` int8: from the quantize stage's Q/DQ graphs (explicit quantization; docs/int8.md); unverified
+    here (no GPU), and judged at `min_cosine` like the FP16 plans unless given lower."""
     progress = progress or Progress("engines", quiet=True)
     export_dir = Path(export_dir)
     if not 0 <= builder_level <= MAX_BUILDER_LEVEL:
@@ -190,15 +194,18 @@ def build_engines(
     check_min_cosine("--min-cosine", min_cosine)
     if timing_cache is not None and timing_cache.exists() and not timing_cache.is_file():
         raise ClipTritonError(f"--timing-cache {timing_cache} is not a file")
-    manifest = load_export(export_dir, [("onnx", "fp16")])  # the FP16 graphs the plans are built from
+    if precision not in ("fp16", "int8"):
+        raise ClipTritonError(f"--precision must be fp16 or int8, got {precision!r}")
+    manifest = load_export(export_dir, [("onnx", precision)])  # the graphs the plans are built from
     profile = resolve_profile(min_batch, opt_batch, max_batch, manifest.max_batch)
     runtime = require_runtime()
-    graphs = manifest.artifacts("onnx", "fp16")
-    plans = manifest.artifacts("plan", "fp16")
+    graphs = manifest.artifacts("onnx", precision)
+    plans = manifest.artifacts("plan", precision)
     missing = [name for name in graphs.values() if not (export_dir / name).is_file()]
-    if missing or manifest.fp16 is None:
-        raise ClipTritonError(f"{export_dir} has no FP16 graphs ({', '.join(missing) or 'manifest'}); "
-                              "run `clip-triton fp16 --export DIR` first")
+    if missing or getattr(manifest, precision) is None:
+        step = "fp16" if precision == "fp16" else "quantize"
+        raise ClipTritonError(f"{export_dir} has no {precision.upper()} graphs ({', '.join(missing) or 'manifest'}); "
+                              f"run `clip-triton {step} --export DIR` first")
     if profile.max != manifest.max_batch:
         progress.warn(
             f"engine max batch {profile.max} differs from the manifest's max_batch {manifest.max_batch}: "
@@ -260,7 +267,12 @@ def build_engines(
             "threshold": min_cosine,
             "compared_with": "PyTorch FP32",
             "note": "a plan runs only on this GPU family (compute capability) and TensorRT version",
-            "files": {plans[t]: file_record(export_dir / plans[t]) for t in TOWERS},
+            "precision": precision,
+            # INT8 plans beside FP16 ones: both files recorded (the profile and GPU are the last build's).
+            "files": {
+                **(((manifest.engines or {}).get("files") or {}) if precision == "int8" else {}),
+                **{plans[t]: file_record(export_dir / plans[t]) for t in TOWERS},
+            },
             **towers,
         }
         manifest.versions["tensorrt"] = runtime.version

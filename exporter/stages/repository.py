@@ -40,7 +40,7 @@ from clip_triton.exporter.base.releases import (
 )
 from clip_triton.exporter.base.server import MALLOC_ENV, admin_lock_args
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 DEVICES = ("gpu", "cpu")
 DEFAULT_QUEUE_DELAY_US = 2000
 # Per-item limits of the python steps (docs/limits.md): written into their configs as parameters.
@@ -75,7 +75,11 @@ class RepositoryOptions:
         "tensorrt",
         help=f"One of {', '.join(runtimes.serving_names())} (docs/runtimes.md); tensorrt needs plans.",
     )
-    precision: str = option("fp32", help="fp32 or fp16 ONNX graphs (onnxruntime/python).")
+    precision: str = option(
+        "fp32",
+        help="fp32, fp16 or int8 ONNX graphs (onnxruntime/python); tensorrt: fp16 plans, or int8 plans built "
+        "from the Q/DQ graphs (docs/int8.md).",
+    )
     prefix: str = option(contract.DEFAULT_PREFIX, help="Model name prefix: <prefix>_image, <prefix>_text, ...")
     # The manifest's max_batch, capped by the engine profile, unless given.
     max_batch: int | None = option(None, help="max_batch_size (default: the manifest's, capped by the engines).")
@@ -157,7 +161,7 @@ def _triton_type(dtype: str) -> str:
 def _check_options(opts: RepositoryOptions) -> str:
     serving = runtimes.serving(opts.runtime)
     if opts.precision not in PRECISIONS:
-        raise ClipTritonError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
+        raise ClipTritonError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     device = opts.device or serving.devices[0]
     if device not in DEVICES:
         raise ClipTritonError(f"--device must be gpu or cpu, got {device!r}")
