@@ -25,7 +25,7 @@ def _has_engines() -> bool:
     ("changes", "message"),
     [
         ({"runtime": "tflite"}, "--runtime must be one of"),
-        ({"precision": "int8"}, "--precision must be fp32 or fp16"),
+        ({"precision": "bf16"}, "--precision must be fp32, fp16 or int8"),
         ({"skip_engines": True, "require_engines": True}, "contradict"),
         ({"skip_engines": True, "runtime": "tensorrt"}, "needs engines"),
     ],
