@@ -178,3 +178,36 @@ def test_int8_repository_served_live_at_its_tolerance(int8_export: Path, tmp_pat
     assert stages["triton"]["status"] == "pass" and stages["triton"]["precision"] == "int8"
     assert stages["triton"]["accuracy"][0]["set"] == "shapes/shape_colour"
     assert result["thresholds"]["int8"] == 0.98 and result["thresholds"]["agreement_int8"] == 0.95
+
+
+def test_unsigned_activations_become_signed_with_the_same_range(tmp_path: Path) -> None:
+    """signed_activations: UINT8 (zero point 0) Q/DQ -> INT8 with scale x 255/127; what ONNX Runtime computes
+    stays within one new quantization step, and check_qdq accepts the result (TensorRT's INT8-only rule)."""
+    from onnx import TensorProto, helper
+
+    from clip_triton.exporter.base.common import ClipTritonError
+    from clip_triton.exporter.stages.quantize import check_qdq, signed_activations
+
+    scale = np.float32(0.02)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
+        [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")],
+        value_info=[helper.make_tensor_value_info("q", TensorProto.UINT8, [None, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(ClipTritonError, match="not symmetric INT8"):
+        check_qdq(model)
+    x = np.random.default_rng(0).uniform(-1, 5, (4, 8)).astype(np.float32)
+    assert signed_activations(model) == 1
+    check_qdq(model)
+    onnx.save(model, str(tmp_path / "signed.onnx"))
+    y = ort_session(tmp_path / "signed.onnx").run(None, {"x": x})[0]
+    step = scale * 255 / 127
+    np.testing.assert_allclose(y, np.clip(np.maximum(x, 0), 0, 127 * step), atol=step / 2 + 1e-6)
