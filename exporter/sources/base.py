@@ -68,6 +68,25 @@ class ModelSource(ABC):
         """Drop one tower's weights; the model can no longer encode that tower afterwards."""
 
 
+def normalized_towers(model: Any, encode_image: Any, encode_text: Any) -> dict[str, Any]:
+    """The two exportable modules every source hands the stages: {"image": pixels -> embeddings, "text": ids ->
+    embeddings}, L2-normalised; `encode_*(model, x)` is the source's own call into its model."""
+    import torch as torch_module
+
+    torch: Any = torch_module  # a module object: mypy cannot see torch.nn.Module through it
+
+    class Tower(torch.nn.Module):
+        def __init__(self, encode: Any) -> None:
+            super().__init__()
+            self.model = model
+            self.encode = encode
+
+        def forward(self, inputs: Any) -> Any:
+            return torch.nn.functional.normalize(self.encode(self.model, inputs), dim=-1)
+
+    return {"image": Tower(encode_image).eval(), "text": Tower(encode_text).eval()}
+
+
 _REGISTRY: dict[str, ModelSource] = {}
 
 

@@ -32,7 +32,13 @@ import numpy as np
 
 from clip_triton.exporter.base.common import ClipTritonError, Progress
 from clip_triton.exporter.base.manifest import Manifest, PreprocessConfig, TokenizerConfig, sha256_file
-from clip_triton.exporter.sources.base import LoadedModel, ModelSource, hub_offline_reason, register
+from clip_triton.exporter.sources.base import (
+    LoadedModel,
+    ModelSource,
+    hub_offline_reason,
+    normalized_towers,
+    register,
+)
 
 NAME = "transformers"
 # model_type -> the class that loads it (AutoModel resolves it; this is what we accept).
@@ -391,29 +397,12 @@ def _features(output: Any) -> Any:
 
 
 def _tower_modules(loaded: LoadedModel) -> dict[str, Any]:
-    import torch as torch_module
-
-    torch: Any = torch_module  # a module object: mypy cannot see torch.nn.Module through it
-    functional = torch.nn.functional
-
-    class ImageEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: Any) -> Any:
-            return functional.normalize(_features(self.model.get_image_features(pixel_values=pixel_values)), dim=-1)
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any) -> Any:
-            ids = input_ids.long()  # served ids are INT32; position and pooling indexing want int64
-            return functional.normalize(_features(self.model.get_text_features(input_ids=ids)), dim=-1)
-
-    return {"image": ImageEncoder(loaded.model).eval(), "text": TextEncoder(loaded.model).eval()}
+    # Served ids are INT32; position and pooling indexing want int64.
+    return normalized_towers(
+        loaded.model,
+        lambda m, pixels: _features(m.get_image_features(pixel_values=pixels)),
+        lambda m, ids: _features(m.get_text_features(input_ids=ids.long())),
+    )
 
 
 _IMAGE_PARTS = ("vision_model", "visual_projection")

@@ -32,7 +32,13 @@ from clip_triton.exporter.base.manifest import (
     TokenizerConfig,
     sha256_file,
 )
-from clip_triton.exporter.sources.base import LoadedModel, ModelSource, hub_offline_reason, register
+from clip_triton.exporter.sources.base import (
+    LoadedModel,
+    ModelSource,
+    hub_offline_reason,
+    normalized_towers,
+    register,
+)
 
 DEFAULT_SEED = 0
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
@@ -736,28 +742,7 @@ def _release_tower(loaded: LoadedModel, tower: str) -> None:
 
 def _tower_modules(loaded: LoadedModel) -> dict[str, Any]:
     """The two exportable wrappers of an open_clip model: inputs -> L2-normalised embeddings."""
-    import torch as torch_module
-
-    torch: Any = torch_module  # a module object: mypy cannot see torch.nn.Module through it
-    functional = torch.nn.functional
-
-    class ImageEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: Any) -> Any:
-            return functional.normalize(self.model.encode_image(pixel_values), dim=-1)
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any) -> Any:
-            return functional.normalize(self.model.encode_text(input_ids), dim=-1)
-
-    return {"image": ImageEncoder(loaded.model).eval(), "text": TextEncoder(loaded.model).eval()}
+    return normalized_towers(loaded.model, lambda m, x: m.encode_image(x), lambda m, ids: m.encode_text(ids))
 
 
 class OpenClipSource(ModelSource):
