@@ -165,6 +165,9 @@ def quantize(
         float, typer.Option(help="Fail below this top-1 agreement with PyTorch on the labelled set / your data.")
     ] = 0.95,
     quantizer: Annotated[str, typer.Option(help="nncf (default) or onnxruntime (docs/int8.md).")] = "nncf",
+    no_smooth_quant: Annotated[
+        bool, typer.Option("--no-smooth-quant", help="NNCF without SmoothQuant: less memory (docs/int8.md).")
+    ] = False,
     keep_fp32: Annotated[
         str | None, typer.Option(help="Extra ONNX op types to leave unquantized, comma-separated (e.g. Gemm).")
     ] = None,
@@ -183,6 +186,7 @@ def quantize(
         calibration_images=calibration_images, calibration_texts=calibration_texts, labelled_set=labelled_set,
         labelled_samples=labelled_samples, min_cosine=min_cosine, min_agreement=min_agreement, quantizer=quantizer,
         policy=Int8Policy.none(extra) if no_default_policy else Int8Policy.default(extra),
+        smooth_quant=not no_smooth_quant,
     )
     manifest = make_int8(export, opts, progress=Progress("quantize", quiet))
     section = manifest.int8 or {}

@@ -136,6 +136,9 @@ class QuantizeOptions:
     min_agreement: float = INT8_MIN_AGREEMENT
     quantizer: str = "nncf"
     policy: Int8Policy = field(default_factory=Int8Policy.default)
+    # NNCF's SmoothQuant on the MatMuls (accuracy on activation outliers); off saves ~0.8 GiB of NNCF's peak
+    # on ViT-B-32's image tower (docs/int8.md, "Memory").
+    smooth_quant: bool = True
 
 
 def require_nncf() -> Any:
@@ -322,12 +325,15 @@ def _save(model: Any, dest: Path) -> None:
     onnx.checker.check_model(str(dest))
 
 
-def quantize_nncf(src: Path, dest: Path, tower: str, input_name: str, feeds: np.ndarray, policy: Int8Policy) -> Any:
+def quantize_nncf(
+    src: Path, dest: Path, tower: str, input_name: str, feeds: np.ndarray, policy: Int8Policy,
+    smooth_quant: bool = True,
+) -> Any:
     """NNCF post-training quantization of one tower (its model is returned, already saved at `dest`)."""
     import onnx
 
     nncf = require_nncf()
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     model = onnx.load(str(src))
     _name_nodes(model)
@@ -343,7 +349,9 @@ def quantize_nncf(src: Path, dest: Path, tower: str, input_name: str, feeds: np.
         subset_size=len(batches),
         fast_bias_correction=True,
         ignored_scope=scope,
-        advanced_parameters=AdvancedQuantizationParameters(),
+        advanced_parameters=AdvancedQuantizationParameters()
+        if smooth_quant
+        else AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),
     )
     del model
     quantized.graph.name = quantized.graph.name or f"{tower}_encoder_int8"
@@ -354,7 +362,8 @@ def quantize_nncf(src: Path, dest: Path, tower: str, input_name: str, feeds: np.
 
 
 def quantize_onnxruntime(
-    src: Path, dest: Path, tower: str, input_name: str, feeds: np.ndarray, policy: Int8Policy
+    src: Path, dest: Path, tower: str, input_name: str, feeds: np.ndarray, policy: Int8Policy,
+    smooth_quant: bool = True,  # NNCF's only: not used here
 ) -> Any:
     """ONNX Runtime's quantize_static (QDQ, per channel, symmetric INT8 both ways, FP32 biases): the
     alternative measured in docs/int8.md."""
@@ -460,7 +469,8 @@ def make_int8(
             start = time.perf_counter()
             with progress.step(f"{tower} tower: {spec.file} -> {dest.name} ({opts.quantizer})"):
                 model, keep = QUANTIZE[opts.quantizer](
-                    export_dir / spec.file, dest, tower, spec.input.name, calibration.inputs[tower], opts.policy
+                    export_dir / spec.file, dest, tower, spec.input.name, calibration.inputs[tower], opts.policy,
+                    opts.smooth_quant,
                 )
                 info = {**check_qdq(model), "kept_fp32_nodes": keep}
                 del model
@@ -505,6 +515,7 @@ def make_int8(
                 stale.unlink()
         manifest.int8 = {
             "quantizer": quantizer_version(opts.quantizer),
+            "smooth_quant": opts.smooth_quant and opts.quantizer == "nncf",
             "format": "QDQ (QuantizeLinear/DequantizeLinear), opset " + str(manifest.opset),
             "onnx": onnx.__version__,
             "policy": opts.policy.to_dict(),
