@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import Settings, load_average, machine, now_utc, versions  # noqa: E402
+from benchmarks.encoders import BASELINE  # noqa: E402 - the reference runner's name, owned by the registry
 from clip_triton.exporter.base.common import Progress  # noqa: E402
 
 MODEL = "ViT-B-32"
@@ -158,7 +159,7 @@ def _gate(acc: dict[str, Any], name: str, vit_min_cos: float | None) -> str:
     """'pass' when the stage passed parity on ShapesCLIP (cosine + agreement) and ViT-B-32's min cosine
     reaches the same class threshold; else why not."""
     stage = acc.get("stages", {}).get(name)
-    if name == "pytorch":
+    if name == BASELINE:
         return "reference"
     if stage is None:
         return "not judged"
@@ -207,8 +208,8 @@ def render(results: dict[str, Any]) -> str:
                 skipped.append(f"- not run: {entry['label']} (`{name}`): {entry['skipped']}")
                 continue
             stage = acc.get("stages", {}).get(name, {})
-            cls = stage.get("precision") or ("fp32" if name == "pytorch" else "?")
-            agree = stage.get("agreement", {}).get(MAIN_ROW) if name != "pytorch" else 1.0
+            cls = stage.get("precision") or ("fp32" if name == BASELINE else "?")
+            agree = stage.get("agreement", {}).get(MAIN_ROW) if name != BASELINE else 1.0
             cosines = [c["min_cosine_vs_torch"] for c in entry["batches"].values() if "min_cosine_vs_torch" in c]
             gate = _gate(acc, name, min(cosines) if cosines else None)
             for batch, cell in entry["batches"].items():
@@ -224,7 +225,7 @@ def render(results: dict[str, Any]) -> str:
                     f"{'-' if cos is None else f'{cos:.6f}'} | "
                     f"{'-' if agree is None else f'{agree:.1%}'} | {gate} |"
                 )
-                if name != "pytorch" and ratio and int(batch) >= 8 and gate == "pass":
+                if name != BASELINE and ratio and int(batch) >= 8 and gate == "pass":
                     goals.append(f"{tower}/{name}/{batch}:{ratio:.2f}")
         lines += ["", *skipped]
     lines += ["", "## Accuracy: ShapesCLIP-RN-T (builtin weights), shapes held-out set", "",
@@ -268,7 +269,7 @@ def goals(results: dict[str, Any]) -> list[str]:
     for tower, runners in enc["towers"].items():
         best: tuple[float, str, str] | None = None
         for name, entry in runners.items():
-            if name == "pytorch" or "skipped" in entry:
+            if name == BASELINE or "skipped" in entry:
                 continue
             cosines = [c["min_cosine_vs_torch"] for c in entry["batches"].values() if "min_cosine_vs_torch" in c]
             if _gate(acc, name, min(cosines) if cosines else None) != "pass":

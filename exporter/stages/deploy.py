@@ -411,7 +411,7 @@ def _check_engines_options(facts: RepositoryFacts, opts: DeployOptions, name: st
     if not re.fullmatch(r"[A-Za-z0-9._/+=@:<>!~,\[\]-]+", spec):
         raise ClipTritonError(f"--clip-triton-spec {spec!r} must be one pip requirement or wheel path (no spaces)")
     extras = {e.strip() for group in re.findall(r"\[([^\]]*)\]", spec) for e in group.split(",")}
-    if "tensorrt" in extras:
+    if extras & REFUSED_EXTRAS:
         raise ClipTritonError("--clip-triton-spec must not ask for the tensorrt extra: the image's own TensorRT "
                               "builds the plans (a PyPI wheel matches no container release)")
     if not extras & {"export", "hf"}:
@@ -1056,6 +1056,8 @@ BUILD_SCRIPT = "build-engines.sh"
 DOCKER_SCRIPT = "docker-build-engines.sh"
 ENGINES_FOLDER = "build-engines"  # beside the manifests; `kubectl apply -f DIR` does not descend into it
 ENGINES_DEADLINE_S = 4 * 3600  # pip install + two builds + parity; the pods wait this long plus an hour
+# pip extras a --clip-triton-spec must not ask for: the TensorRT container's own TensorRT builds the plans.
+REFUSED_EXTRAS = frozenset({"tensorrt"})
 # Beside the export, as parity's own default folder (EXPORT-parity/): parity never writes into the export.
 PARITY_REPORT = "$EXPORT_DIR-parity/parity-tensorrt.json"
 
