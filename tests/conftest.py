@@ -55,13 +55,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Seconds per file in a `make test` run on 2 cores (both workers busy), for the order above; a file
 # missing here runs after the listed ones.
 FILE_SECONDS = {
-    "test_memory.py": 127, "test_export.py": 95, "test_replicas.py": 94, "test_gateway.py": 55,
-    "test_build_inputs.py": 86, "test_hostile.py": 86, "test_coverage.py": 77, "test_build.py": 40,
-    "test_server_e2e.py": 55, "test_parity.py": 57, "test_faults.py": 40, "test_deploy.py": 43,
-    "test_clients.py": 42, "test_surface.py": 40, "test_runtimes.py": 36, "test_python_deps.py": 31,
-    "test_accuracy.py": 27, "test_hf_tokenizer.py": 25,
-    "test_benchmarks.py": 25, "test_tokenizer_cost.py": 22, "test_client_inputs.py": 12,
-    "test_pixels.py": 10, "test_shapes.py": 7,
+    "test_memory.py": 194, "test_export.py": 147, "test_parity.py": 111, "test_hostile.py": 91,
+    "test_hf_source.py": 88, "test_build_inputs.py": 87, "test_replicas.py": 83, "test_quantize.py": 72,
+    "test_coverage.py": 70, "test_build.py": 68, "test_deploy.py": 61, "test_server_e2e.py": 49,
+    "test_accuracy.py": 47, "test_clients.py": 43, "test_benchmarks.py": 43, "test_faults.py": 41,
+    "test_python_deps.py": 40, "test_surface.py": 40, "test_runtimes.py": 39, "test_gateway.py": 39,
+    "test_openvino.py": 23, "test_hf_tokenizer.py": 18, "test_tokenizer_cost.py": 16, "test_packaging.py": 14,
+    "test_skip_invalid.py": 13, "test_client_inputs.py": 10, "test_pixels.py": 10, "test_shapes.py": 10,
+    "test_model_sources.py": 9, "test_engines.py": 5,
 }
 
 
