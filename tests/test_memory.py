@@ -297,7 +297,9 @@ def test_memory_benchmark_runs_chosen_stages_and_cleans_up(tmp_path: Path) -> No
     assert list(entry["stages"]) == ["export", "parity"] and entry["pass"] is True
     for stage in entry["stages"].values():
         assert stage["rc"] == 0 and 0 < stage["peak_gib"] < entry["bound_gib"]
-        assert "children_gib" not in stage  # no tritonserver below parity without --repository
+        # No tritonserver below parity without --repository (a served repository's are GiBs: results.json). A
+        # short-lived `ldconfig -p` that cuda.pathfinder runs when torch imports shows the forked parent's pages.
+        assert stage.get("children_gib", 0.0) < 0.5, stage
     assert "--repository" not in entry["stages"]["parity"]["command"]
     row = next(line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("| ViT-S-16 |"))
     assert row.count("not asked (`--stages`)") == 2
