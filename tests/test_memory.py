@@ -276,11 +276,11 @@ def test_parity_runner_holds_one_tower_session(vitb32_export: Path) -> None:
     files = {t: vitb32_export / manifest.tower(t).file for t in ("image", "text")}
     runner = OrtRunner("fp32", files, one_tower_at_a_time=True)
     runner.open()
-    assert runner.sessions == {}
+    assert runner.handles == {}
     runner.embed("image", TowerBatch(sample_pixels(manifest.preprocess, 2)))
-    assert set(runner.sessions) == {"image"}
+    assert set(runner.handles) == {"image"}
     runner.embed("text", TowerBatch(np.ones((2, manifest.text.input.shape[1]), np.int32)))
-    assert set(runner.sessions) == {"text"}
+    assert set(runner.handles) == {"text"}
     runner.close()
 
 

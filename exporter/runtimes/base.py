@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_triton.exporter.base.common import ClipTritonError
+from clip_triton.exporter.base.common import ClipTritonError, release_memory
 from clip_triton.exporter.base.manifest import STAGE_OF_ARTIFACT, Manifest
 
 BATCH = 16  # rows per call into a runner: bounds memory, exercises batching
@@ -76,6 +76,36 @@ class Runner:
     def __call__(self, tower: str, tensor: np.ndarray) -> np.ndarray:
         """One call on a plain tensor (the encoder benchmark times this)."""
         return self.embed(tower, TowerBatch(tensor))
+
+
+class TowerHandleRunner(Runner):
+    """A runner over one loaded handle per tower (an ONNX Runtime session, a compiled OpenVINO model).
+
+    The benchmark keeps both towers' handles open; parity (`one_tower_at_a_time`) embeds a whole tower, then
+    the other, and holds one handle at a time, which halves the weights in memory (docs/engines.md, "Memory").
+    Subclasses set `files` and say how to load a tower (`_load`) and run it (`_run`)."""
+
+    files: dict[str, Path]
+    one_tower_at_a_time = False
+
+    def _load(self, tower: str) -> Any:
+        raise NotImplementedError
+
+    def _run(self, handle: Any, inputs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def open(self) -> None:
+        self.handles: dict[str, Any] = {} if self.one_tower_at_a_time else {t: self._load(t) for t in self.files}
+
+    def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
+        if tower not in self.handles:  # one tower at a time: the other tower's handle goes first
+            self.handles = {}
+            release_memory()
+            self.handles[tower] = self._load(tower)
+        return self._run(self.handles[tower], batch.tensor)
+
+    def close(self) -> None:
+        self.handles = {}
 
 
 @dataclass(frozen=True)

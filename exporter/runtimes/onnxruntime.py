@@ -27,7 +27,7 @@ from clip_triton.exporter.runtimes.base import (
     Runtime,
     Serving,
     Skipped,
-    TowerBatch,
+    TowerHandleRunner,
     artifact_paths,
     register,
 )
@@ -129,7 +129,7 @@ def default_providers() -> list[str]:
     return ["cpu", *(p for p in GPU_PROVIDERS if provider_missing(p) is None)]
 
 
-class OrtRunner(Runner):
+class OrtRunner(TowerHandleRunner):
     """One graph precision on one execution provider."""
 
     def __init__(
@@ -141,8 +141,7 @@ class OrtRunner(Runner):
         one_tower_at_a_time: bool = False,
     ) -> None:
         self.precision = precision
-        # Parity embeds a whole tower, then the other: holding one session at a time halves the
-        # weights in memory (docs/engines.md, "Memory"). The benchmark keeps both open.
+        # Parity holds one tower's session at a time, the benchmark both (TowerHandleRunner).
         self.one_tower_at_a_time = one_tower_at_a_time
         self.files = files
         self.provider = provider
@@ -156,30 +155,17 @@ class OrtRunner(Runner):
         self.label = f"ONNX Runtime {precision.upper()} ({where})"
         if provider == "tensorrt" and precision == "fp32":
             self.precision = "fp16"  # TensorRT may use TF32 for FP32 layers: judged as reduced precision
-        self.sessions: dict[str, Any] = {}
+        self.handles: dict[str, Any] = {}
 
     def describe(self) -> str:
         names = ", ".join(p.name for p in self.files.values())
         return f"ONNX Runtime {PROVIDERS[self.provider]} ({names}{'' if self.optimize else '; optimiser off'})"
 
-    def _session(self, tower: str) -> Any:
+    def _load(self, tower: str) -> Any:
         return ort_session(self.files[tower], [self.provider], optimize=self.optimize, threads=self.threads)
 
-    def open(self) -> None:
-        if not self.one_tower_at_a_time:
-            self.sessions = {tower: self._session(tower) for tower in self.files}
-
-    def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
-        if tower not in self.sessions:  # one tower at a time: the other tower's session goes first
-            self.sessions = {}
-            from clip_triton.exporter.base.common import release_memory
-
-            release_memory()
-            self.sessions[tower] = self._session(tower)
-        return ort_embed(self.sessions[tower], batch.tensor)
-
-    def close(self) -> None:
-        self.sessions = {}
+    def _run(self, handle: Any, inputs: np.ndarray) -> np.ndarray:
+        return ort_embed(handle, inputs)
 
 
 class OnnxRuntimeServing(Serving):

@@ -44,7 +44,7 @@ from clip_triton.exporter.runtimes.base import (
     Runtime,
     Serving,
     Skipped,
-    TowerBatch,
+    TowerHandleRunner,
     artifact_paths,
     register,
 )
@@ -148,7 +148,7 @@ def ov_embed(request: Any, inputs: np.ndarray) -> np.ndarray:
     return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
-class OpenVinoRunner(Runner):
+class OpenVinoRunner(TowerHandleRunner):
     """One inference precision (or the INT8 graph) of OpenVINO on the CPU."""
 
     def __init__(
@@ -161,33 +161,20 @@ class OpenVinoRunner(Runner):
         self.name = f"openvino-{variant}"
         self.label = LABELS[variant]
         self.precision = tolerance_class(variant)
-        self.requests: dict[str, Any] = {}
+        self.handles: dict[str, Any] = {}
         self.computed_in: dict[str, str] = {}  # tower -> the inference precision OpenVINO reports
 
     def describe(self) -> str:
         names = ", ".join(p.name for p in self.files.values())
         return f"OpenVINO CPU, inference precision {OV_PRECISION[self.variant]} ({names})"
 
-    def _request(self, tower: str) -> Any:
+    def _load(self, tower: str) -> Any:
         compiled = compile_model(self.files[tower], OV_PRECISION[self.variant], self.threads)
         self.computed_in[tower] = inference_precision(compiled)
         return compiled.create_infer_request()
 
-    def open(self) -> None:
-        if not self.one_tower_at_a_time:
-            self.requests = {tower: self._request(tower) for tower in self.files}
-
-    def embed(self, tower: str, batch: TowerBatch) -> np.ndarray:
-        if tower not in self.requests:  # one tower at a time: the other tower's model goes first
-            self.requests = {}
-            from clip_triton.exporter.base.common import release_memory
-
-            release_memory()
-            self.requests[tower] = self._request(tower)
-        return ov_embed(self.requests[tower], batch.tensor)
-
-    def close(self) -> None:
-        self.requests = {}
+    def _run(self, handle: Any, inputs: np.ndarray) -> np.ndarray:
+        return ov_embed(handle, inputs)
 
 
 class OpenVinoServing(Serving):
