@@ -71,3 +71,14 @@ def write_tiny_images(folder: Path, n: int, seed: int = 0, per_folder: int = 0) 
         path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`clip-triton ARGS` in this process, through the console entry point (its one-line errors)."""
+    from clip_triton.exporter.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["clip-triton", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -28,20 +27,11 @@ from clip_triton.clients import (
 from clip_triton.clients.clip_preprocess import DEFAULT_MAX_BYTES
 from clip_triton.clients.search import iter_image_files
 from clip_triton.clients.stream import INDEX_NAME, iter_shards
-from clip_triton.exporter.cli import app, main
-from helpers import write_tiny_images
+from clip_triton.exporter.cli import app
+from helpers import run_main, write_tiny_images
 
 server = pytest.mark.server
 runner = CliRunner()
-
-
-def _run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """`clip-triton ARGS` in this process, through the console entry point (its one-line errors)."""
-    monkeypatch.setattr(sys, "argv", ["clip-triton", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out, captured.err
 
 
 def _dead_url() -> str:
@@ -92,11 +82,11 @@ def test_cli_bad_url_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, capsys:
         ["embed", "--text", "hi", "--url", "127.0.0.1:99999"],
         ["classify", "x.jpg", "--labels", "a", "--url", "127.0.0.1:99999"],
     ):
-        code, out, err = _run_main(monkeypatch, capsys, *args)
+        code, out, err = run_main(monkeypatch, capsys, *args)
         assert code == 2 and out == "", err
         assert err.strip() == "error: url '127.0.0.1:99999': port 99999 is out of range (1-65535)"
     monkeypatch.setenv("CLIP_TRITON_URL", "127.0.0.1:99999")
-    code, _, err = _run_main(monkeypatch, capsys, "embed", "--text", "hi")
+    code, _, err = run_main(monkeypatch, capsys, "embed", "--text", "hi")
     assert code == 2 and "port 99999" in err and len(err.strip().splitlines()) == 1
 
 
@@ -353,7 +343,7 @@ def test_damaged_index_is_one_line_exit_2(
     (out / INDEX_NAME).write_text(corrupt((clean / INDEX_NAME).read_text()))
     before = _files(out)
     args = ["embed", str(photos), "--out", str(out), "--shard-size", "2", "--url", url, "-q"]
-    code, stdout, stderr = _run_main(monkeypatch, capsys, *args)
+    code, stdout, stderr = run_main(monkeypatch, capsys, *args)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and stdout == "" and len(errors) == 1, stderr
     assert errors[0].endswith(f"remove {out} (or give a new --out) to start again")
@@ -368,13 +358,13 @@ def test_cli_embed_and_search_report_non_regular_files(
     for kind, name in (("FIFO", "pipe.jpg"), ("symlink to /dev/zero, a character device", "zero.png")):
         for command in (["embed"], ["classify", "--labels", "cat,dog"]):
             start = time.monotonic()
-            code, stdout, stderr = _run_main(monkeypatch, capsys, *command, str(photos / name), "--url", url)
+            code, stdout, stderr = run_main(monkeypatch, capsys, *command, str(photos / name), "--url", url)
             assert time.monotonic() - start < 30
             assert code == 2 and stdout == "", stderr
             path = photos / name
             assert stderr.strip() == f"error: item 0 ({path}): not a regular file: {path} is a {kind}"
     args = ["search", "--images", str(photos), "--query", "a cat", "--url", url, "--no-cache", "--json", "-q"]
-    code, stdout, stderr = _run_main(monkeypatch, capsys, *args)
+    code, stdout, stderr = run_main(monkeypatch, capsys, *args)
     assert code == 0, stderr
     assert "[search] WARNING: skipped 2 image-named entries that are not regular files: pipe.jpg (a FIFO)" in stderr
     found = {Path(r["path"]).name for r in json.loads(stdout)["results"]}

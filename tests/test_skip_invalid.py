@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,7 @@ from clip_triton.clients import ClipClient
 from clip_triton.clients.search import REJECTED_NAME as SEARCH_REJECTED
 from clip_triton.clients.search import embed_valid
 from clip_triton.clients.stream import INDEX_NAME, REJECTED_NAME, embed_folder, iter_shards
-from clip_triton.exporter.cli import main
-from helpers import write_tiny_images
+from helpers import run_main, write_tiny_images
 
 server = pytest.mark.server
 GOOD = ["img00000.png", "img00001.png", "img00002.jpg", "img00003.png", "img00004.png"]
@@ -73,15 +71,6 @@ def _good_only(root: Path, store: Path) -> Path:
     return folder
 
 
-def _run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """`clip-triton ARGS` in this process, through the console entry point (its one-line errors)."""
-    monkeypatch.setattr(sys, "argv", ["clip-triton", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return int(exited.value.code or 0), captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def url(served_vitb32) -> str:
     return served_vitb32[0].grpc_url
@@ -116,14 +105,14 @@ def test_embed_folder_strict_fails_skip_invalid_embeds_exactly_the_good_files(
 
     # The default is strict: the first bad file ends the run, one line, exit 2, nothing listed.
     strict_out = tmp_path / "strict"
-    code, stdout, stderr = _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(strict_out), *common)
+    code, stdout, stderr = run_main(monkeypatch, capsys, "embed", str(store), "--out", str(strict_out), *common)
     assert code == 2 and stdout == "", stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: item "), stderr
     assert "img00001-truncated.jpg" in stderr and "rejected by clip_image" in stderr
     assert not (strict_out / REJECTED_NAME).exists()
 
     out = tmp_path / "out"
-    code, stdout, stderr = _run_main(
+    code, stdout, stderr = run_main(
         monkeypatch, capsys, "embed", str(store), "--out", str(out), "--skip-invalid", *common
     )
     assert code == 0, stderr
@@ -146,7 +135,7 @@ def test_embed_folder_strict_fails_skip_invalid_embeds_exactly_the_good_files(
     # The vectors are a strict run's over the good files alone, row for row.
     good_out = tmp_path / "good-out"
     good = _good_only(tmp_path, store)
-    code, _, stderr = _run_main(monkeypatch, capsys, "embed", str(good), "--out", str(good_out), *common)
+    code, _, stderr = run_main(monkeypatch, capsys, "embed", str(good), "--out", str(good_out), *common)
     assert code == 0, stderr
     got_paths, got = _shards(out)
     want_paths, want = _shards(good_out)
@@ -155,7 +144,7 @@ def test_embed_folder_strict_fails_skip_invalid_embeds_exactly_the_good_files(
 
     # A strict rerun over the skipping run's output still fails on the bad files, and leaves it as it was.
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    code, stdout, stderr = _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *common)
+    code, stdout, stderr = run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *common)
     assert code == 2 and stdout == "" and "img00001-truncated.jpg" in stderr, stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -167,7 +156,7 @@ def test_resume_keeps_alignment_and_lists_each_file_once(
     store = _store(tmp_path)
     args = ["--shard-size", "3", "--url", url, "--batch-size", "4", "--json", "-q", "--skip-invalid"]
     full = tmp_path / "full"
-    assert _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(full), *args)[0] == 0
+    assert run_main(monkeypatch, capsys, "embed", str(store), "--out", str(full), *args)[0] == 0
 
     # Interrupted after two shards: the index lists them, the run is not complete, a third shard's
     # files are half there (a killed run writes shards before entering them in the index).
@@ -178,7 +167,7 @@ def test_resume_keeps_alignment_and_lists_each_file_once(
     (out / INDEX_NAME).write_text(json.dumps(index))
     (out / "shard-00003.npy").unlink()
     (out / REJECTED_NAME).write_text((full / REJECTED_NAME).read_text().splitlines()[0] + "\n")
-    code, stdout, stderr = _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *args)
+    code, stdout, stderr = run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *args)
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert (summary["reused_shards"], summary["embedded"], summary["count"]) == (2, 1, 5)
@@ -191,7 +180,7 @@ def test_resume_keeps_alignment_and_lists_each_file_once(
     np.testing.assert_allclose(got, want, atol=1e-6)
 
     # Nothing left to do: every shard kept, the list unchanged (no file twice).
-    code, stdout, _ = _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *args)
+    code, stdout, _ = run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *args)
     summary = json.loads(stdout)
     assert code == 0 and (summary["reused_shards"], summary["embedded"], summary["rejected_now"]) == (4, 0, 0)
     assert (out / REJECTED_NAME).read_text() == (full / REJECTED_NAME).read_text()
@@ -199,7 +188,7 @@ def test_resume_keeps_alignment_and_lists_each_file_once(
     # A left-out file fixed in place: its shard alone is embedded again, the file now in its walk position.
     notes = store / "img00003-notes.jpg"
     notes.write_bytes((store / GOOD[1]).read_bytes())
-    code, stdout, stderr = _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *args)
+    code, stdout, stderr = run_main(monkeypatch, capsys, "embed", str(store), "--out", str(out), *args)
     summary = json.loads(stdout)
     assert code == 0 and (summary["reused_shards"], summary["embedded"], summary["count"]) == (3, 3, 6), stderr
     assert stderr.strip() == f"[embed] WARNING: 4 files skipped, see {out / REJECTED_NAME}"
@@ -216,13 +205,13 @@ def test_search_skip_invalid(
 ) -> None:
     store = _store(tmp_path)
     args = ["--query", "a red car", "--top", "10", "--url", url, "--batch-size", "4", "--json", "-q"]
-    code, stdout, stderr = _run_main(monkeypatch, capsys, "search", "--images", str(store), *args)
+    code, stdout, stderr = run_main(monkeypatch, capsys, "search", "--images", str(store), *args)
     assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("error: item ")
 
     listed = store / SEARCH_REJECTED
     for run in range(2):  # the second run reads the cache: the bad files are tried again, listed once
-        code, stdout, stderr = _run_main(
+        code, stdout, stderr = run_main(
             monkeypatch, capsys, "search", "--images", str(store), "--skip-invalid", *args
         )
         assert code == 0, stderr
@@ -234,7 +223,7 @@ def test_search_skip_invalid(
         _assert_reasons(_rejected(listed), BAD)
 
     good = _good_only(tmp_path, store)
-    code, stdout, _ = _run_main(monkeypatch, capsys, "search", "--images", str(good), "--no-cache", *args)
+    code, stdout, _ = run_main(monkeypatch, capsys, "search", "--images", str(good), "--no-cache", *args)
     want = json.loads(stdout)["results"]
     got = answer["results"]
     assert [Path(r["path"]).name for r in got] == [Path(r["path"]).name for r in want]
@@ -243,7 +232,7 @@ def test_search_skip_invalid(
     # All fixed: nothing left out, and the old list is removed rather than left to mislead.
     for name in BAD:
         (store / name).unlink()
-    code, stdout, stderr = _run_main(monkeypatch, capsys, "search", "--images", str(store), "--skip-invalid", *args)
+    code, stdout, stderr = run_main(monkeypatch, capsys, "search", "--images", str(store), "--skip-invalid", *args)
     assert code == 0 and stderr == "" and json.loads(stdout)["rejected"] == [], stderr
     assert not listed.exists()
 
@@ -256,10 +245,10 @@ def test_unreadable_file_is_skipped_with_its_reason(
     if os.access(store / LOCKED, os.R_OK):
         pytest.skip("running as root: a chmod 000 file is still readable")
     args = ["--shard-size", "3", "--url", url, "--json", "-q"]
-    code, _, stderr = _run_main(monkeypatch, capsys, "embed", str(store), "--out", str(tmp_path / "strict"), *args)
+    code, _, stderr = run_main(monkeypatch, capsys, "embed", str(store), "--out", str(tmp_path / "strict"), *args)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     out = tmp_path / "out"
-    code, stdout, stderr = _run_main(
+    code, stdout, stderr = run_main(
         monkeypatch, capsys, "embed", str(store), "--out", str(out), "--skip-invalid", *args
     )
     assert code == 0, stderr
@@ -310,7 +299,7 @@ def test_embed_valid_isolates_the_bad_items_and_never_skips_transport_failures(
     # A server that is not there is no file's fault: the run fails, nothing is listed.
     dead = f"127.0.0.1:{free_port()}"
     out = tmp_path / "out"
-    code, stdout, stderr = _run_main(
+    code, stdout, stderr = run_main(
         monkeypatch, capsys, "embed", str(store), "--out", str(out), "--skip-invalid", "--url", dead, "--retries", "0"
     )
     assert code == 2 and stdout == "" and "unavailable" in stderr, stderr
