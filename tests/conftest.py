@@ -66,6 +66,9 @@ FILE_SECONDS = {
 }
 
 
+SHAPES_MODEL = "ShapesCLIP-RN-T"
+
+
 def _shared_artifact(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """A session artifact built once for the whole run: under `pytest -n N` (`make test`), the first
     xdist worker to ask builds it while the others wait on a file lock, then all read the same folder.
@@ -112,6 +115,51 @@ def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -
         make_fp16(out)
 
     return _shared_artifact(tmp_path_factory, "vitb32-fp16", build)
+
+
+@pytest.fixture(scope="session")
+def shapes_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained ShapesCLIP-RN-T (`--pretrained builtin`, 49 MB) exported once per test run: the cheap
+    stand-in for tests whose promise holds for any model (serving, hardening, clients, gates)."""
+
+    def build(out: Path) -> None:
+        from clip_triton.exporter.sources.open_clip import load_model
+        from clip_triton.exporter.stages.export import export_model
+
+        export_model(load_model(SHAPES_MODEL, pretrained="builtin"), out)
+
+    return _shared_artifact(tmp_path_factory, "shapes", build)
+
+
+@pytest.fixture(scope="session")
+def shapes_fp16_export(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ShapesCLIP-RN-T export with its FP16 graphs, once per test run."""
+
+    def build(out: Path) -> None:
+        from clip_triton.exporter.stages.fp16 import make_fp16
+        from helpers import linked_copy
+
+        linked_copy(shapes_export, out)
+        make_fp16(out)
+
+    return _shared_artifact(tmp_path_factory, "shapes-fp16", build)
+
+
+@pytest.fixture(scope="session")
+def served_shapes(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The ShapesCLIP-RN-T export as a `python`-runtime repository on the embedded tritonserver, one per
+    worker for the session. Yields (server, repo_path, export_dir), like `served_vitb32`."""
+    from clip_triton.exporter.base.server import TritonServer
+    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
+
+    base = tmp_path_factory.mktemp("served_shapes")
+    repo = write_repository(shapes_export, base / "repo", RepositoryOptions(runtime="python"))
+    server = TritonServer(repo, log_path=base / "tritonserver.log")
+    server.start(timeout=300)
+    try:
+        yield server, repo, shapes_export
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
