@@ -18,7 +18,7 @@ from clip_triton.exporter.parity.report import FAIL, PASS, SKIP, format_markdown
 from clip_triton.exporter.parity.run import run_parity
 from clip_triton.exporter.parity.samples import ImageSample, SampleSet
 from clip_triton.exporter.runtimes import TowerBatch
-from helpers import linked_copy, run_cli, scratch_dir, tiny_images
+from helpers import linked_copy, run_cli, tiny_images
 
 SHAPES_MODEL = "ShapesCLIP-RN-T"
 LABELLED_IMAGES = 48  # of the shapes held-out split, in the tests without a server
@@ -28,11 +28,6 @@ def _has_builtin_weights() -> bool:
     from clip_triton.exporter.sources.open_clip import builtin_models
 
     return SHAPES_MODEL in builtin_models()
-
-
-def _weights() -> dict:
-    """The shipped weights when they exist (the model the project trains), else seeded random ones."""
-    return {"pretrained": "builtin"} if _has_builtin_weights() else {"random_weights": True}
 
 
 def stage(result: dict, name: str) -> dict:
@@ -269,24 +264,11 @@ def test_bad_parity_options_exit_2_before_any_work(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ parity on the ShapesCLIP export
+# (conftest's shared `shapes_fp16_export`: the builtin weights, FP32 and FP16 graphs)
 
 
-@pytest.fixture(scope="module")
-def shapes_export(tmp_path_factory: pytest.TempPathFactory):
-    """ShapesCLIP-RN-T (builtin weights when shipped, else random) exported with its FP16 graphs, once."""
-    from clip_triton.exporter.sources.open_clip import load_model
-    from clip_triton.exporter.stages.export import export_model
-    from clip_triton.exporter.stages.fp16 import make_fp16
-
-    with scratch_dir(tmp_path_factory, "shapes_export") as base:
-        out = base / "export"
-        export_model(load_model(SHAPES_MODEL, **_weights()), out)
-        make_fp16(out)
-        yield out
-
-
-def test_parity_reports_accuracy_rows_per_stage(shapes_export: Path, tmp_path: Path) -> None:
-    export = linked_copy(shapes_export, tmp_path / "export")
+def test_parity_reports_accuracy_rows_per_stage(shapes_fp16_export: Path, tmp_path: Path) -> None:
+    export = linked_copy(shapes_fp16_export, tmp_path / "export")
     result = run_parity(export, samples=2, labelled_set="shapes", labelled_samples=LABELLED_IMAGES)
     assert result["passed"], result["failures"]
     labelled = result["labelled"]
@@ -332,12 +314,12 @@ def _last_3x3_conv(path: Path) -> str:
     return max(convs, key=lambda t: t.dims[0]).name
 
 
-def test_agreement_below_tolerance_fails_parity(shapes_export: Path, tmp_path: Path) -> None:
+def test_agreement_below_tolerance_fails_parity(shapes_fp16_export: Path, tmp_path: Path) -> None:
     """A corrupted image graph whose cosines still pass a lax threshold: the changed decisions alone
     fail parity (exit 1), naming the stage and the labelled set."""
     from test_parity import scale_initializer
 
-    export = linked_copy(shapes_export, tmp_path / "export", skip=(".fp16.onnx",))
+    export = linked_copy(shapes_fp16_export, tmp_path / "export", skip=(".fp16.onnx",))
     manifest = json.loads((export / "manifest.json").read_text())
     manifest.pop("fp16", None)
     (export / "manifest.json").unlink()
@@ -360,13 +342,13 @@ def test_agreement_below_tolerance_fails_parity(shapes_export: Path, tmp_path: P
 
 
 @pytest.mark.server
-def test_served_shapes_model_decides_as_pytorch(shapes_export: Path, tmp_path: Path) -> None:
+def test_served_shapes_model_decides_as_pytorch(shapes_fp16_export: Path, tmp_path: Path) -> None:
     """ShapesCLIP-RN-T exported, written as a python-runtime repository and served by the embedded
     tritonserver: on the shapes held-out split (the default 120 images) the served zero-shot picks equal
     PyTorch's item for item, for bytes in (triton) and client-side crops in (triton-pixels)."""
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
-    export = linked_copy(shapes_export, tmp_path / "export")
+    export = linked_copy(shapes_fp16_export, tmp_path / "export")
     repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="python"))
     result = run_parity(export, repository=repo, samples=2, labelled_set="shapes")
     assert result["passed"], result["failures"]

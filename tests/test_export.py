@@ -12,7 +12,7 @@ import pytest
 from clip_triton.exporter.base.common import ClipTritonError
 from clip_triton.exporter.base.manifest import load_manifest
 from clip_triton.exporter.runtimes.onnxruntime import ort_embed, ort_session
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 
 def test_manifest_records_what_later_stages_need(vitb32_export: Path) -> None:
@@ -97,13 +97,17 @@ def test_checkpoint_is_exported_not_a_fresh_random_model(tmp_path: Path) -> None
         (["--model", "ViT-B-32", "--random-weights", "--image-mean", "a,b,c"], "--image-mean"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
+    tmp_path: Path, args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # In this process, through the console entry point (a subprocess each would re-import torch; the
+    # subprocess path is covered by the other CLI tests here).
     out = tmp_path / "out"
-    result = run_cli("export", *args, "--out", str(out), "-q")
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, stderr = run_main(monkeypatch, capsys, "export", *args, "--out", str(out), "-q")
+    assert code == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert "Traceback" not in stderr
     assert not out.exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
@@ -133,12 +137,15 @@ def test_existing_dir_needs_force_and_unwritable_dir_fails(tmp_path: Path) -> No
 
 
 
-def test_output_under_a_file_or_readonly_dir_fails(tmp_path: Path) -> None:
+def test_output_under_a_file_or_readonly_dir_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     # An output under a regular file can never be written, even by root.
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
-    result = run_cli("export", "--model", "ViT-B-32", "--random-weights", "--out", str(blocker / "x"))
-    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
+    code, _, stderr = run_main(monkeypatch, capsys, "export", "--model", "ViT-B-32", "--random-weights",
+                               "--out", str(blocker / "x"))
+    assert code == 2 and "is a file, not a folder" in stderr
 
     locked = tmp_path / "locked"
     locked.mkdir()

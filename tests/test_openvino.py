@@ -15,24 +15,12 @@ from clip_triton.exporter.base.common import Progress
 from clip_triton.exporter.base.manifest import load_manifest
 from clip_triton.exporter.runtimes import openvino
 from clip_triton.exporter.stages.repository import RepositoryOptions, parse_config, write_repository
-from helpers import linked_copy, scratch_dir
+from helpers import linked_copy
 
 SHAPES_MODEL = "ShapesCLIP-RN-T"
 needs_openvino = pytest.mark.skipif(
     openvino.openvino_missing() is not None, reason=f"openvino runtime: {openvino.openvino_missing()}"
 )
-
-
-@pytest.fixture(scope="module")
-def shapes_export(tmp_path_factory: pytest.TempPathFactory):
-    """`clip-triton export --model ShapesCLIP-RN-T --pretrained builtin`, once for this module."""
-    from clip_triton.exporter.sources.open_clip import load_model
-    from clip_triton.exporter.stages.export import export_model
-
-    with scratch_dir(tmp_path_factory, "ov_shapes") as base:
-        out = base / "export"
-        export_model(load_model(SHAPES_MODEL, pretrained="builtin", progress=Progress("t", quiet=True)), out)
-        yield out
 
 
 def _offered(export: Path, served_by: str = "openvino") -> dict[str, runtimes.Runner | runtimes.Skipped]:
