@@ -217,36 +217,33 @@ def test_unreachable_url_is_an_error_of_the_triton_stage() -> None:
 
 
 @pytest.mark.server
-def test_live_triton_passes_then_catches_a_wrong_normalisation(vitb32_export: Path, tmp_path: Path) -> None:
-    """Python-runtime repository on the embedded server: pixels and ids equal, embeddings at FP32
-    parity. Then the export's manifest gets a wrong mean: the server (built with the right one)
-    no longer matches the reference preprocessing, and the preprocess stage is named."""
-    from clip_triton.exporter.base.server import TritonServer
-    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
+def test_live_triton_passes_then_catches_a_wrong_normalisation(served_shapes, tmp_path: Path) -> None:
+    """Python-runtime repository on the embedded server (the shared ShapesCLIP one): pixels and ids equal,
+    embeddings at FP32 parity. Then a copy of the export gets a wrong mean in its manifest: the server
+    (built with the right one) no longer matches the reference preprocessing, and the preprocess stage
+    is named."""
+    server, _, served_export = served_shapes
+    export = linked_copy(served_export, tmp_path / "export")
+    result = run_parity(export, url=server.grpc_url, samples=6, labelled_set=None)  # (accuracy: test_accuracy)
+    assert result["passed"], result["failures"]
+    pre = stage(result, "triton-preprocess")
+    assert pre["status"] == PASS and pre["max_abs_diff"] < 1e-6
+    assert stage(result, "triton-tokenize")["status"] == PASS
+    triton = stage(result, "triton")
+    assert triton["threshold"] == 0.99999  # python runtime, fp32: the FP32 threshold
+    assert triton["towers"]["image"]["min_cosine"] >= 0.99999
+    assert triton["towers"]["text"]["min_cosine"] >= 0.99999
+    # The pixels entry point, fed by ClipClient(preprocess="client"): the same embeddings.
+    pixels = stage(result, "triton-pixels")
+    assert pixels["status"] == PASS and pixels["towers"]["image"]["min_cosine"] >= 0.99999
 
-    export = linked_copy(vitb32_export, tmp_path / "export")
-    repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="python"))
-    with TritonServer(repo) as server:
-        result = run_parity(export, url=server.grpc_url, samples=6)
-        assert result["passed"], result["failures"]
-        pre = stage(result, "triton-preprocess")
-        assert pre["status"] == PASS and pre["max_abs_diff"] < 1e-6
-        assert stage(result, "triton-tokenize")["status"] == PASS
-        triton = stage(result, "triton")
-        assert triton["threshold"] == 0.99999  # python runtime, fp32: the FP32 threshold
-        assert triton["towers"]["image"]["min_cosine"] >= 0.99999
-        assert triton["towers"]["text"]["min_cosine"] >= 0.99999
-        # The pixels entry point, fed by ClipClient(preprocess="client"): the same embeddings.
-        pixels = stage(result, "triton-pixels")
-        assert pixels["status"] == PASS and pixels["towers"]["image"]["min_cosine"] >= 0.99999
-
-        manifest_path = export / "manifest.json"
-        data = json.loads(manifest_path.read_text())
-        data["preprocess"]["mean"][0] = 0.5  # the right value is 0.48145466
-        manifest_path.unlink()
-        manifest_path.write_text(json.dumps(data))
-        with pytest.raises(ParityError, match="triton-preprocess image: pixels differ") as info:
-            run_parity(export, url=server.grpc_url, samples=6)
+    manifest_path = export / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["preprocess"]["mean"][0] = 0.5  # the right value is 0.48145466
+    manifest_path.unlink()
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ParityError, match="triton-preprocess image: pixels differ") as info:
+        run_parity(export, url=server.grpc_url, samples=6, labelled_set=None)
     assert "triton image tower" in str(info.value)
     report = json.loads((tmp_path / "export-parity" / "parity.json").read_text())
     assert stage(report, "triton-preprocess")["max_abs_diff"] > 1e-3

@@ -100,16 +100,17 @@ def test_every_serving_runtime_writes_its_encoders(fp16_export: Path, tmp_path: 
 
 
 @pytest.mark.server
-def test_onnxruntime_fp16_repository_serves_and_passes_parity(fp16_export: Path, tmp_path: Path) -> None:
-    """The onnxruntime FP16 repository on the embedded server (its stub died at load before)."""
+def test_onnxruntime_fp16_repository_serves_and_passes_parity(shapes_fp16_export: Path, tmp_path: Path) -> None:
+    """The onnxruntime FP16 repository on the embedded server (its stub died at load before); the small shapes
+    model, as the backend's configuration is the point, not the model."""
     from clip_triton.exporter.parity.report import PASS
     from clip_triton.exporter.parity.run import run_parity
 
-    export = linked_copy(fp16_export, tmp_path / "export")
+    export = linked_copy(shapes_fp16_export, tmp_path / "export")
     repo = write_repository(export, tmp_path / "repo", RepositoryOptions(runtime="onnxruntime", precision="fp16"))
     config = parse_config((repo / "clip_text_encoder" / "config.pbtxt").read_text())
     assert config.backend == "onnxruntime" and config.optimization.graph.level == 2
-    result = run_parity(export, repository=repo, samples=3, report=tmp_path / "parity.json",
+    result = run_parity(export, repository=repo, samples=3, report=tmp_path / "parity.json", labelled_set=None,
                         providers=["cpu"], progress=Progress("t", quiet=True))
     stages = {s["stage"]: s for s in result["stages"]}
     assert result["passed"], result["failures"]
