@@ -107,12 +107,12 @@ def load_dir(out: Path) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def repos(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def repos(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CPU repository (python runtime) and a GPU one (onnxruntime), without bundled wheels (fast)."""
     base = tmp_path_factory.mktemp("deploy")
-    cpu = write_repository(vitb32_export, base / "repo", RepositoryOptions(runtime="python", python_deps=False))
+    cpu = write_repository(shapes_export, base / "repo", RepositoryOptions(runtime="python", python_deps=False))
     gpu = write_repository(
-        vitb32_export, base / "repo-gpu", RepositoryOptions(runtime="onnxruntime", device="gpu", python_deps=False)
+        shapes_export, base / "repo-gpu", RepositoryOptions(runtime="onnxruntime", device="gpu", python_deps=False)
     )
     return {"cpu": cpu, "gpu": gpu}
 
@@ -429,10 +429,10 @@ def test_existing_output_needs_force(repos: dict[str, Path], tmp_path: Path) -> 
     assert "claimName: other" in (out / "10-deployment.yaml").read_text()
 
 
-def test_wheels_for_another_python_than_the_image_are_refused(vitb32_export: Path, tmp_path: Path) -> None:
+def test_wheels_for_another_python_than_the_image_are_refused(shapes_export: Path, tmp_path: Path) -> None:
     """A repository whose bundled wheels cannot load in the target image is refused before any manifest."""
     local = f"{sys.version_info.major}.{sys.version_info.minor}"
-    repo = write_repository(vitb32_export, tmp_path / "repo", RepositoryOptions(runtime="python", deps_python=local))
+    repo = write_repository(shapes_export, tmp_path / "repo", RepositoryOptions(runtime="python", deps_python=local))
     facts = repository_facts(repo)
     assert facts.deps_python == local != facts.release.python
     with pytest.raises(ClipTritonError, match=f"carries python wheels for Python {local}, but"):
@@ -518,7 +518,7 @@ def _published(repo: Path) -> dict[str, str]:
 
 
 def test_pod_template_carries_the_repository_checksums(
-    repos: dict[str, Path], vitb32_export: Path, tmp_path: Path
+    repos: dict[str, Path], shapes_export: Path, tmp_path: Path
 ) -> None:
     """Issue 27: the pods carry the published encoder checksums, the repository digest and its location, so a
     new model (or new serving options, or a new path) rolls the Deployment; KServe's predictor likewise."""
@@ -539,7 +539,7 @@ def test_pod_template_carries_the_repository_checksums(
     assert template["prometheus.io/scrape"] == "true"  # the existing annotations stay
     # Other serving options (same model): another digest, so applying them rolls the pods too.
     other = write_repository(
-        vitb32_export, tmp_path / "repo",
+        shapes_export, tmp_path / "repo",
         RepositoryOptions(runtime="onnxruntime", device="gpu", python_deps=False, queue_delay_us=777),
     )
     other_facts = repository_facts(other)
