@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,59 +91,54 @@ def _shared_artifact(factory: pytest.TempPathFactory, name: str, build: Callable
     return out
 
 
-@pytest.fixture(scope="session")
-def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ViT-B-32 with seeded random weights, exported once per test run."""
+def _shared_export(factory: pytest.TempPathFactory, name: str, model: str, **load_args: Any) -> Path:
+    """`model` loaded with `load_args` and exported, once per test run (see _shared_artifact)."""
 
     def build(out: Path) -> None:
         from clip_triton.exporter.sources.open_clip import load_model
         from clip_triton.exporter.stages.export import export_model
 
-        export_model(load_model("ViT-B-32", random_weights=True), out)
+        export_model(load_model(model, **load_args), out)
 
-    return _shared_artifact(tmp_path_factory, "vitb32", build)
+    return _shared_artifact(factory, name, build)
 
 
-@pytest.fixture(scope="session")
-def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ViT-B-32 export with its FP16 graphs (hard links to the FP32 files), once per test run."""
+def _shared_fp16(factory: pytest.TempPathFactory, name: str, export: Path) -> Path:
+    """`export` plus its FP16 graphs (the FP32 files hard-linked), once per test run."""
 
     def build(out: Path) -> None:
         from clip_triton.exporter.stages.fp16 import make_fp16
         from helpers import linked_copy
 
-        linked_copy(vitb32_export, out)
+        linked_copy(export, out)
         make_fp16(out)
 
-    return _shared_artifact(tmp_path_factory, "vitb32-fp16", build)
+    return _shared_artifact(factory, name, build)
+
+
+@pytest.fixture(scope="session")
+def vitb32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ViT-B-32 with seeded random weights, exported once per test run."""
+    return _shared_export(tmp_path_factory, "vitb32", "ViT-B-32", random_weights=True)
+
+
+@pytest.fixture(scope="session")
+def fp16_export(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ViT-B-32 export with its FP16 graphs, once per test run."""
+    return _shared_fp16(tmp_path_factory, "vitb32-fp16", vitb32_export)
 
 
 @pytest.fixture(scope="session")
 def shapes_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained ShapesCLIP-RN-T (`--pretrained builtin`, 49 MB) exported once per test run: the cheap
     stand-in for tests whose promise holds for any model (serving, hardening, clients, gates)."""
-
-    def build(out: Path) -> None:
-        from clip_triton.exporter.sources.open_clip import load_model
-        from clip_triton.exporter.stages.export import export_model
-
-        export_model(load_model(SHAPES_MODEL, pretrained="builtin"), out)
-
-    return _shared_artifact(tmp_path_factory, "shapes", build)
+    return _shared_export(tmp_path_factory, "shapes", SHAPES_MODEL, pretrained="builtin")
 
 
 @pytest.fixture(scope="session")
 def shapes_fp16_export(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ShapesCLIP-RN-T export with its FP16 graphs, once per test run."""
-
-    def build(out: Path) -> None:
-        from clip_triton.exporter.stages.fp16 import make_fp16
-        from helpers import linked_copy
-
-        linked_copy(shapes_export, out)
-        make_fp16(out)
-
-    return _shared_artifact(tmp_path_factory, "shapes-fp16", build)
+    return _shared_fp16(tmp_path_factory, "shapes-fp16", shapes_export)
 
 
 @pytest.fixture(scope="session")
