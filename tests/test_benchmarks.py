@@ -1,4 +1,6 @@
-"""Smoke tests of benchmarks/: the code runs on ViT-B-32 with minimal iterations (no timing assertions)."""
+"""Smoke tests of benchmarks/ with minimal iterations (no timing assertions): the encoder benchmark runs on
+ViT-B-32, the model `make bench-quick` measures (and the first of `make bench`); the served parts (load
+generator, perf_analyzer, repository variants) hold for any model and run on the small ShapesCLIP-RN-T."""
 
 from __future__ import annotations
 
@@ -108,8 +110,8 @@ def test_bad_section_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.server
-def test_load_generator_against_served_model(served_vitb32) -> None:  # noqa: ANN001 - fixture tuple
-    server, _repo, _export = served_vitb32
+def test_load_generator_against_served_model(served_shapes) -> None:  # noqa: ANN001 - fixture tuple
+    server, _repo, _export = served_shapes
     for tower in ("image", "text"):
         stats = asyncio.run(
             load._level(server.grpc_url, f"clip_{tower}", tower, load._payloads(tower)[:2], 2, 0.3, 6,
@@ -121,7 +123,7 @@ def test_load_generator_against_served_model(served_vitb32) -> None:  # noqa: AN
 
 
 @pytest.mark.server
-def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) -> None:  # noqa: ANN001
+def test_perf_analyzer_drives_every_public_model(served_shapes, tmp_path: Path) -> None:  # noqa: ANN001
     """NVIDIA's perf_analyzer (make perf-tools) against the real server, with the inputs load.py writes:
     every model answers, and the figures are parsed from its CSV report."""
     from benchmarks.perf_analyzer import PerfAnalyzerError, locate
@@ -132,7 +134,7 @@ def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) 
     except PerfAnalyzerError as exc:
         pytest.fail(f"{exc} (make test installs it)")
     assert tool.version().startswith("Perf Analyzer Version 2.51")
-    server, _repo, _export = served_vitb32
+    server, _repo, _export = served_shapes
     names = model_names("clip")
     inputs = load._input_files(server.grpc_url, names, tmp_path)
     assert set(inputs) == {names[r] for r in ("image", "image_pixels", "text", "image_encoder", "text_encoder",
@@ -143,10 +145,10 @@ def test_perf_analyzer_drives_every_public_model(served_vitb32, tmp_path: Path) 
         assert 0 < level["median_ms"] <= level["p99_ms"]
 
 
-def test_no_batching_copy_has_no_dynamic_batching(vitb32_export: Path, tmp_path: Path) -> None:
+def test_no_batching_copy_has_no_dynamic_batching(shapes_export: Path, tmp_path: Path) -> None:
     from clip_triton.exporter.stages.repository import parse_config
 
-    repos = load.write_repositories(vitb32_export, tmp_path)
+    repos = load.write_repositories(shapes_export, tmp_path)
     for variant, repo in repos.items():
         for path in repo.glob("*/config.pbtxt"):
             config = parse_config(path.read_text())

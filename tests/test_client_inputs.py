@@ -178,8 +178,9 @@ def test_folder_walk_skips_and_reports_non_regular_files(odd_files: dict[str, Pa
 
 
 @pytest.fixture(scope="module")
-def url(served_vitb32) -> str:
-    return served_vitb32[0].grpc_url
+def url(served_shapes) -> str:
+    """The ShapesCLIP-RN-T server: what is tested here holds for any served model."""
+    return served_shapes[0].grpc_url
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from clip_triton.clients import ClipClient
+from clip_triton.exporter.base.manifest import load_manifest
 from clip_triton.exporter.base.server import TritonServer, free_port
 from helpers import tiny_images
 
@@ -74,8 +75,9 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def served(served_vitb32):
-    return served_vitb32[0]
+def served(served_shapes):
+    """The ShapesCLIP-RN-T server: the gateway's promises hold for any served model."""
+    return served_shapes[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +100,11 @@ IMAGES = tiny_images(3, seed=5, size=40)
 
 
 @pytest.fixture(scope="module")
-def reference(served) -> dict[str, np.ndarray]:
+def reference(served, served_shapes) -> dict[str, np.ndarray]:
     with ClipClient(served.grpc_url) as client:
         return {"texts": client.embed_texts(TEXTS), "images": client.embed_images(IMAGES),
-                "model": client.model_info.parameters["model_name"]}
+                "model": client.model_info.parameters["model_name"],
+                "tokens": _expected_tokens(TEXTS, served_shapes[2])}
 
 
 def _vectors(response) -> np.ndarray:
@@ -116,10 +119,14 @@ def _same_as_single_requests(answers: list, reference: dict, image_shift: int) -
         np.testing.assert_allclose(got[1], reference["images"][(i + image_shift) % 3], atol=1e-6)
 
 
-def _expected_tokens(texts: list[str]) -> int:
-    import open_clip
+def _expected_tokens(texts: list[str], export: Path) -> int:
+    """The texts' tokens, special ones included, by open_clip's own CLIP tokenizer at the served model's
+    context length and cleaning (its export's manifest)."""
+    from open_clip.tokenizer import SimpleTokenizer
 
-    ids = open_clip.get_tokenizer("ViT-B-32")(texts).numpy()
+    cfg = load_manifest(export).tokenizer
+    assert cfg.kind == "clip", cfg.kind
+    ids = SimpleTokenizer(context_length=cfg.context_length, clean=cfg.clean)(texts).numpy()
     return int(sum(np.flatnonzero(row).max() + 1 for row in ids))
 
 
@@ -143,7 +150,7 @@ def test_openai_sdk_embeds_texts_images_and_mixed_lists_like_grpc(gateway: Gatew
             vectors = _vectors(got)
         np.testing.assert_allclose(vectors, expected, atol=1e-6)
         assert got.model == model
-        assert got.usage.prompt_tokens == got.usage.total_tokens == _expected_tokens(TEXTS)
+        assert got.usage.prompt_tokens == got.usage.total_tokens == reference["tokens"]
     single = client.embeddings.create(model=model, input=TEXTS[2], user="someone")
     np.testing.assert_allclose(_vectors(single)[0], reference["texts"][2], atol=1e-6)
     raw = gateway.post("/v1/embeddings", {"model": model, "input": [data_url(IMAGES[0])], "encoding_format": "float",
@@ -262,19 +269,38 @@ def test_a_chunked_body_is_cut_at_the_limit(gateway: Gateway) -> None:
 
 def test_over_the_in_flight_limit_gets_429_never_a_wrong_answer(served, reference, tmp_path) -> None:
     gw = Gateway(served.grpc_url, tmp_path, "--max-in-flight", "1", "--batch-size", "1", "--concurrency", "1")
+    release = threading.Event()
     try:
-        body = {"model": reference["model"], "input": [data_url(b) for b in tiny_images(24, seed=3, size=64)]}
+        body = json.dumps({"model": reference["model"],
+                           "input": [data_url(b) for b in tiny_images(24, seed=3, size=64)]}).encode()
         results: list[httpx.Response] = []
 
-        def send() -> None:
-            results.append(gw.post("/v1/embeddings", body))
+        def held() -> Iterator[bytes]:
+            # The gateway takes its in-flight slot before it reads the body: this request holds the one
+            # slot until the others have had their answers, however fast the model is.
+            yield body[:1]
+            release.wait(60)
+            yield body[1:]
 
-        threads = [threading.Thread(target=send) for _ in range(6)]
+        def send(content: bytes | Iterator[bytes]) -> None:
+            results.append(gw.post("/v1/embeddings", content))
+
+        holder = threading.Thread(target=send, args=(held(),))
+        holder.start()
+        deadline = time.monotonic() + 60
+        while "\nclip_gateway_in_flight 1.0" not in httpx.get(gw.base + "/metrics").text:
+            assert time.monotonic() < deadline and holder.is_alive(), results
+            time.sleep(0.02)
+        threads = [threading.Thread(target=send, args=(body,)) for _ in range(5)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
+        release.set()
+        holder.join(120)
+        send(body)  # the slot is free again
         codes = sorted(r.status_code for r in results)
+        assert codes == [200, 200, 429, 429, 429, 429, 429], codes
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
         refused = next(r for r in results if r.status_code == 429)
         assert refused.headers["retry-after"] == "1" and "in flight" in refused.json()["error"]["message"]
@@ -282,6 +308,7 @@ def test_over_the_in_flight_limit_gets_429_never_a_wrong_answer(served, referenc
         for a in answers[1:]:
             np.testing.assert_allclose(a, answers[0], atol=1e-6)
     finally:
+        release.set()
         gw.stop()
 
 

@@ -32,6 +32,8 @@ def _photos() -> list[bytes]:
 
 
 def test_normalize_graph_hands_the_encoder_the_same_bits_as_the_python_preprocess(vitb32_export: Path) -> None:
+    """On ViT-B-32's preprocessing (224 px, OpenAI's CLIP mean/std), checked against open_clip's own transform
+    for that model; it reads only the export's manifest (no server)."""
     import onnxruntime as ort
 
     manifest = load_manifest(vitb32_export)
@@ -55,8 +57,8 @@ def test_normalize_graph_hands_the_encoder_the_same_bits_as_the_python_preproces
 
 
 @server
-def test_client_side_crops_give_the_server_side_embeddings(served_vitb32) -> None:
-    srv, _repo, _export = served_vitb32
+def test_client_side_crops_give_the_server_side_embeddings(served_shapes) -> None:
+    srv, _repo, _export = served_shapes
     photos = _photos()
     with ClipClient(srv.grpc_url, batch_size=2) as on_server, ClipClient(
         srv.grpc_url, batch_size=2, preprocess="client"
@@ -83,8 +85,8 @@ def test_client_side_crops_give_the_server_side_embeddings(served_vitb32) -> Non
 
 
 @server
-def test_client_side_preprocess_refuses_bad_images_before_sending(served_vitb32) -> None:
-    srv, _repo, _export = served_vitb32
+def test_client_side_preprocess_refuses_bad_images_before_sending(served_shapes) -> None:
+    srv, _repo, _export = served_shapes
     thin = io.BytesIO()
     from PIL import Image
 
@@ -100,12 +102,13 @@ def test_client_side_preprocess_refuses_bad_images_before_sending(served_vitb32)
 
 
 @server
-def test_pixels_ensemble_refuses_a_wrong_shape_with_invalid_argument(served_vitb32) -> None:
+def test_pixels_ensemble_refuses_a_wrong_shape_with_invalid_argument(served_shapes) -> None:
     import tritonclient.grpc as grpcclient
 
-    srv, _repo, _export = served_vitb32
+    srv, _repo, export = served_shapes
     client = grpcclient.InferenceServerClient(srv.grpc_url)
-    wrong = np.zeros((1, 100, 100, 3), dtype=np.uint8)
+    height, width = load_manifest(export).preprocess.size
+    wrong = np.zeros((1, height + 1, width + 1, 3), dtype=np.uint8)  # not the served crop size
     tensor = grpcclient.InferInput(PIXELS_INPUT, list(wrong.shape), "UINT8")
     tensor.set_data_from_numpy(wrong)
     with pytest.raises(grpcclient.InferenceServerException) as info:
@@ -115,8 +118,8 @@ def test_pixels_ensemble_refuses_a_wrong_shape_with_invalid_argument(served_vitb
 
 
 @server
-def test_cli_embed_with_client_side_preprocess(served_vitb32, tmp_path: Path) -> None:
-    srv, _repo, _export = served_vitb32
+def test_cli_embed_with_client_side_preprocess(served_shapes, tmp_path: Path) -> None:
+    srv, _repo, _export = served_shapes
     paths = []
     for i, data in enumerate(_photos()[:3]):
         paths.append(tmp_path / f"img{i}.bin")
@@ -136,7 +139,7 @@ def test_cli_embed_with_client_side_preprocess(served_vitb32, tmp_path: Path) ->
 
 
 @server
-def test_preprocess_thread_pool_serves_concurrent_batches_exactly(vitb32_export: Path, tmp_path: Path) -> None:
+def test_preprocess_thread_pool_serves_concurrent_batches_exactly(shapes_export: Path, tmp_path: Path) -> None:
     """Two threads per instance, dynamic batches of concurrent requests with a bad item among them:
     every good request gets the single-item pixels, the bad one alone fails."""
     from concurrent.futures import ThreadPoolExecutor
@@ -147,14 +150,14 @@ def test_preprocess_thread_pool_serves_concurrent_batches_exactly(vitb32_export:
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
     opts = RepositoryOptions(runtime="python", preprocess_threads=2, queue_delay_us=50_000)
-    repo = write_repository(vitb32_export, tmp_path / "repo", opts)
+    repo = write_repository(shapes_export, tmp_path / "repo", opts)
     config = (repo / "clip_image_preprocess" / "config.pbtxt").read_text()
     assert '"threads"' in config and 'string_value: "2"' in config
-    manifest = load_manifest(vitb32_export)
+    manifest = load_manifest(shapes_export)
     pre = Preprocessor.from_config(asdict(manifest.preprocess))
     photos = _photos()
     items = [*photos, b"broken", *photos]
-    with TritonServer(repo) as served:
+    with TritonServer(repo, models=["clip_image_preprocess"]) as served:  # the one model tested here
         def send(data: bytes) -> np.ndarray | str:
             client = grpcclient.InferenceServerClient(served.grpc_url)
             array = np.array([data], dtype=np.object_).reshape(1, 1)

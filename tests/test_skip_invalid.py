@@ -72,8 +72,9 @@ def _good_only(root: Path, store: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(served_vitb32) -> str:
-    return served_vitb32[0].grpc_url
+def url(served_shapes) -> str:
+    """The ShapesCLIP-RN-T server: what is tested here holds for any served model."""
+    return served_shapes[0].grpc_url
 
 
 def _shards(out: Path) -> tuple[list[str], np.ndarray]:
