@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from test_repository import _image_bytes
 
+from clip_triton.exporter.base.manifest import Manifest, load_manifest
 from clip_triton.exporter.base.server import SHM_TAG, TritonServer, stub_processes
 
 pytestmark = pytest.mark.server
@@ -54,9 +55,11 @@ def _call(client, model: str, tensor, **infer_options) -> tuple[str, np.ndarray 
         return str(exc.status()).rsplit(".", 1)[-1], exc.message()
 
 
-def _good_ids(n: int = 1) -> np.ndarray:
-    ids = np.zeros((n, 77), np.int32)
-    ids[:, 0], ids[:, 1], ids[:, 2] = 49406, 320, 49407
+def _good_ids(manifest: Manifest, n: int = 1) -> np.ndarray:
+    """`a` (id 320 in the CLIP BPE vocabulary) between the start and end tokens, padded to the context length."""
+    tok = manifest.tokenizer
+    ids = np.full((n, tok.context_length), tok.pad_id, np.int32)
+    ids[:, 0], ids[:, 1], ids[:, 2] = tok.sot_id, 320, tok.eot_id
     return ids
 
 
@@ -72,13 +75,20 @@ def _assert_healthy(server: TritonServer, client, reference: dict[str, np.ndarra
 
 
 @pytest.fixture(scope="module")
-def hostile(served_vitb32):
-    server, repo, export_dir = served_vitb32
+def manifest(served_shapes) -> Manifest:
+    """The served model's facts (context length, vocabulary, image size, embedding width)."""
+    return load_manifest(served_shapes[2])
+
+
+@pytest.fixture(scope="module")
+def hostile(served_shapes, manifest: Manifest):
+    server, _, _ = served_shapes
+    assert manifest.tokenizer.kind == "clip"  # _good_ids' token 320
     client = _grpc().InferenceServerClient(server.grpc_url)
     reference = {
         "image": _call(client, "clip_image", _bytes_input("image", [GOOD_IMAGE]))[1],
         "text": _call(client, "clip_text", _bytes_input("text", [GOOD_TEXT.encode()]))[1],
-        "ids": _call(client, "clip_text_encoder", _array_input("input_ids", _good_ids()))[1],
+        "ids": _call(client, "clip_text_encoder", _array_input("input_ids", _good_ids(manifest)))[1],
     }
     assert all(isinstance(v, np.ndarray) for v in reference.values())
     return server, client, reference
@@ -106,15 +116,17 @@ def _concurrently(client, model: str, tensors: list) -> list[tuple[str, object]]
     return results
 
 
-def test_out_of_vocabulary_ids_fail_alone_with_invalid_argument(hostile) -> None:
+def test_out_of_vocabulary_ids_fail_alone_with_invalid_argument(hostile, manifest: Manifest) -> None:
     server, client, reference = hostile
-    bad = np.full((1, 77), 10**9, np.int32)
-    negative = _good_ids()
+    refused = f"1000000000 outside the vocabulary [0, {manifest.tokenizer.vocab_size})"
+    bad = np.full((1, manifest.tokenizer.context_length), 10**9, np.int32)
+    negative = _good_ids(manifest)
     negative[0, 5] = -3
     for _attempt in range(3):
-        tensors = [_array_input("input_ids", a) for a in (_good_ids(), bad, _good_ids(), negative, _good_ids(2))]
+        one, two = _good_ids(manifest), _good_ids(manifest, 2)
+        tensors = [_array_input("input_ids", a) for a in (one, bad, one, negative, two)]
         results = _concurrently(client, "clip_text_encoder", tensors)
-        assert results[1][0] == "INVALID_ARGUMENT" and "1000000000 outside the vocabulary [0, 49408)" in results[1][1]
+        assert results[1][0] == "INVALID_ARGUMENT" and refused in results[1][1]
         assert results[3][0] == "INVALID_ARGUMENT" and "-3" in results[3][1]
         for k in (0, 2, 4):
             assert results[k][0] == "OK", results[k]
@@ -122,10 +134,10 @@ def test_out_of_vocabulary_ids_fail_alone_with_invalid_argument(hostile) -> None
     _assert_healthy(server, client, reference)
 
 
-def test_non_finite_pixels_are_refused_never_a_nan_embedding(hostile) -> None:
+def test_non_finite_pixels_are_refused_never_a_nan_embedding(hostile, manifest: Manifest) -> None:
     server, client, reference = hostile
     rng = np.random.default_rng(0)
-    good = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    good = rng.standard_normal((1, 3, *manifest.image_size)).astype(np.float32)
     tensors = []
     for poison in (np.nan, np.inf, -np.inf):
         bad = good.copy()
@@ -146,7 +158,7 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def test_thin_image_is_refused_from_its_header_in_well_under_a_second(hostile) -> None:
+def test_thin_image_is_refused_from_its_header_in_well_under_a_second(hostile, manifest: Manifest) -> None:
     server, client, reference = hostile
     thin = _png(1, 60000)
     assert len(thin) < 400
@@ -155,10 +167,11 @@ def test_thin_image_is_refused_from_its_header_in_well_under_a_second(hostile) -
     seconds = time.perf_counter() - start
     assert status == "INVALID_ARGUMENT" and "aspect ratio" in message and "max_aspect_ratio" in message
     assert seconds < 1.0, f"took {seconds:.2f}s"
-    # Within the aspect limit but still a huge resize (1000x90000 -> 224 x 20160 is fine; 16 MP is not).
+    # Within the aspect limit but still a long resize: 90:1 resizes to S x 90S for the model's S-px side
+    # (224 x 20160 = 4.5 MP for a 224-px model), under the 16 MP resize limit: served.
     wide = _png(200, 18000)
     status, message = _call(client, "clip_image", _bytes_input("image", [wide]))
-    assert status == "OK", message  # 90:1 resizes to 224x20160 = 4.5 MP: served
+    assert status == "OK", f"{min(manifest.image_size)} px side: {message}"
     _assert_healthy(server, client, reference)
 
 
@@ -203,9 +216,10 @@ def test_oversized_payloads_are_refused_and_memory_returns(hostile, record_prope
     _assert_healthy(server, client, reference)
 
 
-def test_seeded_fuzz_pass(hostile) -> None:
+def test_seeded_fuzz_pass(hostile, manifest: Manifest) -> None:
     """A few hundred mutated images and strings, and random tensors straight to each encoder."""
     server, client, reference = hostile
+    vocab, context, dim = manifest.tokenizer.vocab_size, manifest.tokenizer.context_length, manifest.embed_dim
     rng = np.random.default_rng(2026)
     seeds = [
         _image_bytes(mode, size, fmt, k)
@@ -221,7 +235,7 @@ def test_seeded_fuzz_pass(hostile) -> None:
         assert status in counts, (model, status, value)
         counts[status] += 1
         if status == "OK":
-            assert isinstance(value, np.ndarray) and value.shape[-1] == 512 and np.all(np.isfinite(value))
+            assert isinstance(value, np.ndarray) and value.shape[-1] == dim and np.all(np.isfinite(value))
             np.testing.assert_allclose(np.linalg.norm(value, axis=-1), 1.0, atol=1e-3)
 
     for k in range(200):
@@ -246,9 +260,9 @@ def test_seeded_fuzz_pass(hostile) -> None:
             raw = "".join(rng.choice(alphabet, int(rng.integers(0, 300)))).encode("utf-8", "surrogatepass")
         check("clip_text", _bytes_input("text", [raw]))
     for k in range(40):
-        ids = rng.integers(-5, 49408 + 5 if k % 2 else 49408, (int(rng.integers(1, 4)), 77)).astype(np.int32)
+        ids = rng.integers(-5, vocab + 5 if k % 2 else vocab, (int(rng.integers(1, 4)), context)).astype(np.int32)
         check("clip_text_encoder", _array_input("input_ids", ids))
-        pixels = rng.standard_normal((int(rng.integers(1, 3)), 3, 224, 224)).astype(np.float32)
+        pixels = rng.standard_normal((int(rng.integers(1, 3)), 3, *manifest.image_size)).astype(np.float32)
         pixels *= float(10.0 ** rng.integers(-3, 30))
         if k % 3 == 0:
             pixels.reshape(-1)[rng.integers(0, pixels.size)] = np.nan
@@ -261,9 +275,9 @@ def test_seeded_fuzz_pass(hostile) -> None:
 
 
 @pytest.fixture()
-def own_server(served_vitb32, tmp_path: Path):
+def own_server(served_shapes, tmp_path: Path):
     """A server of our own (these tests kill its processes); not supervised until a test says so."""
-    _, repo, _ = served_vitb32
+    _, repo, _ = served_shapes
     server = TritonServer(repo, log_path=tmp_path / "tritonserver.log").start(timeout=300)
     try:
         yield server
@@ -328,7 +342,7 @@ def test_killed_server_leaves_no_stubs_or_shared_memory(own_server: TritonServer
     assert not list(Path("/dev/shm").glob(f"{prefix}*"))
 
 
-def test_stale_shared_memory_of_a_dead_launcher_is_removed_at_start(served_vitb32, tmp_path: Path) -> None:
+def test_stale_shared_memory_of_a_dead_launcher_is_removed_at_start(served_shapes, tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -338,7 +352,7 @@ def test_stale_shared_memory_of_a_dead_launcher_is_removed_at_start(served_vitb3
     mine = Path("/dev/shm") / f"{SHM_TAG}{os.getpid()}xfeedface_region"  # a live launcher's: kept
     mine.write_bytes(b"\0")
     try:
-        _, repo, _ = served_vitb32
+        _, repo, _ = served_shapes
         with TritonServer(repo, log_path=tmp_path / "log", models=["clip_text_tokenize"]):
             assert not stale.exists()
             assert mine.exists()

@@ -60,10 +60,10 @@ def _numpy_only_env(dest: Path) -> Path:
     return python
 
 
-def test_repository_carries_pinned_wheels_for_the_release_python(vitb32_export: Path, tmp_path: Path) -> None:
+def test_repository_carries_pinned_wheels_for_the_release_python(shapes_export: Path, tmp_path: Path) -> None:
     release = get_release("24.12")  # Ubuntu 24.04, Python 3.12 (docs/releases.md)
     repo = write_repository(
-        vitb32_export, tmp_path / "repo", RepositoryOptions(runtime="python", triton_release="24.12")
+        shapes_export, tmp_path / "repo", RepositoryOptions(runtime="python", triton_release="24.12")
     )
     tag = "cpython-" + release.python.replace(".", "")
     for model, imports in NEEDS.items():
@@ -107,8 +107,8 @@ def test_wheels_for_another_python_are_refused_in_one_line(tmp_path: Path, monke
     sys.path.remove(str(tmp_path / "deps"))
 
 
-def test_the_release_follows_the_engines(vitb32_export: Path, tmp_path: Path) -> None:
-    export = linked_copy(vitb32_export, tmp_path / "export")
+def test_the_release_follows_the_engines(shapes_export: Path, tmp_path: Path) -> None:
+    export = linked_copy(shapes_export, tmp_path / "export")
     manifest = load_manifest(export)
     manifest.engines = {"tensorrt": "10.9.0.34", "profile": {"min": 1, "opt": 8, "max": 32}}
     manifest.save(export)
@@ -127,10 +127,10 @@ def test_the_release_follows_the_engines(vitb32_export: Path, tmp_path: Path) ->
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
-def test_unfetchable_wheels_are_one_line_and_leave_nothing(vitb32_export: Path, tmp_path: Path) -> None:
+def test_unfetchable_wheels_are_one_line_and_leave_nothing(shapes_export: Path, tmp_path: Path) -> None:
     out = tmp_path / "repo"
     run = run_cli(
-        "repository", "--export", str(vitb32_export), "--out", str(out), "--runtime", "python",
+        "repository", "--export", str(shapes_export), "--out", str(out), "--runtime", "python",
         "--deps-python", "2.7", timeout=300,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr
@@ -140,7 +140,7 @@ def test_unfetchable_wheels_are_one_line_and_leave_nothing(vitb32_export: Path, 
 
 
 @pytest.mark.server
-def test_served_from_an_environment_with_only_numpy(served_vitb32, tmp_path: Path) -> None:
+def test_served_from_an_environment_with_only_numpy(served_shapes, tmp_path: Path) -> None:
     from clip_triton.clients import ClipClient
     from clip_triton.exporter.base.server import TritonServer
     from clip_triton.exporter.parity.run import run_parity
@@ -148,7 +148,7 @@ def test_served_from_an_environment_with_only_numpy(served_vitb32, tmp_path: Pat
 
     if _glibc_minor() < 35:
         pytest.skip("the bundled wheels target Ubuntu 22.04's glibc 2.35; this host's glibc is older")
-    full_server, _, export = served_vitb32
+    full_server, _, export = served_shapes
     bare = _numpy_only_env(tmp_path / "bare")
     for module in ("PIL", "ftfy", "regex", "tokenizers", "onnxruntime"):
         probe = subprocess.run([str(bare), "-c", f"import {module}"], capture_output=True)
