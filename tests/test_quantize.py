@@ -211,3 +211,46 @@ def test_unsigned_activations_become_signed_with_the_same_range(tmp_path: Path) 
     y = ort_session(tmp_path / "signed.onnx").run(None, {"x": x})[0]
     step = scale * 255 / 127
     np.testing.assert_allclose(y, np.clip(np.maximum(x, 0), 0, 127 * step), atol=step / 2 + 1e-6)
+
+
+def test_nncf_gets_a_weight_free_skeleton_and_writes_the_same_graph(
+    int8_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory (docs/int8.md, "Memory"): NNCF is handed the graph with its weights in a sidecar, not the
+    weights themselves; the INT8 graph is the one NNCF makes from the whole model, weight for weight, and
+    the temporary skeleton is gone afterwards."""
+    import nncf
+
+    from clip_triton.exporter.base.onnx_weights import INLINE_MAX_BYTES, tensor_bytes
+    from clip_triton.exporter.stages import quantize
+
+    export = linked_copy(int8_export, tmp_path / "export", skip=(".int8.onnx",))
+    spec = load_manifest(export).image
+    feeds = np.random.default_rng(0).standard_normal([8, *spec.input.shape[1:]]).astype(np.float32)
+    handed: list[onnx.ModelProto] = []
+    real = nncf.quantize
+
+    def whole_model(model: onnx.ModelProto, *args, **kwargs) -> onnx.ModelProto:
+        handed.append(model)
+        # What NNCF made before: the model with its weights inside, no sidecar.
+        whole = onnx.load(str(export / spec.file))
+        quantize._name_nodes(whole)
+        kwargs["advanced_parameters"].backend_params.clear()
+        return real(whole, *args, **kwargs)
+
+    before = sorted(p.name for p in export.iterdir())
+    monkeypatch.setattr(nncf, "quantize", whole_model)
+    reference, _ = quantize.quantize_nncf(export / spec.file, tmp_path / "whole.onnx", "image", spec.input.name,
+                                          feeds, quantize.Int8Policy.default())
+    monkeypatch.undo()
+    ours, _ = quantize.quantize_nncf(export / spec.file, tmp_path / "ours.onnx", "image", spec.input.name, feeds,
+                                     quantize.Int8Policy.default())
+    large = [i for i in handed[0].graph.initializer if tensor_bytes(i) > INLINE_MAX_BYTES]
+    assert large and not any(i.HasField("raw_data") for i in large)  # every weight in the sidecar
+    assert sorted(p.name for p in export.iterdir()) == before  # the skeleton and its sidecar removed
+    assert [n.op_type for n in ours.graph.node] == [n.op_type for n in reference.graph.node]
+    theirs = {i.name: numpy_helper.to_array(i) for i in reference.graph.initializer}
+    mine = {i.name: numpy_helper.to_array(i) for i in ours.graph.initializer}
+    assert mine.keys() == theirs.keys()
+    for name, value in mine.items():
+        np.testing.assert_array_equal(value, theirs[name], err_msg=name)

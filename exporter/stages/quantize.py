@@ -44,7 +44,7 @@ from clip_triton.exporter.base.common import (
 )
 from clip_triton.exporter.base.export_inputs import load_export
 from clip_triton.exporter.base.manifest import ARTIFACTS, TOWERS, Manifest, file_record
-from clip_triton.exporter.base.onnx_weights import EXTERNAL_DATA_BYTES
+from clip_triton.exporter.base.onnx_weights import EXTERNAL_DATA_BYTES, tensor_bytes, weights_outside
 from clip_triton.exporter.parity import labelled as labelled_sets
 from clip_triton.exporter.parity.gate import (
     compare_references,
@@ -136,8 +136,8 @@ class QuantizeOptions:
     min_agreement: float = INT8_MIN_AGREEMENT
     quantizer: str = "nncf"
     policy: Int8Policy = field(default_factory=Int8Policy.default)
-    # NNCF's SmoothQuant on the MatMuls (accuracy on activation outliers); off saves ~0.8 GiB of NNCF's peak
-    # on ViT-B-32's image tower (docs/int8.md, "Memory").
+    # NNCF's SmoothQuant on the MatMuls (accuracy on activation outliers); off takes the stage's peak on ViT-B-32
+    # from ~3.5 to ~2.1 GiB (docs/int8.md, "Memory").
     smooth_quant: bool = True
 
 
@@ -317,7 +317,7 @@ def check_qdq(model: Any) -> dict[str, Any]:
 def _save(model: Any, dest: Path) -> None:
     import onnx
 
-    large = sum(len(init.raw_data) for init in model.graph.initializer) >= EXTERNAL_DATA_BYTES
+    large = sum(tensor_bytes(init) for init in model.graph.initializer) >= EXTERNAL_DATA_BYTES
     if large:
         onnx.save_model(model, str(dest), save_as_external_data=True, location=dest.name + ".data")
     else:
@@ -329,31 +329,44 @@ def quantize_nncf(
     src: Path, dest: Path, tower: str, input_name: str, feeds: np.ndarray, policy: Int8Policy,
     smooth_quant: bool = True,
 ) -> Any:
-    """NNCF post-training quantization of one tower (its model is returned, already saved at `dest`)."""
+    """NNCF post-training quantization of one tower (its model is returned, already saved at `dest`).
+
+    NNCF is handed a weight-free skeleton whose weights stay in a sidecar (`weights_outside`): it then
+    reads a weight when an algorithm needs it and points its ONNX Runtime sessions at the sidecar, instead
+    of deep-copying every weight with each model copy it makes (the statistics model, SmoothQuant's and
+    MinMax's results) and serialising them for each session. The same graph, weight for weight; ~1 GiB
+    less at the stage's peak on ViT-B-32 (docs/int8.md, "Memory")."""
     import onnx
 
     nncf = require_nncf()
+    from nncf.onnx.quantization.backend_parameters import BackendParameters
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    model = onnx.load(str(src))
-    _name_nodes(model)
-    keep = kept_nodes(model, tower, policy)
-    present = {node.op_type for node in model.graph.node}
-    scope = nncf.IgnoredScope(names=keep, types=sorted(set(policy.keep_fp32_ops) & present), validate=False)
-    batches = [{input_name: feeds[i : i + CALIBRATION_ROWS]} for i in range(0, len(feeds), CALIBRATION_ROWS)]
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(batches),
-        preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(batches),
-        fast_bias_correction=True,
-        ignored_scope=scope,
-        advanced_parameters=AdvancedQuantizationParameters()
+    params = (
+        AdvancedQuantizationParameters()
         if smooth_quant
-        else AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),
+        else AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
     )
-    del model
+    batches = [{input_name: feeds[i : i + CALIBRATION_ROWS]} for i in range(0, len(feeds), CALIBRATION_ROWS)]
+    with weights_outside(src) as skeleton:
+        model = onnx.load(str(skeleton), load_external_data=False)
+        _name_nodes(model)
+        keep = kept_nodes(model, tower, policy)
+        present = {node.op_type for node in model.graph.node}
+        scope = nncf.IgnoredScope(names=keep, types=sorted(set(policy.keep_fp32_ops) & present), validate=False)
+        params.backend_params[BackendParameters.EXTERNAL_DATA_DIR] = str(skeleton.parent.resolve())
+        # Returns the model with every weight inside (NNCF loads the rest before the sidecar goes).
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(batches),
+            preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(batches),
+            fast_bias_correction=True,
+            ignored_scope=scope,
+            advanced_parameters=params,
+        )
+        del model
     quantized.graph.name = quantized.graph.name or f"{tower}_encoder_int8"
     signed = signed_activations(quantized)
     _save(quantized, dest)
