@@ -56,14 +56,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Seconds per file in a `make test` run on 2 cores (both workers busy), for the order above; a file
 # missing here runs after the listed ones.
 FILE_SECONDS = {
-    "test_memory.py": 194, "test_export.py": 147, "test_parity.py": 111, "test_hostile.py": 91,
-    "test_hf_source.py": 88, "test_build_inputs.py": 87, "test_replicas.py": 83, "test_quantize.py": 72,
-    "test_coverage.py": 70, "test_build.py": 68, "test_deploy.py": 61, "test_server_e2e.py": 49,
-    "test_accuracy.py": 47, "test_clients.py": 43, "test_benchmarks.py": 43, "test_faults.py": 41,
-    "test_python_deps.py": 40, "test_surface.py": 40, "test_runtimes.py": 39, "test_gateway.py": 39,
-    "test_openvino.py": 23, "test_hf_tokenizer.py": 18, "test_tokenizer_cost.py": 16, "test_packaging.py": 14,
-    "test_skip_invalid.py": 13, "test_client_inputs.py": 10, "test_pixels.py": 10, "test_shapes.py": 10,
-    "test_model_sources.py": 9, "test_engines.py": 5,
+    "test_memory.py": 91, "test_hostile.py": 59, "test_coverage.py": 59, "test_build_inputs.py": 57,
+    "test_export.py": 52, "test_hf_source.py": 51, "test_parity.py": 50, "test_quantize.py": 47,
+    "test_build.py": 45, "test_server_e2e.py": 40, "test_surface.py": 37, "test_accuracy.py": 32,
+    "test_faults.py": 31, "test_deploy.py": 29, "test_benchmarks.py": 24, "test_replicas.py": 21,
+    "test_runtimes.py": 19, "test_python_deps.py": 17, "test_openvino.py": 16, "test_gateway.py": 15,
+    "test_hf_tokenizer.py": 12, "test_tokenizer_cost.py": 12, "test_clients.py": 9, "test_precision.py": 7,
+    "test_shapes.py": 7, "test_packaging.py": 6, "test_pixels.py": 6, "test_model_sources.py": 5,
+    "test_client_inputs.py": 4,
 }
 
 
