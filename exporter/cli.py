@@ -291,6 +291,13 @@ def parity(
             "provider this host can run; $CLIP_TRITON_ORT_PROVIDERS sets the default)."
         ),
     ] = "auto",
+    check_runtime: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also check a runtime parity otherwise runs only where the repository serves it (openvino), "
+            "e.g. before writing a repository for it; repeatable."
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Compare every stage that exists (ONNX FP32/FP16, TensorRT, live Triton) with PyTorch; exit 1 on drift."""
@@ -306,6 +313,7 @@ def parity(
         report=report,
         markdown=markdown,
         providers=parse_providers(ort_providers),
+        check_runtimes=tuple(check_runtime or ()),
         progress=Progress("parity", quiet),
         echo=typer.echo,
     )

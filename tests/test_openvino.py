@@ -38,6 +38,26 @@ def test_parity_runs_openvino_only_where_it_serves(shapes_export: Path) -> None:
         or openvino.openvino_missing() is not None
 
 
+@needs_openvino
+def test_parity_checks_openvino_where_asked(shapes_export: Path, tmp_path: Path) -> None:
+    """`parity --check-runtime openvino`: judged at each runner's class on an export no repository serves yet
+    (what benchmarks/precision.py's gate column reads); an unknown runtime is one line, before any work."""
+    from clip_triton.exporter.base.common import ClipTritonError
+    from clip_triton.exporter.parity.report import PASS
+    from clip_triton.exporter.parity.run import run_parity
+
+    with pytest.raises(ClipTritonError, match="--check-runtime 'openvno' is not a runtime; known: .*openvino"):
+        run_parity(shapes_export, check_runtimes=("openvno",), out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    result = run_parity(shapes_export, samples=2, labelled_set=None, providers=["cpu"], out=tmp_path / "r",
+                        check_runtimes=("openvino",))
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert stages["openvino-fp32"]["status"] == PASS and stages["openvino-fp32"]["precision"] == "fp32"
+    assert stages["openvino-int8"]["status"] == "skip"  # no INT8 graphs in this export: skipped, saying why
+    plain = run_parity(shapes_export, samples=2, labelled_set=None, providers=["cpu"], out=tmp_path / "p")
+    assert "not the served runtime" in next(s for s in plain["stages"] if s["stage"] == "openvino-fp32")["reason"]
+
+
 def test_registered_with_its_serving_spec() -> None:
     runtime = runtimes.get("openvino")
     assert "openvino" in runtimes.serving_names() and runtime.serving is runtimes.serving("openvino")

@@ -287,6 +287,7 @@ def run_parity(
     report: Path | None = None,
     markdown: Path | None = None,
     providers: list[str] | None = None,
+    check_runtimes: tuple[str, ...] = (),
     progress: Progress | None = None,
     echo: Any = None,
 ) -> dict[str, Any]:
@@ -297,7 +298,8 @@ def run_parity(
     `repository` alone: a local tritonserver is started for it. `url` alone: a running server (several,
     comma-separated: replicas, each checked). Both: the server at `url` serves `repository` (its record
     gives runtime, precision and prefix; no local server). `providers`: ONNX Runtime execution providers
-    to check (None: CPU plus every GPU provider that can run here)."""
+    to check (None: CPU plus every GPU provider that can run here). `check_runtimes`: runtimes judged only
+    where they serve (openvino) to check on this export anyway, before a repository for them exists."""
     progress = progress or Progress("parity", quiet=True)
     export_dir = Path(export_dir)
     check_parity_options(
@@ -307,6 +309,10 @@ def run_parity(
     )
     if repository is not None and not Path(repository).is_dir():
         raise ClipTritonError(f"--repository {repository} is not a folder")
+    unknown = [name for name in check_runtimes if runtimes.find(name) is None]
+    if unknown:
+        known = ", ".join(r.name for r in runtimes.registered())
+        raise ClipTritonError(f"--check-runtime {unknown[0]!r} is not a runtime; known: {known}")
     urls = _parse_urls(url)
     manifest = load_export(export_dir, list(ARTIFACTS))  # every graph that exists is compared
     report, markdown = report_paths(export_dir, out, report, markdown)
@@ -340,7 +346,8 @@ def run_parity(
     started = time.perf_counter()
 
     # The live server's stages are run below, not planned by the registry (one set per replica).
-    ctx = runtimes.RunContext(export_dir, manifest, providers=providers, url=None, section=section)
+    ctx = runtimes.RunContext(export_dir, manifest, providers=providers, url=None, section=section,
+                              check_runtimes=tuple(check_runtimes))
     planned = plan_runners(ctx)
     from clip_triton.exporter.sources import load_reference
 

@@ -129,6 +129,13 @@ class RunContext:
     threads: int | None = None  # intra-op threads for CPU runtimes; None: the runtime's default
     url: str | None = None  # a live Triton's gRPC endpoint
     section: dict[str, Any] | None = None  # the served repository's manifest record
+    check_runtimes: tuple[str, ...] = ()  # parity --check-runtime: judged although the repository does not serve them
+
+    def judges(self, runtime: str) -> bool:
+        """Whether parity checks a runtime it judges only where it counts: served by the repository, or asked
+        for with --check-runtime. (Benchmarks run every runtime.)"""
+        served = (self.section or {}).get("runtime")
+        return self.purpose != "parity" or served == runtime or runtime in self.check_runtimes
 
 
 class Serving:

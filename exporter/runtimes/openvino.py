@@ -212,10 +212,11 @@ class OpenVinoRuntime(Runtime):
     def runners(self, ctx: RunContext) -> list[Runner | Skipped]:
         one_at_a_time = ctx.purpose == "parity"
         why = self.available()
-        if ctx.purpose == "parity" and (ctx.section or {}).get("runtime") != self.name:
-            # Parity checks OpenVINO where it serves: on every other build it would only add time and a
-            # compiled copy of each tower's weights (the large models' memory bound).
-            why = why or "not the served runtime (parity runs it for a repository served by openvino)"
+        if not ctx.judges(self.name):
+            # Parity checks OpenVINO where it serves (or where asked): on every other build it would only add
+            # time and a compiled copy of each tower's weights (the large models' memory bound).
+            why = why or "not the served runtime (parity runs it for a repository served by openvino, or with " \
+                "--check-runtime openvino)"
         fp32 = artifact_paths(ctx, "onnx", "fp32")
         out: list[Runner | Skipped] = []
         for variant in ("fp32", "bf16", "int8"):
