@@ -24,15 +24,12 @@ LABELLED = 48  # held-out images in these tests' agreement gate (the default is 
 
 
 @pytest.fixture(scope="module")
-def int8_export(tmp_path_factory: pytest.TempPathFactory):
-    """ShapesCLIP-RN-T (builtin weights) exported and quantized with the defaults, once (~1 min)."""
-    from clip_triton.exporter.sources.open_clip import load_model
-    from clip_triton.exporter.stages.export import export_model
+def int8_export(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The session's ShapesCLIP-RN-T export (builtin weights, hard-linked) quantized with the defaults, once."""
     from clip_triton.exporter.stages.quantize import QuantizeOptions, make_int8
 
     with scratch_dir(tmp_path_factory, "int8_export") as base:
-        out = base / "export"
-        export_model(load_model(SHAPES_MODEL, pretrained="builtin"), out)
+        out = linked_copy(shapes_export, base / "export")
         make_int8(out, QuantizeOptions(labelled_samples=LABELLED))
         yield out
 
