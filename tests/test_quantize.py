@@ -5,6 +5,9 @@ weights), and an int8 repository served by the embedded tritonserver, judged at 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +254,16 @@ def test_nncf_gets_a_weight_free_skeleton_and_writes_the_same_graph(
     assert mine.keys() == theirs.keys()
     for name, value in mine.items():
         np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+
+
+def test_nncf_sends_no_telemetry() -> None:
+    """Outside pytest (where NNCF silences itself), the quantize stage's NNCF is the telemetry stub: nothing is
+    sent to NNCF's analytics from a user's machine or CI."""
+    probe = (
+        "from clip_triton.exporter.stages.quantize import require_nncf; require_nncf()\n"
+        "import nncf.telemetry.wrapper as w; print(isinstance(w.telemetry, w.NNCFTelemetryStub), type(w.telemetry))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "NNCF_CI", "NNCF_DEV")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[0] == "True", run.stdout  # (the stub is a MagicMock; else an NNCFTelemetry)
