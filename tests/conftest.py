@@ -141,21 +141,26 @@ def shapes_fp16_export(shapes_export: Path, tmp_path_factory: pytest.TempPathFac
     return _shared_fp16(tmp_path_factory, "shapes-fp16", shapes_export)
 
 
-@pytest.fixture(scope="session")
-def served_shapes(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The ShapesCLIP-RN-T export as a `python`-runtime repository on the embedded tritonserver, one per
-    worker for the session. Yields (server, repo_path, export_dir), like `served_vitb32`."""
+def _served(export: Path, factory: pytest.TempPathFactory, name: str):
+    """`export` as a `python`-runtime repository on the embedded tritonserver; yields (server, repo, export)."""
     from clip_triton.exporter.base.server import TritonServer
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
-    base = tmp_path_factory.mktemp("served_shapes")
-    repo = write_repository(shapes_export, base / "repo", RepositoryOptions(runtime="python"))
+    base = factory.mktemp(name)
+    repo = write_repository(export, base / "repo", RepositoryOptions(runtime="python"))
     server = TritonServer(repo, log_path=base / "tritonserver.log")
     server.start(timeout=300)
     try:
-        yield server, repo, shapes_export
+        yield server, repo, export
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_shapes(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The ShapesCLIP-RN-T export served (python runtime), one server per worker for the session. Yields
+    (server, repo_path, export_dir), like `served_vitb32`."""
+    yield from _served(shapes_export, tmp_path_factory, "served_shapes")
 
 
 @pytest.fixture(scope="session")
@@ -164,14 +169,4 @@ def served_vitb32(vitb32_export: Path, tmp_path_factory: pytest.TempPathFactory)
 
     Yields (server, repo_path, export_dir); one server for the whole session, stopped at the end.
     """
-    from clip_triton.exporter.base.server import TritonServer
-    from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
-
-    base = tmp_path_factory.mktemp("served_vitb32")
-    repo = write_repository(vitb32_export, base / "repo", RepositoryOptions(runtime="python"))
-    server = TritonServer(repo, log_path=base / "tritonserver.log")
-    server.start(timeout=300)
-    try:
-        yield server, repo, vitb32_export
-    finally:
-        server.stop()
+    yield from _served(vitb32_export, tmp_path_factory, "served_vitb32")
