@@ -324,6 +324,15 @@ def test_dead_stub_is_a_server_fault_then_reloaded(own_server: TritonServer) -> 
         assert all(r["status"] == 200 for r in server.restarts), server.restarts
         assert all(r["seconds"] < 30 for r in server.restarts), server.restarts
 
+    # The stub that died holding a request never lets Triton finish unloading (it waits out its 30 s exit
+    # timeout); once the drain is done the stop gives it UNLOAD_GRACE, not the whole grace (was 15 s here).
+    from clip_triton.exporter.base.server import UNLOAD_GRACE
+
+    pid, start = server.process.pid, time.monotonic()
+    server.stop()
+    assert time.monotonic() - start < UNLOAD_GRACE + 5, "the stop waited out the grace"
+    assert not stub_processes(pid) and not any(Path("/dev/shm").glob(f"{server._shm_prefix}*"))
+
 
 def test_killed_server_leaves_no_stubs_or_shared_memory(own_server: TritonServer) -> None:
     server = own_server

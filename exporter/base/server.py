@@ -43,6 +43,11 @@ from clip_triton.clients.files import pid_alive
 from clip_triton.exporter.base.common import REPOSITORY_SOURCES, ClipTritonError, MissingDependencyError
 
 LOG_TAIL_LINES = 40
+# Triton's shutdown, once every in-flight inference is done, logs this and unloads the models. A model whose
+# python stub died while it held a request never finishes unloading (Triton waits out its exit timeout), so
+# after this line the server gets UNLOAD_GRACE seconds, then the process group is ended.
+UNLOADING_LINE = "All models are stopped, unloading models"
+UNLOAD_GRACE = 5.0
 LOOPBACK = "127.0.0.1"
 # APIs no client needs and every client could abuse: load/unload (code execution, a model silently
 # gone), registering shared memory (mapping the python stubs' regions), trace and log files.
@@ -489,6 +494,30 @@ class TritonServer:
             f"tritonserver models were not READY after {timeout:.0f}s; log {self.log_file}:\n{self.log_tail()}"
         )
 
+    def _exited_after_drain(self, process: subprocess.Popen, grace: float) -> bool:
+        """Wait for the signalled server to exit: up to `grace` seconds while in-flight inferences drain, then
+        at most UNLOAD_GRACE once its log says only unloading is left (see UNLOADING_LINE)."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return True
+            if UNLOADING_LINE in self._log_end():
+                deadline = min(deadline, time.monotonic() + UNLOAD_GRACE)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                return process.poll() is not None
+            time.sleep(0.1)
+        return process.poll() is not None
+
+    def _log_end(self, size: int = 8192) -> str:
+        """The last `size` bytes of the server's log (cheap enough to poll)."""
+        path = self.log_file
+        if path is None or not path.is_file():
+            return ""
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - size))
+            return handle.read().decode(errors="replace")
+
     def model_states(self) -> dict[str, str]:
         status, text = self._http("POST", "/v2/repository/index", {})
         if status != 200:
@@ -504,10 +533,8 @@ class TritonServer:
         if process is None:
             return
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)  # our own child only: Triton unloads and exits
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)  # our own child only: Triton drains, unloads and exits
+            if not self._exited_after_drain(process, grace):
                 process.kill()
                 process.wait(timeout=10)
         # Stubs outlive a killed server (one was seen deadlocked holding 837 MB): end the group.
