@@ -158,3 +158,35 @@ def test_no_batching_copy_has_no_dynamic_batching(shapes_export: Path, tmp_path:
             assert config.HasField("dynamic_batching") == (variant != "no_batching"), (variant, path)
     threads = parse_config((repos["preprocess_1_thread"] / "clip_image_preprocess" / "config.pbtxt").read_text())
     assert threads.parameters["threads"].string_value == "1"
+
+
+def test_precision_goals_count_only_runners_within_the_gate() -> None:
+    """benchmarks/precision.py's goal lines: a fast runner that failed parity (or whose ViT-B-32 cosine misses
+    its class) never counts; the best runner inside the gate is judged at its worst batch >= 8; the served
+    goal takes the best step against today's python-fp32."""
+    from benchmarks import precision
+
+    def runner(ratios: dict[str, float], cosine: float) -> dict:
+        return {"batches": {b: {"speedup_vs_torch": r, "min_cosine_vs_torch": cosine} for b, r in ratios.items()}}
+
+    towers = {
+        "image": {
+            precision.BASELINE: runner({"1": 1.0, "8": 1.0}, 1.0),
+            "fast-but-wrong": runner({"1": 9.0, "8": 9.0}, 0.5),  # ViT-B-32 cosine below its class
+            "failed-parity": runner({"1": 8.0, "8": 8.0}, 1.0),
+            "good": runner({"1": 5.0, "8": 3.5, "32": 3.2}, 0.9999),
+            "missing": {"skipped": "no library"},
+        },
+        "text": {precision.BASELINE: runner({"8": 1.0}, 1.0), "good": runner({"8": 2.5, "32": 4.0}, 0.9999)},
+    }
+    stages = {"fast-but-wrong": {"status": "pass", "threshold": 0.98}, "failed-parity": {"status": "fail"},
+              "good": {"status": "pass", "threshold": 0.98}}
+    served = {"runtimes": {precision.SERVED_BASELINE: {"clip_text": {"throughput": 10.0}},
+                           "python-int8": {"clip_text": {"throughput": 18.0}},
+                           "openvino-int8": {"clip_text": {"throughput": 25.0}}}}
+    lines = precision.goals({"encoders": {"towers": towers}, "accuracy": {"stages": stages}, "served": served})
+    image, text, served_text = lines
+    assert "**MET**" in image and "`good`" in image and "3.20x" in image  # worst batch >= 8, not the best
+    assert "**NOT MET**" in text and "2.50x" in text
+    assert "**MET**" in served_text and "`openvino-int8`" in served_text and "2.50x" in served_text
+    assert precision._gate({"stages": stages}, "fast-but-wrong", 0.5).startswith("fail (ViT-B-32 min cos")
