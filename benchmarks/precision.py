@@ -126,6 +126,7 @@ def served(export_dir: Path, work: Path, progress: Progress) -> dict[str, Any]:
     from benchmarks.load import _input_files
     from benchmarks.perf_analyzer import PerfAnalyzerError, locate
     from clip_triton.clients import contract
+    from clip_triton.exporter.base.manifest import load_manifest
     from clip_triton.exporter.base.server import TritonServer
     from clip_triton.exporter.stages.repository import RepositoryOptions, write_repository
 
@@ -134,9 +135,10 @@ def served(export_dir: Path, work: Path, progress: Progress) -> dict[str, Any]:
     except PerfAnalyzerError as exc:
         return {"skipped": str(exc)}
     names = contract.model_names(contract.DEFAULT_PREFIX)
+    int8_graphs = load_manifest(export_dir).artifacts("onnx", "int8").values()
     out: dict[str, Any] = {"concurrency": SERVED_CONCURRENCY, "tool": tool.version(), "runtimes": {}}
     for runtime, precision in SERVED_STEPS:
-        if precision == "int8" and not (export_dir / "image_encoder.int8.onnx").is_file():
+        if precision == "int8" and not all((export_dir / name).is_file() for name in int8_graphs):
             continue  # no INT8 graphs (quantize skipped or failed: the prepare line says why)
         key = f"{runtime}-{precision}"
         opts = RepositoryOptions(runtime=runtime, precision=precision)

@@ -315,21 +315,16 @@ def resumable_stages(out: Path, opts: BuildOptions) -> tuple[set[str], list[str]
         return reuse, notes
     reuse.add("export")
     notes.append("export/ is complete (checksums verified): reusing it")
-    fp16_files = (manifest.fp16 or {}).get("files") or {}
-    problem = verify_files(export_dir, fp16_files) if manifest.fp16 else "not run"
-    if problem is None:
-        reuse.add("fp16")
-        notes.append("the FP16 graphs are complete (checksums verified): reusing them")
-    else:
-        notes.append(f"fp16: {problem}: redoing it")
+    derived = [("fp16", manifest.fp16, "FP16")]  # stages whose graphs the export's manifest records
     if opts.precision == "int8":
-        int8_files = (manifest.int8 or {}).get("files") or {}
-        problem = verify_files(export_dir, int8_files) if manifest.int8 else "not run"
+        derived.append(("quantize", manifest.int8, "INT8"))
+    for stage, section, graphs in derived:
+        problem = verify_files(export_dir, section.get("files") or {}) if section else "not run"
         if problem is None:
-            reuse.add("quantize")
-            notes.append("the INT8 graphs are complete (checksums verified): reusing them")
+            reuse.add(stage)
+            notes.append(f"the {graphs} graphs are complete (checksums verified): reusing them")
         else:
-            notes.append(f"quantize: {problem}: redoing it")
+            notes.append(f"{stage}: {problem}: redoing it")
     return reuse, notes
 
 

@@ -22,7 +22,6 @@ from helpers import linked_copy, run_cli, scratch_dir
 
 pytest.importorskip("nncf")
 
-SHAPES_MODEL = "ShapesCLIP-RN-T"
 LABELLED = 48  # held-out images in these tests' agreement gate (the default is 120)
 
 

@@ -402,8 +402,7 @@ class TritonServer:
         path = self.log_file
         if path is None or not path.is_file():
             return "(no log)"
-        text = path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(self._log_end().splitlines()[-lines:])
 
     def _http(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, str]:
         data = json.dumps(body).encode() if body is not None else None
@@ -509,14 +508,19 @@ class TritonServer:
             time.sleep(0.1)
         return process.poll() is not None
 
-    def _log_end(self, size: int = 8192) -> str:
-        """The last `size` bytes of the server's log (cheap enough to poll)."""
+    def _log_end(self, size: int = 1 << 16) -> str:
+        """The log's last `size` bytes, from a line start (cheap enough to poll: the log grows for as long
+        as the server runs)."""
         path = self.log_file
         if path is None or not path.is_file():
             return ""
         with open(path, "rb") as handle:
-            handle.seek(max(0, path.stat().st_size - size))
-            return handle.read().decode(errors="replace")
+            start = max(0, path.stat().st_size - size)
+            handle.seek(start)
+            data = handle.read()
+        if start:
+            data = data.split(b"\n", 1)[-1]  # the first line began before `start`
+        return data.decode(errors="replace")
 
     def model_states(self) -> dict[str, str]:
         status, text = self._http("POST", "/v2/repository/index", {})
